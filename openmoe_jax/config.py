@@ -1,0 +1,147 @@
+"""Model configuration: one frozen dataclass, validated at construction.
+
+Field names follow our code; the gin macros that set them keep OpenMoE's flaxformer names
+(`EMBED_DIM`, `NUM_HEADS`, ...), see `gin/models/*.gin`.
+"""
+import dataclasses
+from typing import Optional
+
+import jax.numpy as jnp
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+DISPATCH_MODES = ("auto", "gather", "einsum")
+CAPACITY_FORMULAS = ("flaxformer", "colossalai")
+
+
+def as_dtype(name_or_dtype):
+  """Accepts 'bfloat16' / jnp.bfloat16 and returns the jnp dtype."""
+  if isinstance(name_or_dtype, str):
+    if name_or_dtype not in _DTYPES:
+      raise ValueError(f"unknown dtype {name_or_dtype!r}; choose from {sorted(_DTYPES)}")
+    return _DTYPES[name_or_dtype]
+  return jnp.dtype(name_or_dtype).type
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Sizes, routing and loss settings of an OpenMoE decoder-only model.
+
+  Attributes:
+    vocab_size: embedding rows (`NUM_EMBEDDINGS`; OpenMoE 256384 = 256000 + 300 padded to 128).
+    emb_dim: d_model (`EMBED_DIM`).
+    num_heads, head_dim: attention heads and their width, independent of emb_dim.
+    mlp_dim: hidden width of dense FFNs, including the extra FFN of MoE layers (`MLP_DIM`).
+    expert_mlp_dim: hidden width of each expert (`EXPERT_MLP_DIM`).
+    num_layers: decoder layers (`NUM_DECODER_LAYERS`).
+    num_experts: experts per MoE layer; 0 makes a dense model.
+    num_sparse_layers: MoE layers (`NUM_DECODER_SPARSE_LAYERS`); layer i is MoE iff
+      (i + 1) % (num_layers / num_sparse_layers) == 0.
+    num_selected_experts: top-k.
+    train_capacity_factor, eval_capacity_factor: cf in capacity = max(round(cf*G/E), min).
+    min_expert_capacity: lower bound on the capacity.
+    group_size: maximum routing group size in tokens (`GROUP_SIZE`).
+    num_expert_replicas: enters the group-count constraint (groups % (E * replicas) == 0).
+    renormalize_gates: divide the top-k gates by their sum (OpenMoE: False).
+    no_drop: capacity = group size * k, so no assignment is ever dropped (parity checks).
+    capacity_formula: 'flaxformer' (round(cf*G/E), ours) or 'colossalai' (floor(k*cf*G/E), the
+      released PyTorch port's, twice as large).
+    dispatch: 'gather' (index-based, fast on CPU/GPU), 'einsum' (one-hot, flaxformer's, good on
+      TPU) or 'auto' (einsum on TPU, gather elsewhere).
+    aux_loss_factor, router_z_loss_factor, z_loss: loss coefficients.
+    dropout_rate: dropout on attention/FFN outputs and expert hidden activations.
+    activation_dtype, param_dtype: compute and storage dtypes (OpenMoE: bfloat16, float32).
+    rope_max_timescale: RoPE theta.
+    norm_eps: RMSNorm epsilon.
+    scale: variance-scaling factor of kernel initialisers (OpenMoE 0.1).
+    router_init_stddev: router kernel init normal stddev.
+    position_buckets: how many position buckets the drop metrics use.
+  """
+  vocab_size: int = 512
+  emb_dim: int = 32
+  num_heads: int = 2
+  head_dim: int = 16
+  mlp_dim: int = 64
+  expert_mlp_dim: int = 64
+  num_layers: int = 2
+  num_experts: int = 8
+  num_sparse_layers: int = 1
+  num_selected_experts: int = 2
+  train_capacity_factor: float = 1.25
+  eval_capacity_factor: float = 2.0
+  min_expert_capacity: int = 4
+  group_size: int = 4096
+  num_expert_replicas: int = 1
+  renormalize_gates: bool = False
+  no_drop: bool = False
+  capacity_formula: str = "flaxformer"
+  dispatch: str = "auto"
+  aux_loss_factor: float = 0.01
+  router_z_loss_factor: float = 1e-4
+  z_loss: float = 1e-4
+  dropout_rate: float = 0.0
+  activation_dtype: str = "bfloat16"
+  param_dtype: str = "float32"
+  rope_max_timescale: float = 1e4
+  norm_eps: float = 1e-6
+  scale: float = 0.1
+  router_init_stddev: float = 2e-2
+  position_buckets: int = 8
+
+  def __post_init__(self):
+    positive = ("vocab_size", "emb_dim", "num_heads", "head_dim", "mlp_dim", "num_layers",
+                "group_size", "min_expert_capacity", "num_expert_replicas", "position_buckets")
+    for name in positive:
+      if int(getattr(self, name)) <= 0:
+        raise ValueError(f"ModelConfig.{name} must be positive, got {getattr(self, name)}")
+    if self.num_experts < 0 or self.num_sparse_layers < 0:
+      raise ValueError("ModelConfig.num_experts and num_sparse_layers must be >= 0, got "
+                       f"{self.num_experts} and {self.num_sparse_layers}")
+    if self.head_dim % 2:
+      raise ValueError(f"ModelConfig.head_dim must be even for RoPE, got {self.head_dim}")
+    if self.num_sparse_layers:
+      if self.num_experts <= 0:
+        raise ValueError("ModelConfig.num_experts must be positive when num_sparse_layers="
+                         f"{self.num_sparse_layers}")
+      if self.num_layers % self.num_sparse_layers:
+        raise ValueError(f"ModelConfig.num_sparse_layers={self.num_sparse_layers} must divide "
+                         f"num_layers={self.num_layers}")
+      if self.expert_mlp_dim <= 0:
+        raise ValueError(f"ModelConfig.expert_mlp_dim must be positive, got {self.expert_mlp_dim}")
+      if not 1 <= self.num_selected_experts <= self.num_experts:
+        raise ValueError(f"ModelConfig.num_selected_experts={self.num_selected_experts} must be in "
+                         f"[1, num_experts={self.num_experts}]")
+      for name in ("train_capacity_factor", "eval_capacity_factor"):
+        if getattr(self, name) <= 0:
+          raise ValueError(f"ModelConfig.{name} must be positive, got {getattr(self, name)}")
+    if not 0.0 <= self.dropout_rate < 1.0:
+      raise ValueError(f"ModelConfig.dropout_rate must be in [0, 1), got {self.dropout_rate}")
+    if self.dispatch not in DISPATCH_MODES:
+      raise ValueError(f"ModelConfig.dispatch={self.dispatch!r} not in {DISPATCH_MODES}")
+    if self.capacity_formula not in CAPACITY_FORMULAS:
+      raise ValueError(f"ModelConfig.capacity_formula={self.capacity_formula!r} not in "
+                       f"{CAPACITY_FORMULAS}")
+    as_dtype(self.activation_dtype)
+    as_dtype(self.param_dtype)
+
+  @property
+  def moe_interval(self) -> Optional[int]:
+    return self.num_layers // self.num_sparse_layers if self.num_sparse_layers else None
+
+  def is_moe_layer(self, i: int) -> bool:
+    """flaxformer MIXED layout: layer i is sparse iff (i + 1) % interval == 0."""
+    return bool(self.num_sparse_layers) and (i + 1) % self.moe_interval == 0
+
+  @property
+  def moe_layers(self) -> tuple:
+    return tuple(i for i in range(self.num_layers) if self.is_moe_layer(i))
+
+  @property
+  def dtype(self):
+    return as_dtype(self.activation_dtype)
+
+  @property
+  def weight_dtype(self):
+    return as_dtype(self.param_dtype)
+
+  def replace(self, **changes) -> "ModelConfig":
+    return dataclasses.replace(self, **changes)

@@ -1,0 +1,90 @@
+"""t5x-style gin command-line handling shared by every openmoe_jax command.
+
+Flags: --gin_file (repeatable; searched in --gin_search_paths, the working directory and the
+package's gin/ folder), --gin.NAME=VALUE (repeatable), --gin_bindings (repeatable).
+"""
+import argparse
+import functools
+import importlib.resources
+import logging
+import os
+import pathlib
+from typing import List, Sequence
+
+import gin
+
+from openmoe_jax.config import ModelConfig
+
+
+class UsageError(Exception):
+  """A user error: the command prints one line and exits with code 2."""
+
+
+@functools.lru_cache(maxsize=None)
+def _register():
+  gin.external_configurable(ModelConfig, name="ModelConfig", module="openmoe_jax")
+
+
+def package_gin_dir() -> pathlib.Path:
+  """The gin/ folder: the checkout's when running from source, else the installed copy."""
+  here = pathlib.Path(__file__).resolve().parent.parent / "gin"
+  if here.is_dir():
+    return here
+  return pathlib.Path(str(importlib.resources.files("openmoe_jax.gin_files")))
+
+
+def add_gin_flags(parser: argparse.ArgumentParser) -> None:
+  g = parser.add_argument_group("gin configuration")
+  g.add_argument("--gin_file", action="append", default=[],
+                 help="gin file to parse (repeatable); relative paths are searched in "
+                      "--gin_search_paths, the current directory and the package's gin/ folder, "
+                      "e.g. models/openmoe_8b.gin")
+  g.add_argument("--gin_bindings", action="append", default=[],
+                 help="a gin binding such as \"NUM_EXPERTS = 8\" (repeatable)")
+  g.add_argument("--gin_search_paths", action="append", default=[],
+                 help="extra folders (comma-separated or repeated) to search for gin files")
+
+
+def split_gin_dot_flags(argv: Sequence[str]):
+  """Pulls t5x's --gin.NAME=VALUE flags out of argv; returns (bindings, remaining argv)."""
+  bindings, rest = [], []
+  for arg in argv:
+    if arg.startswith("--gin."):
+      name, sep, value = arg[len("--gin."):].partition("=")
+      if not sep:
+        raise UsageError(f"{arg}: expected --gin.NAME=VALUE")
+      bindings.append(f"{name} = {value}")
+    else:
+      rest.append(arg)
+  return bindings, rest
+
+
+def parse_gin(files: Sequence[str], bindings: Sequence[str], search_paths: Sequence[str] = (),
+              finalize: bool = True) -> None:
+  """Clears gin, then parses files and bindings; errors become one-line UsageErrors."""
+  _register()
+  gin.clear_config()
+  paths: List[str] = [p for s in search_paths for p in s.split(",") if p]
+  paths += [os.getcwd(), str(package_gin_dir())]
+  for p in paths:
+    gin.add_config_file_search_path(p)
+  for f in files:
+    if not any(pathlib.Path(d, f).is_file() for d in paths) and not pathlib.Path(f).is_file():
+      raise UsageError(f"gin file not found: {f} (searched {', '.join(paths)})")
+  logging.disable(logging.ERROR)  # gin logs every search-path miss as an error
+  try:
+    gin.parse_config_files_and_bindings(list(files), list(bindings), finalize_config=finalize,
+                                        skip_unknown=False)
+  except (ValueError, KeyError, NameError, SyntaxError, IOError) as e:
+    raise UsageError(f"gin: {str(e).splitlines()[0]}") from None
+  finally:
+    logging.disable(logging.NOTSET)
+
+
+def model_config() -> ModelConfig:
+  """ModelConfig with the parsed gin bindings; config errors become UsageErrors."""
+  _register()
+  try:
+    return gin.get_configurable("openmoe_jax.ModelConfig")()
+  except (ValueError, TypeError) as e:
+    raise UsageError(str(e).splitlines()[0]) from None

@@ -1,0 +1,139 @@
+"""Dense building blocks of the OpenMoE decoder (flaxformer T5.1.1 decoder-only conventions).
+
+Legend: B batch, L length, D embed, N heads, H head dim, F mlp hidden, V vocab.
+Kernels are stored 2-D ([D, N*H] for attention) as flaxformer's DenseGeneral stores them, so
+original checkpoints load without reshaping.
+"""
+from typing import Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from openmoe_jax import partitioning as p
+from openmoe_jax.config import ModelConfig
+
+MASK_BIAS = -1e10
+
+
+def kernel_init(scale: float, distribution: str = "truncated_normal", in_axis=-2, out_axis=-1,
+                batch_axis=()):
+  return nn.initializers.variance_scaling(scale, "fan_in", distribution, in_axis=in_axis,
+                                          out_axis=out_axis, batch_axis=batch_axis)
+
+
+class RMSNorm(nn.Module):
+  """T5 layer norm: x * rsqrt(mean(x^2) + eps) * scale, computed in float32."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x):
+    scale = self.param("scale", p.param_init(nn.initializers.ones, (p.EMBED,)),
+                       (x.shape[-1],), self.cfg.weight_dtype)
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.cfg.norm_eps)
+    return (y * scale.astype(jnp.float32)).astype(self.cfg.dtype)
+
+
+class Dense(nn.Module):
+  """Bias-free projection of the last axis with a 2-D kernel [in, out]."""
+  features: int
+  axes: tuple
+  init_scale: float
+  distribution: str
+  cfg: ModelConfig
+  out_dtype: Optional[jnp.dtype] = None
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = self.param("kernel",
+                        p.param_init(kernel_init(self.init_scale, self.distribution), self.axes),
+                        (x.shape[-1], self.features), self.cfg.weight_dtype)
+    dtype = self.out_dtype or self.cfg.dtype
+    return jnp.einsum("...d,df->...f", x.astype(dtype), kernel.astype(dtype))
+
+
+class Embed(nn.Module):
+  """Token embedding [V, D], init normal(1.0), no scaling."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, tokens):
+    table = self.param("embedding", p.param_init(nn.initializers.normal(1.0), (p.VOCAB, p.EMBED)),
+                       (self.cfg.vocab_size, self.cfg.emb_dim), self.cfg.weight_dtype)
+    return jnp.take(table, tokens, axis=0).astype(self.cfg.dtype)
+
+
+def rotate_half(x):
+  x1, x2 = jnp.split(x, 2, axis=-1)
+  return jnp.concatenate([-x2, x1], axis=-1)
+
+
+def apply_rope(x, positions, max_timescale: float):
+  """Half-rotation RoPE over the full head dim. x: [B, L, N, H], positions: int[B, L]."""
+  head_dim = x.shape[-1]
+  fraction = 2 * jnp.arange(head_dim // 2, dtype=jnp.float32) / head_dim
+  timescale = max_timescale**fraction
+  angle = positions.astype(jnp.float32)[..., None] / timescale
+  angle = jnp.concatenate([angle, angle], axis=-1)[:, :, None, :]
+  sin, cos = jnp.sin(angle).astype(x.dtype), jnp.cos(angle).astype(x.dtype)
+  return x * cos + rotate_half(x) * sin
+
+
+def attention_mask(segment_ids, token_mask):
+  """bool[B, 1, L, L]: causal by index, same segment, both tokens real."""
+  length = segment_ids.shape[-1]
+  idx = jnp.arange(length)
+  mask = (idx[:, None] >= idx[None, :])[None]
+  mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
+  mask = mask & token_mask[:, :, None] & token_mask[:, None, :]
+  return mask[:, None]
+
+
+class Attention(nn.Module):
+  """Multi-head causal self-attention, no biases, no runtime 1/sqrt(H) (folded into query init)."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x, positions, mask, *, deterministic: bool):
+    cfg = self.cfg
+    joined = cfg.num_heads * cfg.head_dim
+    def proj(name, scale):
+      y = Dense(joined, (p.EMBED, p.JOINED_KV), scale, "normal", cfg, name=name)(x)
+      return y.reshape(*y.shape[:-1], cfg.num_heads, cfg.head_dim)
+    q = proj("query", cfg.scale / cfg.head_dim)  # variance scale / H == stddev / sqrt(H)
+    k = proj("key", cfg.scale)
+    v = proj("value", cfg.scale)
+    q = apply_rope(q, positions, cfg.rope_max_timescale)
+    k = apply_rope(k, positions, cfg.rope_max_timescale)
+    q = p.constrain(q, (p.BATCH, p.LENGTH, p.HEADS, p.KV))
+    k = p.constrain(k, (p.BATCH, p.LENGTH, p.HEADS, p.KV))
+    logits = jnp.einsum("bqnh,bknh->bnqk", q, k).astype(jnp.float32)
+    logits = jnp.where(mask, logits, MASK_BIAS)
+    weights = jax.nn.softmax(logits, axis=-1).astype(cfg.dtype)
+    out = jnp.einsum("bnqk,bknh->bqnh", weights, v)
+    out = out.reshape(*out.shape[:2], joined)
+    out = Dense(cfg.emb_dim, (p.JOINED_KV, p.EMBED), cfg.scale, "normal", cfg, name="out")(out)
+    return nn.Dropout(cfg.dropout_rate)(out, deterministic=deterministic)
+
+
+def gated_activation(h0, h1):
+  """OpenMoE's ('swiglu', 'linear'): wi_0 output split in halves a, b -> a * silu(b) * wi_1 out."""
+  a, b = jnp.split(h0, 2, axis=-1)
+  return a * jax.nn.silu(b) * h1
+
+
+class MlpBlock(nn.Module):
+  """Three-projection FFN: wo((x wi_0)[:F] * silu((x wi_0)[F:]) * (x wi_1))."""
+  cfg: ModelConfig
+  hidden: int
+
+  @nn.compact
+  def __call__(self, x, *, deterministic: bool):
+    cfg = self.cfg
+    h0 = Dense(2 * self.hidden, (p.EMBED, p.MLP), cfg.scale, "truncated_normal", cfg, name="wi_0")(x)
+    h1 = Dense(self.hidden, (p.EMBED, p.MLP), cfg.scale, "truncated_normal", cfg, name="wi_1")(x)
+    h = gated_activation(h0, h1)
+    h = nn.Dropout(cfg.dropout_rate)(h, deterministic=deterministic)
+    h = p.constrain(h, (p.BATCH, p.LENGTH, p.MLP))
+    return Dense(cfg.emb_dim, (p.MLP, p.EMBED), cfg.scale, "truncated_normal", cfg, name="wo")(h)

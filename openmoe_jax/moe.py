@@ -1,0 +1,191 @@
+"""The routed-experts sublayer of an OpenMoE MoE layer: router, dispatch, experts, combine.
+
+Legend: B batch, L length, D embed, G token groups, T tokens per group, E experts, K experts per
+token, C expert capacity, F expert hidden. The routing math lives in `routing.py`; this module
+moves tokens. Two dispatch implementations compute the same function:
+  * 'gather': slot -> token indices, gathered per group (fast on CPU/GPU);
+  * 'einsum': flaxformer's one-hot dispatch/combine tensors [G, T, E, C] (good on TPU).
+With experts sharded, the [G, ...] -> [E, G, ...] relayout under the sharding constraints below
+is where the compiler places the all-to-all (flaxformer notation G_ed -> E_ed).
+"""
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from openmoe_jax import partitioning as p
+from openmoe_jax import routing
+from openmoe_jax.config import ModelConfig
+from openmoe_jax.layers import gated_activation, kernel_init
+
+
+def resolve_dispatch(mode: str) -> str:
+  if mode != "auto":
+    return mode
+  return "einsum" if jax.default_backend() == "tpu" else "gather"
+
+
+class Experts(nn.Module):
+  """E independent three-projection FFNs applied to expert buffers [E, G, C, D]."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x, *, deterministic: bool):
+    cfg = self.cfg
+    e, d, f = cfg.num_experts, cfg.emb_dim, cfg.expert_mlp_dim
+    init = kernel_init(cfg.scale, "normal", in_axis=-2, out_axis=-1, batch_axis=(0,))
+    def kernel(name, shape, axes):
+      return self.param(name, p.param_init(init, axes), shape, cfg.weight_dtype).astype(cfg.dtype)
+    in_axes = (p.EXPERT, p.MLP_EMBED, p.EXPERT_MLP)
+    wi_0 = kernel("wi_0", (e, d, 2 * f), in_axes)
+    wi_1 = kernel("wi_1", (e, d, f), in_axes)
+    wo = kernel("wo", (e, f, d), (p.EXPERT, p.EXPERT_MLP, p.MLP_EMBED))
+    x = x.astype(cfg.dtype)
+    h = gated_activation(jnp.einsum("egcd,edf->egcf", x, wi_0), jnp.einsum("egcd,edf->egcf", x, wi_1))
+    h = nn.Dropout(cfg.dropout_rate)(h, deterministic=deterministic)
+    h = p.constrain(h, (p.EXPERT, p.EXPERT_REPLICAS, p.LENGTH, p.EXPERT_MLP))
+    return jnp.einsum("egcf,efd->egcd", h, wo)
+
+
+def _gather_dispatch(x, r: routing.Routing, num_experts: int):
+  """x: [G, T, D] -> expert buffers [E, G, C, D], and the flat slot of each assignment [G, T*K]."""
+  g, t, _ = x.shape
+  cap = r.capacity
+  dump = num_experts * cap
+  slot = jnp.where(r.kept, r.expert_index * cap + r.position, dump).reshape(g, -1)
+  token = jnp.broadcast_to(jnp.arange(t)[:, None], r.kept.shape[1:]).reshape(-1)
+  # Empty slots point at an extra zero row (index t); dropped assignments land in the dump slot.
+  token_of_slot = jnp.full((g, dump + 1), t, jnp.int32)
+  token_of_slot = token_of_slot.at[jnp.arange(g)[:, None], slot].set(token[None, :])
+  token_of_slot = token_of_slot[:, :dump].reshape(g, num_experts, cap)
+  x_pad = jnp.concatenate([x, jnp.zeros_like(x[:, :1])], axis=1)
+  buffers = jax.vmap(lambda xg, ig: xg[ig], in_axes=(0, 1), out_axes=1)(
+      x_pad, jnp.swapaxes(token_of_slot, 0, 1))
+  return buffers, slot
+
+
+def _gather_combine(expert_out, slot, r: routing.Routing):
+  """expert_out: [E, G, C, D] -> [G, T, D], weighting each kept assignment by its gate."""
+  e, g, c, d = expert_out.shape
+  flat = jnp.swapaxes(expert_out, 0, 1).reshape(g, e * c, d)
+  flat = jnp.concatenate([flat, jnp.zeros_like(flat[:, :1])], axis=1)
+  picked = jnp.take_along_axis(flat, slot[..., None], axis=1)
+  picked = picked.reshape(*r.kept.shape, d)
+  return jnp.einsum("gtkd,gtk->gtd", picked, r.combine_weights.astype(picked.dtype))
+
+
+def _one_hot_masks(r: routing.Routing, num_experts: int, dtype):
+  """dispatch bool[G, T, E, C] and combine float[G, T, E, C] tensors (flaxformer MaskedRouter)."""
+  slot_one_hot = jax.nn.one_hot(jnp.where(r.kept, r.position, -1), r.capacity, dtype=dtype)
+  expert_one_hot = jax.nn.one_hot(r.expert_index, num_experts, dtype=dtype)
+  dispatch = jnp.einsum("gtke,gtkc->gtec", expert_one_hot, slot_one_hot)
+  combine = jnp.einsum("gtke,gtkc,gtk->gtec", expert_one_hot, slot_one_hot,
+                       r.combine_weights.astype(dtype))
+  return dispatch, combine
+
+
+@flax.struct.dataclass
+class MoeMetrics:
+  """Per-layer routing losses and metrics (all float32)."""
+  aux_loss: jax.Array
+  router_z_loss: jax.Array
+  dropped_fraction: jax.Array          # [] assignments of real tokens dropped
+  dropped_by_position: jax.Array       # [buckets] the same, by position bucket in the row
+  tokens_left_behind: jax.Array        # [] real tokens with no kept assignment
+  expert_load: jax.Array               # [E] share of real-token assignments chosen per expert
+  router_confidence: jax.Array         # [] mean combine weight per kept assignment
+
+
+def _metrics(r: routing.Routing, token_mask, cfg: ModelConfig) -> MoeMetrics:
+  b, length = token_mask.shape
+  k = cfg.num_selected_experts
+  real = token_mask.reshape(r.kept.shape[:2]).astype(jnp.float32)[..., None]  # [G, T, 1]
+  real_k = jnp.broadcast_to(real, r.kept.shape)
+  dropped = (1.0 - r.kept.astype(jnp.float32)) * real_k
+  n_assign = jnp.maximum(real_k.sum(), 1.0)
+  buckets = cfg.position_buckets
+  bucket_of_pos = (jnp.arange(length) * buckets) // length
+  per_pos_dropped = dropped.reshape(b, length, k).sum(axis=(0, 2))
+  per_pos_total = real_k.reshape(b, length, k).sum(axis=(0, 2))
+  by_bucket = jax.ops.segment_sum(per_pos_dropped, bucket_of_pos, buckets)
+  by_bucket /= jnp.maximum(jax.ops.segment_sum(per_pos_total, bucket_of_pos, buckets), 1.0)
+  kept_any = jnp.max(r.kept.astype(jnp.float32), axis=-1, keepdims=True) * real
+  load = jnp.sum(jax.nn.one_hot(r.expert_index, cfg.num_experts) * real_k[..., None], axis=(0, 1, 2))
+  n_kept = jnp.maximum(jnp.sum(r.kept * real_k), 1.0)
+  return MoeMetrics(
+      aux_loss=r.aux_loss,
+      router_z_loss=r.router_z_loss,
+      dropped_fraction=dropped.sum() / n_assign,
+      dropped_by_position=by_bucket,
+      tokens_left_behind=1.0 - kept_any.sum() / jnp.maximum(real.sum(), 1.0),
+      expert_load=load / n_assign,
+      router_confidence=jnp.sum(r.combine_weights * real_k) / n_kept,
+  )
+
+
+class MoeLayer(nn.Module):
+  """Routed experts: router (float32, no bias) -> top-k capacity routing -> experts -> combine."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x, token_mask, *, deterministic: bool, return_routing: bool = False):
+    """x: [B, L, D]; token_mask: bool[B, L] real tokens (metrics only: padding is routed too)."""
+    cfg = self.cfg
+    b, length, d = x.shape
+    n_groups = routing.num_groups(b * length, cfg.group_size, cfg.num_experts,
+                                  cfg.num_expert_replicas)
+    group = b * length // n_groups
+    capacity = routing.expert_capacity(
+        group, cfg.num_experts,
+        cfg.eval_capacity_factor if deterministic else cfg.train_capacity_factor,
+        num_selected_experts=cfg.num_selected_experts, min_capacity=cfg.min_expert_capacity,
+        formula=cfg.capacity_formula, no_drop=cfg.no_drop)
+    tokens = p.constrain(x.reshape(n_groups, group, d), (p.BATCH, p.LENGTH, p.EMBED))
+    logits = Router(cfg, name="router")(tokens)
+    r = routing.top_k_routing(logits, cfg.num_selected_experts, capacity,
+                              renormalize_gates=cfg.renormalize_gates)
+    experts = Experts(cfg, name="expert")
+    if resolve_dispatch(cfg.dispatch) == "gather":
+      buffers, slot = _gather_dispatch(tokens, r, cfg.num_experts)
+      buffers = p.constrain(buffers, (p.EXPERT, p.EXPERT_REPLICAS, p.LENGTH, p.EMBED))
+      out = experts(buffers, deterministic=deterministic)
+      out = p.constrain(out, (p.UNMODELED, p.BATCH, p.LENGTH, p.EMBED))
+      y = _gather_combine(out, slot, r)
+    else:
+      dispatch, combine = _one_hot_masks(r, cfg.num_experts, cfg.dtype)
+      buffers = jnp.einsum("gtd,gtec->egcd", tokens.astype(cfg.dtype), dispatch)
+      buffers = p.constrain(buffers, (p.EXPERT, p.EXPERT_REPLICAS, p.LENGTH, p.EMBED))
+      out = experts(buffers, deterministic=deterministic)
+      out = p.constrain(out, (p.UNMODELED, p.BATCH, p.LENGTH, p.EMBED))
+      y = jnp.einsum("egcd,gtec->gtd", out, combine)
+    y = p.constrain(y.astype(cfg.dtype), (p.BATCH, p.LENGTH, p.EMBED)).reshape(b, length, d)
+    metrics = _metrics(r, token_mask, cfg)
+    return (y, metrics, r) if return_routing else (y, metrics)
+
+
+class _RouterKernel(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, tokens):
+    init = p.param_init(nn.initializers.normal(self.cfg.router_init_stddev), (p.EMBED, p.UNMODELED))
+    kernel = self.param("kernel", init, (tokens.shape[-1], self.cfg.num_experts),
+                        self.cfg.weight_dtype)
+    return jnp.einsum("gtd,de->gte", tokens.astype(jnp.float32), kernel.astype(jnp.float32))
+
+
+class _RouterWeights(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, tokens):
+    return _RouterKernel(self.cfg, name="w")(tokens)
+
+
+class Router(nn.Module):
+  """Router logits float32[G, T, E], no bias; parameter at router/router_weights/w/kernel [D, E]."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, tokens):
+    return _RouterWeights(self.cfg, name="router_weights")(tokens)

@@ -1,0 +1,39 @@
+"""openmoe_jax: OpenMoE-style Mixture-of-Experts pretraining in JAX/Flax."""
+import pathlib
+
+import setuptools
+
+ROOT = pathlib.Path(__file__).parent
+
+
+def _requirements(name):
+  lines = (ROOT / name).read_text().splitlines()
+  return [l.split("#")[0].strip() for l in lines
+          if l.split("#")[0].strip() and not l.startswith("-r")]
+
+
+setuptools.setup(
+    name="openmoe_jax",
+    version="0.1.0",
+    description="OpenMoE Mixture-of-Experts pretraining in JAX/Flax: model, routing, data, training.",
+    long_description=(ROOT / "README.md").read_text(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=setuptools.find_packages(include=["openmoe_jax", "openmoe_jax.*", "tasks", "tasks.*"])
+    + ["openmoe_jax.gin_files"],
+    # The top-level gin/ folder ships inside the package as openmoe_jax.gin_files, so --gin_file
+    # finds the configs after a plain (non-editable) install too.
+    package_dir={"openmoe_jax.gin_files": "gin"},
+    package_data={"openmoe_jax": ["assets/*"], "openmoe_jax.gin_files": ["*.gin", "*/*.gin"]},
+    include_package_data=True,
+    install_requires=_requirements("requirements.txt"),
+    extras_require={
+        "export": ["torch==2.13.0", "safetensors==0.8.0", "transformers"],
+        "test": ["pytest==9.2.0", "torch==2.13.0", "safetensors==0.8.0", "transformers"],
+    },
+    entry_points={
+        "console_scripts": [
+            "openmoe-info=openmoe_jax.info:main",
+        ],
+    },
+)
