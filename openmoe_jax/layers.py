@@ -32,7 +32,8 @@ class RMSNorm(nn.Module):
                        (x.shape[-1],), self.cfg.weight_dtype)
     x32 = x.astype(jnp.float32)
     y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.cfg.norm_eps)
-    return (y * scale.astype(jnp.float32)).astype(self.cfg.dtype)
+    scale = scale.astype(jnp.float32).reshape((1,) * (y.ndim - 1) + (-1,))
+    return (y * scale).astype(self.cfg.dtype)
 
 
 class Dense(nn.Module):
@@ -74,7 +75,7 @@ def apply_rope(x, positions, max_timescale: float):
   head_dim = x.shape[-1]
   fraction = 2 * jnp.arange(head_dim // 2, dtype=jnp.float32) / head_dim
   timescale = max_timescale**fraction
-  angle = positions.astype(jnp.float32)[..., None] / timescale
+  angle = positions.astype(jnp.float32)[..., None] / timescale[None, None, :]
   angle = jnp.concatenate([angle, angle], axis=-1)[:, :, None, :]
   sin, cos = jnp.sin(angle).astype(x.dtype), jnp.cos(angle).astype(x.dtype)
   return x * cos + rotate_half(x) * sin

@@ -25,6 +25,18 @@ def resolve_dispatch(mode: str) -> str:
   return "einsum" if jax.default_backend() == "tpu" else "gather"
 
 
+class _Kernel(nn.Module):
+  """Holds one `kernel` parameter, so paths read .../expert/wi_0/kernel as in flaxformer."""
+  shape: tuple
+  axes: tuple
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self):
+    init = kernel_init(self.cfg.scale, "normal", in_axis=-2, out_axis=-1, batch_axis=(0,))
+    return self.param("kernel", p.param_init(init, self.axes), self.shape, self.cfg.weight_dtype)
+
+
 class Experts(nn.Module):
   """E independent three-projection FFNs applied to expert buffers [E, G, C, D]."""
   cfg: ModelConfig
@@ -33,9 +45,8 @@ class Experts(nn.Module):
   def __call__(self, x, *, deterministic: bool):
     cfg = self.cfg
     e, d, f = cfg.num_experts, cfg.emb_dim, cfg.expert_mlp_dim
-    init = kernel_init(cfg.scale, "normal", in_axis=-2, out_axis=-1, batch_axis=(0,))
     def kernel(name, shape, axes):
-      return self.param(name, p.param_init(init, axes), shape, cfg.weight_dtype).astype(cfg.dtype)
+      return _Kernel(shape, axes, cfg, name=name)().astype(cfg.dtype)
     in_axes = (p.EXPERT, p.MLP_EMBED, p.EXPERT_MLP)
     wi_0 = kernel("wi_0", (e, d, 2 * f), in_axes)
     wi_1 = kernel("wi_1", (e, d, f), in_axes)

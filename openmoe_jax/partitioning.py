@@ -49,3 +49,13 @@ def constrain(x: jax.Array, axes: Sequence[Optional[str]]) -> jax.Array:
 def param_init(init, axes: Sequence[Optional[str]]):
   """Wraps an initialiser so the parameter carries its logical axis names."""
   return nn.with_logical_partitioning(init, tuple(axes))
+
+
+def unbox(tree):
+  """Strips the logical-axis metadata boxes from a variables/params tree."""
+  return nn.meta.unbox(tree)
+
+
+def logical_axes(boxed_tree):
+  """Logical axis names of every parameter (a tree of tuples matching the params tree)."""
+  return nn.get_partition_spec(boxed_tree)

@@ -66,3 +66,79 @@ def moe(x_groups, router_kernel, wi_0, wi_1, wo, k, capacity, renormalize=False)
           e = r["index"][gi, ti, ki]
           y[gi, ti] += r["gates"][gi, ti, ki] * ffn(x[gi, ti], wi_0[e], wi_1[e], wo[e])
   return y, r
+
+
+def rms_norm(x, scale, eps=1e-6):
+  return x / np.sqrt(np.mean(x * x, -1, keepdims=True) + eps) * scale
+
+
+def rope(x, positions, theta=1e4):
+  """x: [L, N, H]; half rotation with timescales theta^(2j/H)."""
+  h = x.shape[-1]
+  inv = theta ** (-(2 * np.arange(h // 2)) / h)
+  ang = positions[:, None].astype(np.float64) * inv[None, :]
+  ang = np.concatenate([ang, ang], -1)[:, None, :]
+  rot = np.concatenate([-x[..., h // 2:], x[..., :h // 2]], -1)
+  return x * np.cos(ang) + rot * np.sin(ang)
+
+
+def forward(params, cfg, tokens, positions=None, segment_ids=None, targets=None, capacity=None,
+            group_tokens=None):
+  """Float64 loop implementation of the whole decoder for one batch. Returns logits [B, L, V].
+
+  capacity/group_tokens: routing settings of the MoE layers (tokens are grouped over the
+  flattened batch exactly as the model does).
+  """
+  p = params
+  tokens = np.asarray(tokens)
+  b, length = tokens.shape
+  positions = np.broadcast_to(np.arange(length), (b, length)) if positions is None else positions
+  segment_ids = np.ones((b, length), int) if segment_ids is None else np.asarray(segment_ids)
+  real = np.ones((b, length), bool) if targets is None else np.asarray(targets) > 0
+  shifted = np.pad(tokens[:, 1:], ((0, 0), (0, 1)))
+  keep = ((tokens > 0) | (shifted > 0) | (np.arange(length) == 0)[None])[..., None]
+  h = np.asarray(p["token_embedder"]["embedding"], np.float64)[tokens]
+  n, hd = cfg.num_heads, cfg.head_dim
+  for i in range(cfg.num_layers):
+    lp = jax_free(p["decoder"][f"layers_{i}"])
+    x = rms_norm(h, lp["pre_self_attention_layer_norm"]["scale"]) * keep
+    out = np.zeros_like(h)
+    for bi in range(b):
+      q = (x[bi] @ lp["self_attention"]["query"]["kernel"]).reshape(length, n, hd)
+      k = (x[bi] @ lp["self_attention"]["key"]["kernel"]).reshape(length, n, hd)
+      v = (x[bi] @ lp["self_attention"]["value"]["kernel"]).reshape(length, n, hd)
+      q, k = rope(q, positions[bi]), rope(k, positions[bi])
+      ctx = np.zeros((length, n, hd))
+      for qi in range(length):
+        allowed = [ki for ki in range(qi + 1) if segment_ids[bi, ki] == segment_ids[bi, qi]
+                   and real[bi, ki] and real[bi, qi]]
+        for hi in range(n):
+          if not allowed:  # fully masked row: uniform over all keys, like softmax of equal biases
+            ctx[qi, hi] = v[:, hi].mean(0)
+            continue
+          s = np.array([q[qi, hi] @ k[ki, hi] for ki in allowed])
+          w = softmax(s)
+          ctx[qi, hi] = sum(wj * v[kj, hi] for wj, kj in zip(w, allowed))
+      out[bi] = ctx.reshape(length, n * hd) @ lp["self_attention"]["out"]["kernel"]
+    h = h + out
+    x = rms_norm(h, lp["pre_mlp_layer_norm"]["scale"]) * keep
+    if cfg.is_moe_layer(i):
+      m = lp["mlp"]
+      xg = x.reshape(-1, group_tokens, x.shape[-1])
+      y, _ = moe(xg, m["router"]["router_weights"]["w"]["kernel"], m["expert"]["wi_0"]["kernel"],
+                 m["expert"]["wi_1"]["kernel"], m["expert"]["wo"]["kernel"],
+                 cfg.num_selected_experts, capacity, cfg.renormalize_gates)
+      h = h + y.reshape(h.shape)
+      x = rms_norm(h, lp["pre_extra_mlp_layer_norm"]["scale"]) * keep
+      e = lp["extra_mlp"]
+    else:
+      e = lp["mlp"]
+    h = h + ffn(x, e["wi_0"]["kernel"], e["wi_1"]["kernel"], e["wo"]["kernel"])
+  h = rms_norm(h, np.asarray(p["decoder"]["decoder_norm"]["scale"], np.float64))
+  return h @ np.asarray(p["decoder"]["logits_dense"]["kernel"], np.float64)
+
+
+def jax_free(tree):
+  if isinstance(tree, dict):
+    return {k: jax_free(v) for k, v in tree.items()}
+  return np.asarray(tree, np.float64)

@@ -1,0 +1,171 @@
+"""The full decoder: float64 reference, causality, packing isolation, RoPE, names, losses."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from openmoe_jax import routing
+from openmoe_jax.config import ModelConfig
+from openmoe_jax.layers import apply_rope
+from openmoe_jax.model import Transformer, compute_loss
+from openmoe_jax.partitioning import unbox
+import reference
+
+CFG = ModelConfig(vocab_size=64, emb_dim=16, num_heads=2, head_dim=8, mlp_dim=24,
+                  expert_mlp_dim=20, num_layers=4, num_experts=4, num_sparse_layers=2,
+                  group_size=8, activation_dtype="float32", min_expert_capacity=1,
+                  eval_capacity_factor=1.0)
+
+
+def _init(cfg, b=2, length=8, seed=0):
+  tokens = jax.random.randint(jax.random.key(seed), (b, length), 1, cfg.vocab_size)
+  params = unbox(Transformer(cfg).init(jax.random.key(seed + 1), tokens))["params"]
+  return params, tokens
+
+
+def _apply(cfg, params, tokens, **kw):
+  return Transformer(cfg).apply({"params": params}, tokens, **kw)
+
+
+def test_forward_matches_float64_reference_with_drops_and_packing():
+  cfg = CFG
+  params, tokens = _init(cfg)
+  # Sharpen the routers so capacity binds; pack two sequences in row 0 and pad row 1's tail.
+  for i in cfg.moe_layers:
+    k = params["decoder"][f"layers_{i}"]["mlp"]["router"]["router_weights"]["w"]
+    k["kernel"] = k["kernel"] * 30
+  tokens = tokens.at[0, 4].set(0).at[1, 6:].set(0)
+  segments = jnp.array([[1, 1, 1, 1, 2, 2, 2, 2], [1, 1, 1, 1, 1, 1, 0, 0]])
+  targets = jnp.pad(tokens[:, 1:], ((0, 0), (0, 1))).at[0, 3].set(0).at[1, 5:].set(0)
+  targets = jnp.where(segments > 0, jnp.maximum(targets, 1), 0)
+  positions = jnp.array([[0, 1, 2, 3, 0, 1, 2, 3], [0, 1, 2, 3, 4, 5, 0, 0]])
+  logits, metrics = _apply(cfg, params, tokens, decoder_target_tokens=targets,
+                           decoder_segment_ids=segments, decoder_positions=positions)
+  groups = routing.num_groups(16, cfg.group_size, cfg.num_experts)
+  cap = routing.expert_capacity(16 // groups, cfg.num_experts, cfg.eval_capacity_factor,
+                                min_capacity=1)
+  want = reference.forward(jax.tree.map(np.asarray, params), cfg, np.asarray(tokens),
+                           np.asarray(positions), np.asarray(segments), np.asarray(targets),
+                           capacity=cap, group_tokens=16 // groups)
+  assert float(np.max(np.asarray(metrics.dropped_fraction))) > 0, "capacity should bind"
+  real = np.asarray(targets) > 0
+  np.testing.assert_allclose(np.asarray(logits)[real], want[real], atol=1e-4, rtol=1e-4)
+
+
+def test_causality_changing_a_later_token_never_changes_earlier_outputs():
+  cfg = CFG.replace(no_drop=True)  # with capacity, routing of later tokens can evict earlier ones
+  params, tokens = _init(cfg, b=1, length=16)
+  base, _ = _apply(cfg, params, tokens)
+  for t in (5, 11):
+    changed, _ = _apply(cfg, params, tokens.at[0, t].set((tokens[0, t] + 7) % cfg.vocab_size + 1))
+    np.testing.assert_allclose(np.asarray(changed)[0, :t], np.asarray(base)[0, :t], atol=1e-5)
+    assert not np.allclose(np.asarray(changed)[0, t], np.asarray(base)[0, t])
+
+
+def test_packed_segments_are_isolated():
+  cfg = CFG.replace(no_drop=True)
+  params, tokens = _init(cfg, b=1, length=16)
+  seg = jnp.array([[1] * 8 + [2] * 8])
+  pos = jnp.array([list(range(8)) * 2])
+  packed, _ = _apply(cfg, params, tokens, decoder_segment_ids=seg, decoder_positions=pos)
+  alone, _ = _apply(cfg, params, tokens[:, 8:])
+  np.testing.assert_allclose(np.asarray(packed)[0, 8:], np.asarray(alone)[0], atol=1e-4)
+  other = tokens.at[0, :8].set(3)
+  packed2, _ = _apply(cfg, params, other, decoder_segment_ids=seg, decoder_positions=pos)
+  np.testing.assert_allclose(np.asarray(packed2)[0, 8:], np.asarray(packed)[0, 8:], atol=1e-5)
+
+
+def test_rope_scores_depend_only_on_relative_position():
+  rng = np.random.default_rng(0)
+  q = jnp.asarray(rng.normal(size=(1, 1, 1, 16)), jnp.float32)
+  k = jnp.asarray(rng.normal(size=(1, 1, 1, 16)), jnp.float32)
+  def score(pq, pk):
+    return float(jnp.sum(apply_rope(q, jnp.array([[pq]]), 1e4) * apply_rope(k, jnp.array([[pk]]), 1e4)))
+  assert score(7, 3) == pytest.approx(score(104, 100), rel=1e-4)
+  assert score(7, 3) != pytest.approx(score(7, 4), rel=1e-3)
+  want = (reference.rope(np.asarray(q[0], np.float64), np.array([5])))
+  np.testing.assert_allclose(np.asarray(apply_rope(q, jnp.array([[5]]), 1e4))[0], want, atol=1e-5)
+
+
+def test_parameter_names_mirror_flaxformer():
+  params, _ = _init(CFG)
+  flat = traverse_util.flatten_dict(params, sep="/")
+  names = set(flat)
+  assert "token_embedder/embedding" in names
+  assert "decoder/decoder_norm/scale" in names and "decoder/logits_dense/kernel" in names
+  for i in range(CFG.num_layers):
+    pre = f"decoder/layers_{i}/"
+    for n in ("query", "key", "value", "out"):
+      assert pre + f"self_attention/{n}/kernel" in names
+    if CFG.is_moe_layer(i):
+      assert flat[pre + "mlp/router/router_weights/w/kernel"].shape == (16, 4)
+      assert flat[pre + "mlp/expert/wi_0/kernel"].shape == (4, 16, 40)
+      assert flat[pre + "mlp/expert/wi_1/kernel"].shape == (4, 16, 20)
+      assert flat[pre + "mlp/expert/wo/kernel"].shape == (4, 20, 16)
+      assert flat[pre + "extra_mlp/wi_0/kernel"].shape == (16, 48)
+      assert pre + "pre_extra_mlp_layer_norm/scale" in names
+    else:
+      assert flat[pre + "mlp/wi_0/kernel"].shape == (16, 48)
+      assert pre + "pre_extra_mlp_layer_norm/scale" not in names
+  assert CFG.moe_layers == (1, 3)
+  assert flat["decoder/layers_0/self_attention/query/kernel"].shape == (16, 16)
+
+
+def test_query_init_folds_the_attention_scale():
+  cfg = CFG.replace(emb_dim=64, head_dim=64, num_heads=4)
+  params, _ = _init(cfg)
+  att = params["decoder"]["layers_0"]["self_attention"]
+  ratio = float(jnp.std(att["key"]["kernel"]) / jnp.std(att["query"]["kernel"]))
+  assert ratio == pytest.approx(np.sqrt(64), rel=0.1)
+
+
+def test_loss_composition():
+  cfg = CFG.replace(z_loss=1e-2, aux_loss_factor=0.5, router_z_loss_factor=0.25)
+  params, tokens = _init(cfg)
+  targets = jnp.roll(tokens, -1, axis=1)
+  weights = jnp.ones(tokens.shape).at[:, -2:].set(0)
+  logits, metrics = _apply(cfg, params, tokens)
+  loss, parts = compute_loss(cfg, logits, metrics, targets, weights)
+  lg = np.asarray(logits, np.float64)
+  log_z = np.log(np.exp(lg - lg.max(-1, keepdims=True)).sum(-1)) + lg.max(-1)
+  ce = log_z - np.take_along_axis(lg, np.asarray(targets)[..., None], -1)[..., 0]
+  w = np.asarray(weights)
+  want = ((ce + 1e-2 * log_z**2) * w).sum() / w.sum()
+  want += 0.5 * np.mean(np.asarray(metrics.aux_loss)) + 0.25 * np.mean(np.asarray(metrics.router_z_loss))
+  assert float(loss) == pytest.approx(want, rel=1e-5)
+  assert float(parts["cross_entropy"]) == pytest.approx((ce * w).sum() / w.sum(), rel=1e-5)
+  assert metrics.aux_loss.shape == (2,) and metrics.expert_load.shape == (2, 4)
+
+
+def test_dense_model_has_no_moe_metrics():
+  cfg = CFG.replace(num_sparse_layers=0, num_experts=0)
+  params, tokens = _init(cfg)
+  logits, metrics = _apply(cfg, params, tokens)
+  assert metrics is None and logits.dtype == jnp.float32
+  loss, _ = compute_loss(cfg, logits, None, tokens, jnp.ones(tokens.shape))
+  assert np.isfinite(float(loss))
+
+
+def test_bfloat16_activations_float32_params_and_logits():
+  cfg = CFG.replace(activation_dtype="bfloat16")
+  params, tokens = _init(cfg)
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))
+  logits, _ = _apply(cfg, params, tokens)
+  ref, _ = _apply(CFG, params, tokens)
+  assert logits.dtype == jnp.float32
+  np.testing.assert_allclose(np.asarray(logits), np.asarray(ref), atol=0.15)
+
+
+@pytest.mark.parametrize("change,field", [
+    (dict(num_selected_experts=5), "num_selected_experts"),
+    (dict(num_sparse_layers=3), "num_sparse_layers"),
+    (dict(emb_dim=0), "emb_dim"),
+    (dict(num_heads=-1), "num_heads"),
+    (dict(head_dim=7), "head_dim"),
+    (dict(dispatch="magic"), "dispatch"),
+    (dict(train_capacity_factor=0.0), "train_capacity_factor"),
+])
+def test_invalid_config_names_the_field(change, field):
+  with pytest.raises(ValueError, match=field):
+    CFG.replace(**change)
