@@ -1,0 +1,165 @@
+"""Orbax checkpoints of a training run, under MODEL_DIR/checkpoints/<step>/{state,data}.
+
+`state` is the train-state pytree (sharded jax.Arrays; restored onto any mesh by passing target
+shardings), `data` a JSON dict (the data iterator state). Orbax writes a step into a
+`<step>.orbax-checkpoint-tmp*` directory and renames it (or, on object stores, records the
+commit) only when complete, so a crash mid-save never touches an existing checkpoint.
+"""
+import json
+from typing import Any, Optional
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+
+STATE, DATA = 'state', 'data'
+_STEP_METADATA = '_CHECKPOINT_METADATA'
+
+
+def checkpoint_dir(model_dir) -> epath.Path:
+  return epath.Path(model_dir) / 'checkpoints'
+
+
+def _is_complete(step_dir: epath.Path) -> bool:
+  # Tmp dirs never have a plain integer name. A final-named dir can still be incomplete on object
+  # stores (no atomic rename) or after a partial copy, so also require orbax's commit record.
+  try:
+    meta = json.loads((step_dir / _STEP_METADATA).read_text())
+  except (OSError, ValueError):
+    return False
+  return (meta.get('commit_timestamp_nsecs') is not None and
+          all((step_dir / item).is_dir() for item in (STATE, DATA)))
+
+
+def list_steps(model_dir) -> list[int]:
+  """Sorted steps of the complete checkpoints in MODEL_DIR (tmp / uncommitted ones excluded)."""
+  directory = checkpoint_dir(model_dir)
+  if not directory.exists():
+    return []
+  return sorted(int(p.name) for p in directory.iterdir()
+                if p.name.isdigit() and _is_complete(p))
+
+
+class Checkpointer:
+  """Async save / restore of (train state, data state) for one MODEL_DIR.
+
+  The caller decides when to save (CHECKPOINT_PERIOD, end of training, SIGTERM). Use as a context
+  manager or call `close()`; in multi-process runs every process makes the same calls.
+  """
+
+  def __init__(self, model_dir, *, max_to_keep: Optional[int] = 20, async_save: bool = True):
+    """Opens (creating if needed) MODEL_DIR/checkpoints.
+
+    Args:
+      model_dir: run directory (local path or any URL etils.epath supports, e.g. gs://).
+      max_to_keep: keep only the newest this many checkpoints (None: keep all). OpenMoE: 20.
+      async_save: write in a background thread; `save` returns once arrays are copied to host.
+    """
+    self.directory = checkpoint_dir(model_dir)
+    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+                                           enable_async_checkpointing=async_save)
+    self._manager = ocp.CheckpointManager(self.directory, item_names=(STATE, DATA),
+                                          options=options)
+
+  def save(self, step: int, state: Any, data_state: dict, *, force: bool = False) -> bool:
+    """Starts saving `state` and the JSON-serialisable `data_state` as checkpoint `step`.
+
+    Waits for the previous async save first. Old checkpoints beyond `max_to_keep` are deleted
+    only after this one is committed.
+
+    Args:
+      step: training step of `state`.
+      state: pytree of jax.Arrays / numpy arrays / scalars (e.g. params, opt state, step).
+      data_state: JSON-serialisable dict, e.g. the data iterator position.
+      force: passed to orbax: save even if its save policy would skip this step.
+
+    Returns:
+      False if skipped because a checkpoint for this or a later step already exists.
+
+    Raises:
+      orbax.checkpoint.checkpoint_manager.StepAlreadyExistsError: force=True on an existing step
+        (existing checkpoints are never overwritten).
+    """
+    args = ocp.args.Composite(**{STATE: ocp.args.StandardSave(state),
+                                 DATA: ocp.args.JsonSave(data_state)})
+    return self._manager.save(step, args=args, force=force)
+
+  def all_steps(self) -> list[int]:
+    return list_steps(self.directory.parent)
+
+  def latest_step(self) -> Optional[int]:
+    """The newest complete checkpoint's step, or None; in-flight saves are not visible."""
+    steps = self.all_steps()
+    return steps[-1] if steps else None
+
+  def restore(self, step: Optional[int], abstract_state: Any) -> tuple[Any, dict]:
+    """Restores checkpoint `step` (None: the latest) onto the shardings of `abstract_state`.
+
+    Args:
+      step: step to restore, or None for `latest_step()`.
+      abstract_state: pytree of jax.ShapeDtypeStruct with `sharding` set (e.g. from
+        `jax.eval_shape` plus the state shardings) matching the saved structure; the target
+        mesh and specs may differ from the saving run's (orbax reshards on load).
+
+    Returns:
+      (state, data_state): state with the structure, dtypes and shardings of `abstract_state`.
+    """
+    step = self.latest_step() if step is None else step
+    if step is None or not _is_complete(self.directory / str(step)):
+      raise FileNotFoundError(f'No complete checkpoint for step {step} in {self.directory}.')
+    args = ocp.args.Composite(**{STATE: ocp.args.StandardRestore(abstract_state),
+                                 DATA: ocp.args.JsonRestore()})
+    restored = self._manager.restore(step, args=args)
+    return restored[STATE], restored[DATA]
+
+  def wait_until_finished(self) -> None:
+    """Blocks until the in-flight save (if any) is committed; re-raises its error."""
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    """Waits for pending saves and releases orbax's threads."""
+    self._manager.close()
+
+  def __enter__(self) -> 'Checkpointer':
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+
+def restore_params(model_dir, step: Optional[int] = None, params_key: str = 'params') -> Any:
+  """Reads only the parameters of a checkpoint, as host numpy arrays (for export / eval tools).
+
+  The structure comes from the checkpoint's own metadata, so neither the model nor the optimizer
+  state needs to be built; only the parameter arrays are read.
+
+  Args:
+    model_dir: run directory holding `checkpoints/`.
+    step: step to read, or None for the latest complete one.
+    params_key: '/'-separated path of the params subtree inside the saved state.
+
+  Returns:
+    The params subtree (nested dicts) of numpy arrays with their saved dtypes (bf16 kept).
+  """
+  steps = list_steps(model_dir)
+  step = (steps[-1] if steps else None) if step is None else step
+  if step is None or step not in steps:
+    raise FileNotFoundError(f'No complete checkpoint for step {step} in {model_dir}.')
+  path = checkpoint_dir(model_dir) / str(step) / STATE
+  keys = params_key.split('/')
+  with ocp.PyTreeCheckpointer() as ckptr:
+    subtree = ckptr.metadata(path).item_metadata.tree
+    for key in keys:
+      if not isinstance(subtree, dict) or key not in subtree:
+        raise KeyError(f'{params_key!r} not in the state saved at {path}.')
+      subtree = subtree[key]
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), subtree)
+    for key in reversed(keys):
+      target = {key: target}
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
+    restored = ckptr.restore(path, args=ocp.args.PyTreeRestore(
+        item=target, restore_args=restore_args, partial_restore=True))
+  for key in keys:
+    restored = restored[key]
+  return restored
