@@ -34,6 +34,7 @@ setuptools.setup(
     entry_points={
         "console_scripts": [
             "openmoe-info=openmoe_jax.info:main",
+            "openmoe-train=openmoe_jax.main:main",
         ],
     },
 )

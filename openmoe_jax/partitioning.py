@@ -59,3 +59,43 @@ def unbox(tree):
 def logical_axes(boxed_tree):
   """Logical axis names of every parameter (a tree of tuples matching the params tree)."""
   return nn.get_partition_spec(boxed_tree)
+
+
+def make_mesh(num_expert_partitions: int = 1, num_model_partitions: int = 1,
+              devices=None) -> jax.sharding.Mesh:
+  """(data, expert, model) mesh over all devices of all processes; data takes the rest.
+
+  OpenMoE's macros: NUM_EXPERT_PARTITIONS, NUM_MODEL_PARTITIONS.
+  """
+  import numpy as np
+  devices = jax.devices() if devices is None else devices
+  n, e, m = len(devices), num_expert_partitions, num_model_partitions
+  if e <= 0 or m <= 0 or n % (e * m):
+    raise ValueError(f"mesh: {n} devices cannot be split into expert={e} x model={m} partitions "
+                     f"(expert*model={e * m} must divide {n})")
+  shape = (n // (e * m), e, m)
+  try:
+    from jax.experimental import mesh_utils
+    grid = mesh_utils.create_device_mesh(shape, devices=devices, allow_split_physical_axes=True)
+  except Exception:  # CPU and uncommon topologies: plain order is as good as any
+    grid = np.asarray(devices).reshape(shape)
+  return jax.sharding.Mesh(grid, MESH_AXES)
+
+
+def check_experts_divisible(num_experts: int, mesh: jax.sharding.Mesh) -> None:
+  e = mesh.shape["expert"]
+  if num_experts and num_experts % e:
+    raise ValueError(f"mesh: NUM_EXPERTS={num_experts} is not divisible by the expert "
+                     f"partitions {e}")
+
+
+def mesh_shardings(boxed_abstract_tree, mesh, rules=LOGICAL_AXIS_RULES):
+  """NamedShardings from the logical names carried by an (abstract) boxed params tree."""
+  specs = nn.get_partition_spec(boxed_abstract_tree)
+  return nn.logical_to_mesh_sharding(specs, mesh, rules)
+
+
+def batch_sharding(mesh, ndim: int = 2) -> jax.sharding.NamedSharding:
+  """Batches are split over data and expert (t5x MoE rule batch -> (data, expert))."""
+  spec = jax.sharding.PartitionSpec(("data", "expert"), *([None] * (ndim - 1)))
+  return jax.sharding.NamedSharding(mesh, spec)

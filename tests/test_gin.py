@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from openmoe_jax import gin_utils, info
+from openmoe_jax import train  # noqa: F401  registers the `train` configurable run gins bind
 from openmoe_jax.model import Transformer
 
 GIN_DIR = pathlib.Path(__file__).resolve().parent.parent / "gin"

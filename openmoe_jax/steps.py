@@ -1,0 +1,107 @@
+"""Pure training and evaluation steps.
+
+State is a small pytree {step, params, opt_state}. The train step does value_and_grad over
+microbatches, one optimizer update, and returns float32 metrics; it is jitted once by train.py
+with explicit shardings and the state donated.
+"""
+from typing import Dict
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from openmoe_jax.config import ModelConfig
+from openmoe_jax.model import Transformer, compute_loss
+
+BATCH_KEYS = ("decoder_input_tokens", "decoder_target_tokens", "decoder_loss_weights",
+              "decoder_segment_ids", "decoder_positions")
+
+
+def init_state(cfg: ModelConfig, tx: optax.GradientTransformation, rng, batch_size: int,
+               length: int):
+  """Boxed (logically annotated) params and optimizer state; run under jit / eval_shape."""
+  tokens = jnp.ones((batch_size, length), jnp.int32)
+  params = Transformer(cfg).init(rng, tokens)["params"]
+  unboxed = jax.tree.map(lambda x: getattr(x, "value", x), params,
+                         is_leaf=lambda x: hasattr(x, "value"))
+  return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(unboxed)}
+
+
+def _forward(cfg, params, batch, *, deterministic, rng=None):
+  logits, moe = Transformer(cfg).apply(
+      {"params": params}, batch["decoder_input_tokens"], batch["decoder_target_tokens"],
+      batch.get("decoder_segment_ids"), batch.get("decoder_positions"),
+      deterministic=deterministic, rngs=None if rng is None else {"dropout": rng})
+  loss, parts = compute_loss(cfg, logits, moe, batch["decoder_target_tokens"],
+                             batch["decoder_loss_weights"])
+  return loss, logits, parts, moe
+
+
+def _moe_summary(moe) -> Dict[str, jax.Array]:
+  if moe is None:
+    return {}
+  load = moe.expert_load  # [layers, E]
+  cv = jnp.std(load, axis=-1) / jnp.maximum(jnp.mean(load, axis=-1), 1e-9)
+  return {
+      "moe/dropped_fraction": jnp.mean(moe.dropped_fraction),
+      "moe/dropped_fraction_per_layer": moe.dropped_fraction,
+      "moe/dropped_by_position": jnp.mean(moe.dropped_by_position, axis=0),
+      "moe/tokens_left_behind": jnp.mean(moe.tokens_left_behind),
+      "moe/expert_load_cv": jnp.mean(cv),
+      "moe/expert_load_cv_per_layer": cv,
+      "moe/router_confidence": jnp.mean(moe.router_confidence),
+  }
+
+
+def train_step(state, batch, *, cfg: ModelConfig, tx, schedule, num_microbatches: int = 1,
+               seed: int = 0):
+  """One optimizer step over `batch` split into `num_microbatches` (gradients averaged)."""
+  rng = jax.random.fold_in(jax.random.key(seed), state["step"])
+
+  def loss_fn(params, mb, mb_rng):
+    loss, _, parts, moe = _forward(cfg, params, mb, deterministic=False, rng=mb_rng)
+    return loss, {**parts, **_moe_summary(moe)}
+
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  if num_microbatches == 1:
+    (_, metrics), grads = grad_fn(state["params"], batch, rng)
+  else:
+    split = jax.tree.map(
+        lambda x: x.reshape(num_microbatches, x.shape[0] // num_microbatches, *x.shape[1:]), batch)
+
+    def body(carry, xs):
+      mb, i = xs
+      (_, m), g = grad_fn(state["params"], mb, jax.random.fold_in(rng, i))
+      return jax.tree.map(jnp.add, carry, (g, m)), None
+
+    zeros = jax.eval_shape(lambda: grad_fn(state["params"], jax.tree.map(lambda x: x[0], split),
+                                           rng))
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (zeros[1], zeros[0][1]))
+    (grads, metrics), _ = jax.lax.scan(body, zeros, (split, jnp.arange(num_microbatches)))
+    grads, metrics = jax.tree.map(lambda x: x / num_microbatches, (grads, metrics))
+  updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+  params = optax.apply_updates(state["params"], updates)
+  metrics = dict(metrics, grad_norm=optax.global_norm(grads),
+                 learning_rate=schedule(state["step"]))
+  metrics["num_tokens"] = metrics["num_tokens"] * num_microbatches
+  new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state}
+  return new_state, jax.tree.map(lambda x: x.astype(jnp.float32), metrics)
+
+
+def eval_step(params, batch, *, cfg: ModelConfig):
+  """Sums for loss / perplexity / accuracy under the eval routing settings (eval cf)."""
+  _, logits, parts, moe = _forward(cfg, params, batch, deterministic=True)
+  w = batch["decoder_loss_weights"].astype(jnp.float32)
+  correct = (jnp.argmax(logits, -1) == batch["decoder_target_tokens"]).astype(jnp.float32)
+  out = {"weight": jnp.sum(w), "ce_sum": parts["cross_entropy"] * parts["num_tokens"],
+         "correct": jnp.sum(correct * w)}
+  if moe is not None:
+    out["dropped_fraction"] = jnp.mean(moe.dropped_fraction)
+  return out
+
+
+def token_log_probs(params, batch, *, cfg: ModelConfig):
+  """log p(target_t | tokens < t) for every position, eval routing. float32[B, L]."""
+  _, logits, _, _ = _forward(cfg, params, batch, deterministic=True)
+  logp = jax.nn.log_softmax(logits, axis=-1)
+  return jnp.take_along_axis(logp, batch["decoder_target_tokens"][..., None], -1)[..., 0]

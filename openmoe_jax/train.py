@@ -1,0 +1,241 @@
+"""The gin-configured training loop (t5x `train` conventions): train, evaluate, checkpoint, resume.
+
+Phases: mesh -> data -> state (restore the latest complete checkpoint or init) -> jit -> loop ->
+final checkpoint. Resume order: MODEL_DIR's latest complete checkpoint, else a fresh init.
+"""
+import dataclasses
+import json
+import math
+import os
+import signal
+import time
+from typing import Dict, Mapping, Optional
+
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+from openmoe_jax import checkpoint as ckpt_lib
+from openmoe_jax import info as info_lib
+from openmoe_jax import partitioning as part
+from openmoe_jax import steps
+from openmoe_jax.config import ModelConfig
+from openmoe_jax.gin_utils import UsageError
+from openmoe_jax.metrics_writer import MetricsWriter
+from openmoe_jax.optimizer import make_optimizer, state_partition_specs
+
+
+class TrainingError(Exception):
+  """Training stopped (for example on a NaN loss); the last good checkpoint is kept."""
+
+
+def _check_model_dir(model_dir: str, cfg: ModelConfig) -> None:
+  """Refuses a MODEL_DIR that holds checkpoints of a different model; records ours."""
+  path = os.path.join(model_dir, "model_config.json")
+  ours = dataclasses.asdict(cfg)
+  if os.path.exists(path) and ckpt_lib.list_steps(model_dir):
+    with open(path) as f:
+      theirs = json.load(f)
+    shape_keys = ("vocab_size", "emb_dim", "num_heads", "head_dim", "mlp_dim", "expert_mlp_dim",
+                  "num_layers", "num_experts", "num_sparse_layers")
+    diff = [k for k in shape_keys if theirs.get(k) != ours[k]]
+    if diff:
+      raise UsageError(f"MODEL_DIR {model_dir} holds a different model ("
+                       + ", ".join(f"{k}: {theirs.get(k)} != {ours[k]}" for k in diff) + ")")
+  if jax.process_index() == 0:
+    os.makedirs(model_dir, exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+      json.dump(ours, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+def _to_global(batch: Mapping[str, np.ndarray], sharding) -> Dict[str, jax.Array]:
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(batch[k]))
+          for k in steps.BATCH_KEYS if k in batch}
+
+
+def _matmul_peak_flops() -> float:
+  """FLOP/s of a large float32 matmul on this backend, as the MFU reference when none is given."""
+  n = 1024
+  a = jnp.ones((n, n), jnp.float32)
+  f = jax.jit(lambda x: x @ x)
+  f(a).block_until_ready()
+  t = time.perf_counter()
+  for _ in range(5):
+    f(a).block_until_ready()
+  return 5 * 2 * n**3 / (time.perf_counter() - t) * jax.local_device_count()
+
+
+class _Preemption:
+  """SIGTERM sets a flag; the loop saves a checkpoint and exits cleanly."""
+
+  def __init__(self):
+    self.requested = False
+    try:
+      signal.signal(signal.SIGTERM, self._handler)
+    except ValueError:  # not the main thread
+      pass
+
+  def _handler(self, *_):
+    self.requested = True
+
+
+def evaluate(params, eval_fn, iterator, batch_sharding, num_batches: int) -> Dict[str, float]:
+  """Loss, perplexity and token accuracy over `num_batches` validation batches."""
+  totals: Dict[str, float] = {}
+  for _, batch in zip(range(num_batches), iterator):
+    out = jax.device_get(eval_fn(params, _to_global(batch, batch_sharding)))
+    for k, v in out.items():
+      totals[k] = totals.get(k, 0.0) + float(v)
+  n = max(totals.get("weight", 0.0), 1.0)
+  loss = totals.get("ce_sum", 0.0) / n
+  return {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50.0)),
+          "eval/token_accuracy": totals.get("correct", 0.0) / n}
+
+
+@gin.configurable(denylist=["model_config"])
+def train(model_config: ModelConfig, *, model_dir: str = gin.REQUIRED,
+          mixture_or_task_name: str = gin.REQUIRED, task_feature_lengths=gin.REQUIRED,
+          train_steps: int = gin.REQUIRED, batch_size: int = gin.REQUIRED,
+          checkpoint_period: int = 1000, eval_period: int = 1000, eval_steps: int = 10,
+          eval_split: str = "validation", log_period: int = 10, keep_checkpoints: int = 3,
+          num_microbatches: int = 1, seed: int = 0, num_expert_partitions: int = 1,
+          num_model_partitions: int = 1, optimizer: str = "adafactor",
+          optimizer_kwargs: Optional[dict] = None, peak_flops_per_device: Optional[float] = None,
+          pack: bool = True, progress_bar: bool = True, fail_on_nan: bool = True,
+          max_steps_this_run: Optional[int] = None) -> Dict[str, float]:
+  """Trains `model_config` on a seqio task or mixture; returns the last logged metrics.
+
+  Args mirror t5x's pretrain.gin macros: MODEL_DIR, MIXTURE_OR_TASK_NAME, TASK_FEATURE_LENGTHS,
+  TRAIN_STEPS (the absolute final step), BATCH_SIZE (global, in sequences), CHECKPOINT_PERIOD,
+  EVAL_PERIOD; NUM_EXPERT_PARTITIONS / NUM_MODEL_PARTITIONS shape the mesh.
+  max_steps_this_run stops early (after a checkpoint) -- used to test resumption.
+  """
+  from openmoe_jax import data as data_lib  # seqio / TF import is slow; only when training
+  cfg = model_config
+  _check_model_dir(model_dir, cfg)
+  # --- mesh ---
+  mesh = part.make_mesh(num_expert_partitions, num_model_partitions)
+  part.check_experts_divisible(cfg.num_experts, mesh)
+  if batch_size % (mesh.shape["data"] * mesh.shape["expert"] * num_microbatches):
+    raise UsageError(f"BATCH_SIZE={batch_size} must be divisible by data*expert partitions "
+                     f"({mesh.shape['data'] * mesh.shape['expert']}) x num_microbatches "
+                     f"({num_microbatches})")
+  length = sum(task_feature_lengths.values())
+  # --- data ---
+  train_iter = data_lib.make_iterator(
+      mixture_or_task_name, task_feature_lengths, split="train", batch_size=batch_size,
+      shuffle=True, seed=seed, pack=pack)
+  # --- state ---
+  tx, schedule = make_optimizer(optimizer, **(optimizer_kwargs or {}))
+  init_fn = lambda rng: steps.init_state(cfg, tx, rng, batch_size // num_microbatches, length)
+  with mesh, nn.logical_axis_rules(part.LOGICAL_AXIS_RULES):
+    boxed = jax.eval_shape(init_fn, jax.random.key(seed))
+    param_sh = part.mesh_shardings(boxed["params"], mesh)
+    abstract_params = part.unbox(boxed["params"])
+    opt_specs = state_partition_specs(boxed["opt_state"], abstract_params,
+                                      nn.get_partition_spec(boxed["params"]))
+    state_sh = {"step": jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()),
+                "params": param_sh,
+                "opt_state": nn.logical_to_mesh_sharding(opt_specs, mesh, part.LOGICAL_AXIS_RULES)}
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                            part.unbox(boxed), state_sh)
+  ckpt = ckpt_lib.Checkpointer(model_dir, max_to_keep=keep_checkpoints)
+  start = ckpt.latest_step()
+  if start is not None:
+    state, data_state = ckpt.restore(start, abstract)
+    train_iter.set_state(data_state)
+  else:
+    with mesh, nn.logical_axis_rules(part.LOGICAL_AXIS_RULES):
+      state = jax.jit(lambda r: part.unbox(init_fn(r)), out_shardings=state_sh)(
+          jax.random.key(seed))
+  step = int(jax.device_get(state["step"]))
+  # --- jit ---
+  batch_sh = part.batch_sharding(mesh)
+  step_fn = jax.jit(
+      lambda s, b: steps.train_step(s, b, cfg=cfg, tx=tx, schedule=schedule,
+                                    num_microbatches=num_microbatches, seed=seed),
+      in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None), donate_argnums=(0,))
+  eval_fn = jax.jit(lambda p, b: steps.eval_step(p, b, cfg=cfg),
+                    in_shardings=(param_sh, batch_sh))
+  if jax.process_index() == 0 and step == 0:
+    with open(os.path.join(model_dir, "config.gin"), "w") as f:
+      f.write(gin.operative_config_str())
+  writer = MetricsWriter(model_dir, enabled=jax.process_index() == 0)
+  flops_per_token = info_lib.summarize(cfg, seq_len=length)["train_flops_per_token"]
+  peak = (peak_flops_per_device * jax.device_count() if peak_flops_per_device
+          else _matmul_peak_flops() * jax.process_count())
+  # --- loop ---
+  preempt = _Preemption()
+  last: Dict[str, float] = {}
+  end = train_steps if max_steps_this_run is None else min(train_steps, step + max_steps_this_run)
+  bar = _progress(progress_bar, step, train_steps)
+  pending, t_last, logged_at = None, time.perf_counter(), step
+  with mesh, nn.logical_axis_rules(part.LOGICAL_AXIS_RULES):
+    while step < end:
+      batch = _to_global(next(train_iter), batch_sh)
+      state, metrics = step_fn(state, batch)
+      step += 1
+      # Fetch the previous logged step's metrics only now, so the host never waits on the device.
+      if pending is not None:
+        last = _log(writer, bar, *pending, fail_on_nan=fail_on_nan, ckpt=ckpt)
+        pending = None
+      if step % log_period == 0 or step == end:
+        now = time.perf_counter()
+        pending = (step, metrics, (now - t_last) / max(step - logged_at, 1), length * batch_size,
+                   flops_per_token, peak)
+        t_last, logged_at = now, step
+      if step % checkpoint_period == 0 or step == end or preempt.requested:
+        if fail_on_nan:
+          _check_finite(step, metrics, ckpt)
+        ckpt.save(step, state, train_iter.get_state(), force=True)
+      if eval_period and step % eval_period == 0:
+        ev = evaluate(state["params"], eval_fn, data_lib.make_iterator(
+            mixture_or_task_name, task_feature_lengths, split=eval_split, batch_size=batch_size,
+            shuffle=False, seed=seed, pack=pack), batch_sh, eval_steps)
+        writer.write(step, ev)
+        last.update(ev)
+      if preempt.requested:
+        break
+    if pending is not None:
+      last = _log(writer, bar, *pending, fail_on_nan=fail_on_nan, ckpt=ckpt)
+  ckpt.wait_until_finished()
+  ckpt.close()
+  writer.close()
+  if bar is not None:
+    bar.close()
+  return last
+
+
+def _progress(enabled: bool, start: int, total: int):
+  if not enabled or jax.process_index() != 0:
+    return None
+  from tqdm import tqdm
+  return tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
+
+
+def _check_finite(step, metrics, ckpt):
+  loss = float(jax.device_get(metrics["loss"]))
+  if not math.isfinite(loss):
+    ckpt.wait_until_finished()
+    raise TrainingError(f"loss is {loss} at step {step}; stopped, the last good checkpoint "
+                        f"(step {ckpt.latest_step()}) is kept")
+
+
+def _log(writer, bar, step, metrics, sec_per_step, tokens_per_step, flops_per_token, peak, *,
+         fail_on_nan, ckpt):
+  if fail_on_nan:
+    _check_finite(step, metrics, ckpt)
+  metrics = jax.device_get(metrics)
+  loss = float(metrics["loss"])
+  tps = tokens_per_step / max(sec_per_step, 1e-9)
+  out = dict(metrics, **{"perf/tokens_per_second": tps, "perf/seconds_per_step": sec_per_step,
+                         "perf/mfu": tps * flops_per_token / peak})
+  writer.write(step, out)
+  if bar is not None:
+    bar.n = step
+    bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+    bar.refresh()
+  return {k: v for k, v in out.items()}
