@@ -194,7 +194,7 @@ def train(model_config: ModelConfig, *, model_dir: str = gin.REQUIRED,
       if eval_period and step % eval_period == 0:
         ev = evaluate(state["params"], eval_fn, data_lib.make_iterator(
             mixture_or_task_name, task_feature_lengths, split=eval_split, batch_size=batch_size,
-            shuffle=False, seed=seed, pack=pack), batch_sh, eval_steps)
+            shuffle=False, seed=seed, pack=pack, num_epochs=1), batch_sh, eval_steps)
         writer.write(step, ev)
         last.update(ev)
       if preempt.requested:
