@@ -35,6 +35,8 @@ setuptools.setup(
         "console_scripts": [
             "openmoe-info=openmoe_jax.info:main",
             "openmoe-train=openmoe_jax.main:main",
+            "openmoe-eval=openmoe_jax.evaluate:main",
+            "openmoe-score=openmoe_jax.score:main",
         ],
     },
 )

@@ -23,6 +23,18 @@ class UsageError(Exception):
 @functools.lru_cache(maxsize=None)
 def _register():
   gin.external_configurable(ModelConfig, name="ModelConfig", module="openmoe_jax")
+  # gin's package-path reader crashes (TypeError) when the first path component names a
+  # namespace package, e.g. a `runs/` or `models/` folder in the working directory; treat that
+  # as "not found" so the search paths are tried instead.
+  readers = gin.config._FILE_READERS  # pylint: disable=protected-access
+  for i, (reader, exists) in enumerate(readers):
+    if getattr(exists, "__name__", "") == "system_path_file_exists":
+      def safe_exists(path, _exists=exists):
+        try:
+          return _exists(path)
+        except TypeError:
+          return False
+      readers[i] = (reader, safe_exists)
 
 
 def package_gin_dir() -> pathlib.Path:

@@ -160,9 +160,13 @@ def train(model_config: ModelConfig, *, model_dir: str = gin.REQUIRED,
       in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None), donate_argnums=(0,))
   eval_fn = jax.jit(lambda p, b: steps.eval_step(p, b, cfg=cfg),
                     in_shardings=(param_sh, batch_sh))
-  if jax.process_index() == 0 and step == 0:
-    with open(os.path.join(model_dir, "config.gin"), "w") as f:
-      f.write(gin.operative_config_str())
+  if jax.process_index() == 0:
+    if step == 0:
+      with open(os.path.join(model_dir, "config.gin"), "w") as f:
+        f.write(gin.operative_config_str())
+    with open(os.path.join(model_dir, "run.json"), "w") as f:  # read by openmoe-score / -eval
+      json.dump({"mixture_or_task_name": mixture_or_task_name,
+                 "task_feature_lengths": dict(task_feature_lengths)}, f)
   writer = MetricsWriter(model_dir, enabled=jax.process_index() == 0)
   flops_per_token = info_lib.summarize(cfg, seq_len=length)["train_flops_per_token"]
   peak = (peak_flops_per_device * jax.device_count() if peak_flops_per_device

@@ -1,0 +1,73 @@
+"""`openmoe-eval`: loss, perplexity and token accuracy of a saved checkpoint on a split.
+
+    openmoe-eval --gin_file=runs/eval.gin --gin.MODEL_DIR="'runs/quickstart'"
+
+The model comes from MODEL_DIR/model_config.json (written by openmoe-train); the data from
+MIXTURE_OR_TASK_NAME / TASK_FEATURE_LENGTHS (default: what the run trained on). Eval routing
+settings apply (EVAL_EXPERT_CAPACITY_FACTOR). Results are printed as JSON and appended to
+MODEL_DIR/eval_results.jsonl.
+"""
+import json
+import os
+import sys
+from typing import Optional
+
+import gin
+import jax
+
+from openmoe_jax import gin_utils, tools_common
+from openmoe_jax.train import evaluate  # also registers `train` before gin locks its config
+
+
+@gin.configurable
+def evaluate_checkpoint(*, model_dir: str = gin.REQUIRED, mixture_or_task_name: Optional[str] = None,
+                        task_feature_lengths: Optional[dict] = None, batch_size: int = 16,
+                        split: str = "validation", eval_steps: int = 20, step: Optional[int] = None,
+                        eval_capacity_factor: Optional[float] = None) -> dict:
+  from openmoe_jax import data as data_lib
+  from openmoe_jax import partitioning as part
+  from openmoe_jax import steps
+  overrides = [] if eval_capacity_factor is None else [f"eval_capacity_factor={eval_capacity_factor}"]
+  cfg = tools_common.load_model_config(model_dir, overrides)
+  info = tools_common.run_info(model_dir)
+  name = mixture_or_task_name or info.get("mixture_or_task_name")
+  lengths = task_feature_lengths or info.get("task_feature_lengths")
+  if not name or not lengths:
+    raise gin_utils.UsageError("set MIXTURE_OR_TASK_NAME and TASK_FEATURE_LENGTHS")
+  params, step = tools_common.load_params(model_dir, step)
+  mesh = part.make_mesh()
+  batch_sh = part.batch_sharding(mesh)
+  if batch_size % mesh.size:
+    raise gin_utils.UsageError(f"BATCH_SIZE={batch_size} must divide by {mesh.size} devices")
+  fn = jax.jit(lambda p, b: steps.eval_step(p, b, cfg=cfg))
+  it = data_lib.make_iterator(name, lengths, batch_size, split=split, shuffle=False, num_epochs=1)
+  result = evaluate(params, fn, it, batch_sh, eval_steps)
+  result.update(step=step, split=split, mixture_or_task_name=name,
+                eval_capacity_factor=cfg.eval_capacity_factor)
+  if jax.process_index() == 0:
+    with open(os.path.join(model_dir, "eval_results.jsonl"), "a") as f:
+      f.write(json.dumps(result) + "\n")
+  return result
+
+
+def main(argv=None):
+  from openmoe_jax.main import build_parser, init_distributed
+  parser = build_parser("openmoe-eval", __doc__)
+  try:
+    dot, rest = gin_utils.split_gin_dot_flags(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(rest)
+    init_distributed(args)
+    import tasks  # noqa: F401
+    gin_utils.parse_gin(args.gin_file or ["runs/eval.gin"], args.gin_bindings + dot,
+                        args.gin_search_paths)
+    from openmoe_jax import evaluate as module  # the gin-bound one, also under `python -m`
+    result = module.evaluate_checkpoint()
+  except gin_utils.UsageError as e:
+    print(f"openmoe-eval: error: {e}", file=sys.stderr)
+    return 2
+  print(json.dumps(result, indent=2))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

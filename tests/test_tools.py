@@ -1,0 +1,81 @@
+"""openmoe-eval and openmoe-score on a tiny trained model dir."""
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from test_train import _run
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+  d = tmp_path_factory.mktemp("tools") / "run"
+  r = _run(d, "--gin.TRAIN_STEPS=2", "--gin.CHECKPOINT_PERIOD=1")
+  assert r.returncode == 0, r.stderr[-2000:]
+  return d
+
+
+def _tool(module, *args):
+  return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True,
+                        timeout=300, cwd=ROOT)
+
+
+def test_score_matches_the_model_log_softmax(model_dir, tmp_path):
+  lines = ["def add(a, b):", "    return a + b  # the sum", "Return the value."]
+  inp = tmp_path / "in.txt"
+  inp.write_text("\n".join(lines) + "\n")
+  out = tmp_path / "out.jsonl"
+  r = _tool("openmoe_jax.score", f"--model_dir={model_dir}", f"--input_file={inp}",
+            f"--output_file={out}", "--model_override=no_drop=true", "--step=2")
+  assert r.returncode == 0, r.stderr[-2000:]
+  rows = [json.loads(l) for l in out.read_text().splitlines()]
+  assert [r["text"] for r in rows] == lines
+  from openmoe_jax import checkpoint, tools_common, vocab
+  from openmoe_jax.model import Transformer
+  cfg = tools_common.load_model_config(str(model_dir), ["no_drop=true"])
+  params = checkpoint.restore_params(str(model_dir), 2)
+  voc = vocab.builtin_vocabulary()
+  for row in rows:
+    ids = list(voc.encode(row["text"]))
+    assert row["token_ids"] == ids and len(row["log_probs"]) == len(ids)
+    n = len(ids)
+    length = 8 * ((n + 7) // 8)
+    inputs = np.zeros((1, length), np.int32)
+    inputs[0, 1:n] = ids[:-1]
+    logits, _ = Transformer(cfg).apply({"params": params}, jnp.asarray(inputs))
+    lg = np.asarray(logits, np.float64)[0, :n]
+    logp = lg - np.log(np.exp(lg - lg.max(-1, keepdims=True)).sum(-1, keepdims=True)) - lg.max(-1, keepdims=True)
+    want = logp[np.arange(n), ids]
+    np.testing.assert_allclose(row["log_probs"], want, atol=2e-4)
+
+
+def test_score_bad_input(model_dir, tmp_path):
+  r = _tool("openmoe_jax.score", f"--model_dir={model_dir}", "--input_file=/nope.txt",
+            f"--output_file={tmp_path / 'o.jsonl'}")
+  assert r.returncode == 2 and "input file not found" in r.stderr
+  r = _tool("openmoe_jax.score", f"--model_dir={tmp_path}", f"--input_file={__file__}",
+            f"--output_file={tmp_path / 'o.jsonl'}")
+  assert r.returncode == 2 and "not an openmoe_jax model dir" in r.stderr
+  r = _tool("openmoe_jax.score", f"--model_dir={model_dir}", "--step=99",
+            f"--input_file={__file__}", f"--output_file={tmp_path / 'o.jsonl'}")
+  assert r.returncode == 2 and "step 99" in r.stderr
+  assert not (tmp_path / "o.jsonl").exists() and not (tmp_path / "o.jsonl.tmp").exists()
+
+
+def test_eval_reports_loss_perplexity_accuracy(model_dir):
+  r = _tool("openmoe_jax.evaluate", f"--gin.MODEL_DIR='{model_dir}'", "--gin.BATCH_SIZE=8",
+            "--gin.EVAL_STEPS=2")
+  assert r.returncode == 0, r.stderr[-2000:]
+  res = json.loads(r.stdout)
+  assert res["step"] == 2 and res["eval_capacity_factor"] == 2.0
+  assert res["eval/perplexity"] == pytest.approx(np.exp(res["eval/loss"]), rel=1e-6)
+  assert 0 <= res["eval/token_accuracy"] <= 1 and res["eval/loss"] > 0
+  assert (model_dir / "eval_results.jsonl").exists()
