@@ -68,6 +68,38 @@ def _matmul_peak_flops() -> float:
   return 5 * 2 * n**3 / (time.perf_counter() - t) * jax.local_device_count()
 
 
+class _ShardedIterator:
+  """This process's share of `num_data_shards` seqio shards, rows concatenated in shard order.
+
+  With one shard per process this is the plain per-host iterator. A single process reading
+  all shards of a multi-host run sees the same global batches, which is how multi-host runs
+  are checked against single-host ones.
+  """
+
+  def __init__(self, data_lib, num_data_shards: Optional[int], **kwargs):
+    n, p, i = num_data_shards or jax.process_count(), jax.process_count(), jax.process_index()
+    if n % p:
+      raise UsageError(f"num_data_shards={n} must be a multiple of the process count {p}")
+    per = n // p
+    batch = kwargs.pop("batch_size")
+    self._its = [data_lib.make_iterator(batch_size=batch, shard_index=i * per + j, num_shards=n,
+                                        **kwargs) for j in range(per)]
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    parts = [next(it) for it in self._its]
+    return {k: np.concatenate([b[k] for b in parts]) for k in parts[0]}
+
+  def get_state(self):
+    return {"shards": [it.get_state() for it in self._its]}
+
+  def set_state(self, state):
+    for it, s in zip(self._its, state["shards"], strict=True):
+      it.set_state(s)
+
+
 class _Preemption:
   """SIGTERM sets a flag; the loop saves a checkpoint and exits cleanly."""
 
@@ -105,13 +137,17 @@ def train(model_config: ModelConfig, *, model_dir: str = gin.REQUIRED,
           num_model_partitions: int = 1, optimizer: str = "adafactor",
           optimizer_kwargs: Optional[dict] = None, peak_flops_per_device: Optional[float] = None,
           pack: bool = True, progress_bar: bool = True, fail_on_nan: bool = True,
-          max_steps_this_run: Optional[int] = None) -> Dict[str, float]:
+          max_steps_this_run: Optional[int] = None, num_data_shards: Optional[int] = None,
+          initial_checkpoint_dir: Optional[str] = None) -> Dict[str, float]:
   """Trains `model_config` on a seqio task or mixture; returns the last logged metrics.
 
   Args mirror t5x's pretrain.gin macros: MODEL_DIR, MIXTURE_OR_TASK_NAME, TASK_FEATURE_LENGTHS,
   TRAIN_STEPS (the absolute final step), BATCH_SIZE (global, in sequences), CHECKPOINT_PERIOD,
   EVAL_PERIOD; NUM_EXPERT_PARTITIONS / NUM_MODEL_PARTITIONS shape the mesh.
   max_steps_this_run stops early (after a checkpoint) -- used to test resumption.
+  num_data_shards: seqio shards of the training data (default: one per process).
+  initial_checkpoint_dir: when MODEL_DIR has no checkpoint, start from the latest parameters
+  of this MODEL_DIR (fine-tuning; the step count continues, the optimizer state is fresh).
   """
   from openmoe_jax import data as data_lib  # seqio / TF import is slow; only when training
   cfg = model_config
@@ -125,8 +161,9 @@ def train(model_config: ModelConfig, *, model_dir: str = gin.REQUIRED,
                      f"({num_microbatches})")
   length = sum(task_feature_lengths.values())
   # --- data ---
-  train_iter = data_lib.make_iterator(
-      mixture_or_task_name, task_feature_lengths, split="train", batch_size=batch_size,
+  train_iter = _ShardedIterator(
+      data_lib, num_data_shards, mixture_or_task_name=mixture_or_task_name,
+      task_feature_lengths=task_feature_lengths, split="train", batch_size=batch_size,
       shuffle=True, seed=seed, pack=pack)
   # --- state ---
   tx, schedule = make_optimizer(optimizer, **(optimizer_kwargs or {}))
@@ -147,6 +184,8 @@ def train(model_config: ModelConfig, *, model_dir: str = gin.REQUIRED,
   if start is not None:
     state, data_state = ckpt.restore(start, abstract)
     train_iter.set_state(data_state)
+  elif initial_checkpoint_dir:
+    state = _init_from(initial_checkpoint_dir, tx, abstract, state_sh, mesh)
   else:
     with mesh, nn.logical_axis_rules(part.LOGICAL_AXIS_RULES):
       state = jax.jit(lambda r: part.unbox(init_fn(r)), out_shardings=state_sh)(
@@ -196,8 +235,9 @@ def train(model_config: ModelConfig, *, model_dir: str = gin.REQUIRED,
           _check_finite(step, metrics, ckpt)
         ckpt.save(step, state, train_iter.get_state(), force=True)
       if eval_period and step % eval_period == 0:
-        ev = evaluate(state["params"], eval_fn, data_lib.make_iterator(
-            mixture_or_task_name, task_feature_lengths, split=eval_split, batch_size=batch_size,
+        ev = evaluate(state["params"], eval_fn, _ShardedIterator(
+            data_lib, num_data_shards, mixture_or_task_name=mixture_or_task_name,
+            task_feature_lengths=task_feature_lengths, split=eval_split, batch_size=batch_size,
             shuffle=False, seed=seed, pack=pack, num_epochs=1), batch_sh, eval_steps)
         writer.write(step, ev)
         last.update(ev)
@@ -211,6 +251,23 @@ def train(model_config: ModelConfig, *, model_dir: str = gin.REQUIRED,
   if bar is not None:
     bar.close()
   return last
+
+
+def _init_from(source_dir: str, tx, abstract, state_sh, mesh):
+  """Fresh optimizer state around the parameters of another run's latest checkpoint."""
+  steps_there = ckpt_lib.list_steps(source_dir)
+  if not steps_there:
+    raise UsageError(f"initial checkpoint: no complete checkpoint in {source_dir}")
+  loaded = ckpt_lib.restore_params(source_dir, steps_there[-1])
+  want = jax.tree.map(lambda a: (a.shape, a.dtype), abstract["params"])
+  got = jax.tree.map(lambda a: (a.shape, a.dtype), loaded)
+  if jax.tree.structure(want) != jax.tree.structure(got) or want != got:
+    raise UsageError(f"initial checkpoint in {source_dir} does not match the model gin")
+  params = jax.tree.map(lambda a, s: jax.device_put(a, s), loaded, state_sh["params"])
+  with mesh:
+    opt_state = jax.jit(tx.init, out_shardings=state_sh["opt_state"])(params)
+  step = jax.device_put(jnp.int32(steps_there[-1]), state_sh["step"])
+  return {"step": step, "params": params, "opt_state": opt_state}
 
 
 def _progress(enabled: bool, start: int, total: int):
