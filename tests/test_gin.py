@@ -19,7 +19,8 @@ TINY = ["EMBED_DIM = 16", "NUM_HEADS = 2", "HEAD_DIM = 8", "MLP_DIM = 16", "NUM_
         "NUM_EXPERTS = 4", "GROUP_SIZE = 16"]
 # Macros a run gin leaves %gin.REQUIRED, bound as a user would on the command line.
 RUN_REQUIRED = ["MODEL_DIR = '/tmp/unused'", "MIXTURE_OR_TASK_NAME = 'builtin_corpus_full_lm'",
-                "TASK_FEATURE_LENGTHS = {'targets': 16}", "TRAIN_STEPS = 1", "BATCH_SIZE = 2"]
+                "TASK_FEATURE_LENGTHS = {'targets': 16}", "TRAIN_STEPS = 1", "BATCH_SIZE = 2",
+                "INITIAL_CHECKPOINT_DIR = '/tmp/unused'", "UMT5_SPM_PATH = '/tmp/unused.model'"]
 
 
 def test_gin_files_found():
@@ -31,10 +32,16 @@ def test_gin_files_found():
 def test_gin_file_parses_finalizes_and_initializes(gin_file):
   text = (GIN_DIR / gin_file).read_text()
   bindings = list(TINY)
-  if "gin.REQUIRED" in text:
+  if "include 'runs/" in text or gin_file.startswith("runs/"):
     bindings += RUN_REQUIRED
   bindings += ["NUM_DECODER_LAYERS = 4", "NUM_DECODER_SPARSE_LAYERS = 2"]
-  gin_utils.parse_gin([gin_file], bindings)
+  if gin_file == "runs/eval.gin":  # no model: it reads MODEL_DIR/model_config.json
+    gin_utils.parse_gin([gin_file], ["MODEL_DIR = '/tmp/unused'"])
+    return
+  if gin_file.startswith("runs/"):  # run settings only: combine with a model gin, as users do
+    gin_utils.parse_gin(["models/tiny.gin", gin_file], bindings)
+  else:
+    gin_utils.parse_gin([gin_file], bindings)
   cfg = gin_utils.model_config()
   tokens = jnp.ones((2, 8), jnp.int32)
   params = Transformer(cfg).init(jax.random.key(0), tokens)

@@ -1,0 +1,201 @@
+"""Training batches from a seqio task or mixture: packed, per-host sharded, deterministic, resumable.
+
+`make_iterator(...)` gives a `DataIterator` of numpy batches with the decoder-only features of
+seqio's `DecoderFeatureConverter(pack=True)` (PrefixLM conversion when the task has `inputs`):
+
+  decoder_target_tokens, decoder_input_tokens, decoder_loss_weights, decoder_segment_ids,
+  decoder_positions: int32[per_host_batch, inputs_length + targets_length] (UL2) or
+  int32[per_host_batch, targets_length] (full LM).
+
+Loss weights are 1 on targets only. `decoder_causal_attention` is dropped: OpenMoE attends
+causally everywhere (spec §3.1). Each host reads its own shard (`seqio.ShardInfo`, default
+jax.process_index() of jax.process_count()). For a seed the stream is fixed; `get_state()`
+returns `{seed, batches_consumed, ...}` (JSON), and `set_state` rebuilds the pipeline and
+replays it to that point, so a resumed run sees exactly the batches an uninterrupted run would.
+Replay costs the pipeline's time for the skipped batches (see benchmarks/RESULTS.md).
+seqio and TensorFlow are imported on first use (~5 s).
+"""
+import dataclasses
+from typing import Any, Dict, Iterator, Mapping, Optional
+
+import numpy as np
+
+BATCH_KEYS = ("decoder_target_tokens", "decoder_input_tokens", "decoder_loss_weights",
+              "decoder_segment_ids", "decoder_positions")
+STATE_VERSION = 1
+_SHARD_SEED_STRIDE = 1_000_003  # keeps per-host seeds distinct for any seed < 2**40
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  """What to read. `batch_size` is global: each of `num_shards` hosts gets an equal slice.
+
+  Attributes:
+    mixture_or_task_name: a registered seqio task or mixture (import `tasks` first).
+    task_feature_lengths: e.g. {"inputs": 1024, "targets": 1024} (UL2) or {"targets": 2048}.
+    batch_size: global number of packed rows per step.
+    split: dataset split.
+    seed: fixes shuffling, mixing and every random preprocessing choice.
+    shuffle: shuffle files and examples.
+    num_epochs: None repeats forever (training); 1 for a single pass.
+    pack: pack several examples per row (OpenMoE: True).
+    drop_remainder: drop a final partial batch (static shapes for jit).
+  """
+  mixture_or_task_name: str
+  task_feature_lengths: Mapping[str, int]
+  batch_size: int
+  split: str = "train"
+  seed: int = 0
+  shuffle: bool = True
+  num_epochs: Optional[int] = None
+  pack: bool = True
+  drop_remainder: bool = True
+
+
+def default_shard() -> tuple:
+  """(index, count) of this host: jax.process_index() / jax.process_count()."""
+  import jax  # pylint: disable=g-import-not-at-top
+  return jax.process_index(), jax.process_count()
+
+
+def registered_names() -> list:
+  """Sorted names of every registered seqio task and mixture."""
+  import seqio  # pylint: disable=g-import-not-at-top
+  return sorted(set(seqio.TaskRegistry.names()) | set(seqio.MixtureRegistry.names()))
+
+
+def get_provider(name: str):
+  """The registered task or mixture `name`.
+
+  Raises:
+    ValueError: unknown name; the message lists the registered ones.
+  """
+  import seqio  # pylint: disable=g-import-not-at-top
+  names = registered_names()
+  if name not in names:
+    raise ValueError(f"unknown task or mixture {name!r} (did you import tasks?); "
+                     f"registered: {', '.join(names) or 'none'}")
+  return seqio.get_mixture_or_task(name)
+
+
+def build_dataset(config: DataConfig, shard_index: int = 0, num_shards: int = 1):
+  """The per-host tf.data pipeline: seqio dataset -> packed features -> batches.
+
+  Args:
+    config: what to read.
+    shard_index: this host's shard.
+    num_shards: number of hosts; must divide `config.batch_size`.
+
+  Returns:
+    tf.data.Dataset of dicts of int32[batch_size // num_shards, length] tensors.
+  """
+  import seqio  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  if config.batch_size % num_shards:
+    raise ValueError(f"global batch {config.batch_size} is not divisible by {num_shards} hosts")
+  if not 0 <= shard_index < num_shards:
+    raise ValueError(f"shard index {shard_index} out of range for {num_shards} shards")
+  get_provider(config.mixture_or_task_name)
+  shard_info = seqio.ShardInfo(index=shard_index, num_shards=num_shards)
+  # Hosts share the base seed but must not make identical random choices on their shards.
+  seed = config.seed + _SHARD_SEED_STRIDE * shard_index
+  converter = seqio.DecoderFeatureConverter(pack=config.pack)
+  ds = seqio.get_dataset(
+      config.mixture_or_task_name, task_feature_lengths=dict(config.task_feature_lengths),
+      feature_converter=converter, dataset_split=config.split, use_cached=False,
+      shuffle=config.shuffle, num_epochs=config.num_epochs, shard_info=shard_info, seed=seed)
+  ds = ds.map(lambda ex: {k: ex[k] for k in BATCH_KEYS}, num_parallel_calls=tf.data.AUTOTUNE)
+  ds = ds.batch(config.batch_size // num_shards, drop_remainder=config.drop_remainder)
+  options = tf.data.Options()
+  options.deterministic = True
+  return ds.with_options(options).prefetch(tf.data.AUTOTUNE)
+
+
+class DataIterator:
+  """Iterator of numpy batches (dict of int32 arrays, keys `BATCH_KEYS`) with exact resume."""
+
+  def __init__(self, config: DataConfig, shard_index: Optional[int] = None,
+               num_shards: Optional[int] = None):
+    if (shard_index is None) != (num_shards is None):
+      raise ValueError("give both shard_index and num_shards, or neither")
+    if shard_index is None:
+      shard_index, num_shards = default_shard()
+    self.config = config
+    self.shard_index = shard_index
+    self.num_shards = num_shards
+    self._consumed = 0
+    self._iterator: Optional[Iterator] = None
+
+  def _start(self) -> None:
+    ds = build_dataset(self.config, self.shard_index, self.num_shards)
+    if self._consumed:
+      # Exact resume: replay the deterministic stream up to where the saved run stopped.
+      ds = ds.skip(self._consumed)
+    self._iterator = ds.as_numpy_iterator()
+
+  def __iter__(self) -> "DataIterator":
+    return self
+
+  def __next__(self) -> Dict[str, np.ndarray]:
+    if self._iterator is None:
+      self._start()
+    batch = next(self._iterator)
+    self._consumed += 1
+    return batch
+
+  @property
+  def batches_consumed(self) -> int:
+    return self._consumed
+
+  def get_state(self) -> Dict[str, Any]:
+    """JSON-serialisable position: the config, this host's shard and the batches consumed."""
+    return {"version": STATE_VERSION, "batches_consumed": self._consumed,
+            "shard_index": self.shard_index, "num_shards": self.num_shards,
+            **_config_state(self.config)}
+
+  def set_state(self, state: Mapping[str, Any]) -> None:
+    """Continues from `state` (from `get_state`); the next batch is batch `batches_consumed`.
+
+    Raises:
+      ValueError: the state belongs to another pipeline (name, lengths, batch, split, shards);
+        a different seed is adopted from the state, since it defines the stream.
+    """
+    if state.get("version") != STATE_VERSION:
+      raise ValueError(f"unsupported data state version {state.get('version')}")
+    mine = {**_config_state(self.config), "shard_index": self.shard_index,
+            "num_shards": self.num_shards}
+    diff = {k: (state.get(k), v) for k, v in mine.items() if k != "seed" and state.get(k) != v}
+    if diff:
+      raise ValueError(f"data state does not match this iterator (saved, current): {diff}")
+    self.config = dataclasses.replace(self.config, seed=int(state["seed"]))
+    self._consumed = int(state["batches_consumed"])
+    self._iterator = None
+
+
+def _config_state(config: DataConfig) -> Dict[str, Any]:
+  state = dataclasses.asdict(config)
+  state["task_feature_lengths"] = dict(sorted(config.task_feature_lengths.items()))
+  return state
+
+
+def make_iterator(mixture_or_task_name: str, task_feature_lengths: Mapping[str, int],
+                  batch_size: int, *, split: str = "train", seed: int = 0,
+                  shuffle: bool = True, num_epochs: Optional[int] = None, pack: bool = True,
+                  shard_index: Optional[int] = None,
+                  num_shards: Optional[int] = None) -> DataIterator:
+  """Convenience constructor of `DataIterator(DataConfig(...), shard_index, num_shards)`."""
+  config = DataConfig(mixture_or_task_name, dict(task_feature_lengths), batch_size, split=split,
+                      seed=seed, shuffle=shuffle, num_epochs=num_epochs, pack=pack)
+  return DataIterator(config, shard_index, num_shards)
+
+
+def to_global_arrays(batch: Mapping[str, np.ndarray], sharding) -> Dict[str, Any]:
+  """Per-host numpy batch -> global jax.Arrays laid out by `sharding` (batch axis first).
+
+  Args:
+    batch: this host's rows, as returned by `DataIterator`.
+    sharding: a `jax.sharding.Sharding` for the global [batch, length] arrays, e.g.
+      NamedSharding(mesh, P(("data", "expert"), None)).
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
