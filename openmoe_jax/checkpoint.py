@@ -5,6 +5,7 @@ shardings), `data` a JSON dict (the data iterator state). Orbax writes a step in
 `<step>.orbax-checkpoint-tmp*` directory and renames it (or, on object stores, records the
 commit) only when complete, so a crash mid-save never touches an existing checkpoint.
 """
+import os
 import json
 from typing import Any, Optional
 
@@ -18,6 +19,10 @@ _STEP_METADATA = '_CHECKPOINT_METADATA'
 
 
 def checkpoint_dir(model_dir) -> epath.Path:
+  # orbax needs absolute local paths; gs:// and other URLs are left alone.
+  model_dir = str(model_dir)
+  if '://' not in model_dir:
+    model_dir = os.path.abspath(model_dir)
   return epath.Path(model_dir) / 'checkpoints'
 
 

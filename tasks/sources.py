@@ -175,8 +175,18 @@ class DocumentSource(seqio.DataSource):
 
 def stdlib_source(kind: str = "source") -> DocumentSource:
   """The built-in corpus: stdlib files as documents ('source') or their docstrings."""
+  list_files = corpus.list_files
+  if kind == "docstrings":
+    def list_files(split, _list=corpus.list_files):
+      # Parse every file here, in the thread that builds the dataset: CPython 3.11's parser
+      # state is per interpreter, and ast.parse on tf.data's threads races with any other
+      # compile() in the process (TF autograph included) even under our own lock.
+      paths = _list(split)
+      for path in paths:
+        corpus.raw_document(path, kind)
+      return paths
   return DocumentSource(
-      f"builtin_{kind}", corpus.list_files,
+      f"builtin_{kind}", list_files,
       lambda path: [corpus.raw_document(path, kind)],
       splits=("train", "validation"))
 

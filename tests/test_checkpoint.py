@@ -140,3 +140,13 @@ def test_restore_params_without_optimizer_structure(tmp_path):
     checkpoint.restore_params(tmp_path, step=5)
   with pytest.raises(KeyError):
     checkpoint.restore_params(tmp_path, params_key='target')
+
+
+def test_relative_model_dir_is_made_absolute(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  state = {'w': jnp.arange(4.0)}
+  with checkpoint.Checkpointer('rel_run', async_save=True) as ck:
+    ck.save(1, state, {'n': 1}, force=True)
+    ck.wait_until_finished()
+  assert checkpoint.list_steps('rel_run') == [1]
+  assert checkpoint.checkpoint_dir('rel_run').is_absolute()
