@@ -66,8 +66,9 @@ def _gather_dispatch(x, r: routing.Routing, num_experts: int):
   slot = jnp.where(r.kept, r.expert_index * cap + r.position, dump).reshape(g, -1)
   token = jnp.broadcast_to(jnp.arange(t)[:, None], r.kept.shape[1:]).reshape(-1)
   # Empty slots point at an extra zero row (index t); dropped assignments land in the dump slot.
-  token_of_slot = jnp.full((g, dump + 1), t, jnp.int32)
-  token_of_slot = token_of_slot.at[jnp.arange(g)[:, None], slot].set(token[None, :])
+  # Per-group scatter (vmapped, so the group axis stays a batch dim the partitioner keeps local).
+  token_of_slot = jax.vmap(
+      lambda s: jnp.full((dump + 1,), t, jnp.int32).at[s].set(token))(slot)
   token_of_slot = token_of_slot[:, :dump].reshape(g, num_experts, cap)
   x_pad = jnp.concatenate([x, jnp.zeros_like(x[:, :1])], axis=1)
   buffers = jax.vmap(lambda xg, ig: xg[ig], in_axes=(0, 1), out_axes=1)(

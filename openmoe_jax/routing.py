@@ -110,6 +110,22 @@ def priority_positions(expert_index: jax.Array, num_experts: int) -> jax.Array:
   return jnp.swapaxes(position.reshape(g, k, t), 1, 2)
 
 
+def _top_k(probs: jax.Array, k: int):
+  """top_k by k rounds of argmax (lowest index wins ties, as lax.top_k).
+
+  lax.top_k lowers to a sort/custom call that the SPMD partitioner all-gathers across the
+  sharded group axis; argmax is a plain reduction and stays local. k is small (OpenMoE: 2).
+  """
+  gates, index = [], []
+  remaining = probs
+  for _ in range(k):
+    i = jnp.argmax(remaining, axis=-1)
+    gates.append(jnp.take_along_axis(probs, i[..., None], axis=-1)[..., 0])
+    index.append(i.astype(jnp.int32))
+    remaining = jnp.where(jax.nn.one_hot(i, probs.shape[-1], dtype=bool), -jnp.inf, remaining)
+  return jnp.stack(gates, axis=-1), jnp.stack(index, axis=-1)
+
+
 def top_k_routing(router_logits: jax.Array, num_selected_experts: int, capacity: int, *,
                   renormalize_gates: bool = False) -> Routing:
   """Softmax over all experts, then top-k; capacity by first-choice-first, left-to-right priority.
@@ -123,7 +139,7 @@ def top_k_routing(router_logits: jax.Array, num_selected_experts: int, capacity:
   router_logits = router_logits.astype(jnp.float32)
   num_experts = router_logits.shape[-1]
   probs = jax.nn.softmax(router_logits, axis=-1)
-  gates, expert_index = jax.lax.top_k(probs, num_selected_experts)
+  gates, expert_index = _top_k(probs, num_selected_experts)
   if renormalize_gates:
     gates = gates / jnp.sum(gates, axis=-1, keepdims=True)
   position = priority_positions(expert_index, num_experts)

@@ -168,7 +168,7 @@ def train(model_config: ModelConfig, *, model_dir: str = gin.REQUIRED,
   # --- state ---
   tx, schedule = make_optimizer(optimizer, **(optimizer_kwargs or {}))
   init_fn = lambda rng: steps.init_state(cfg, tx, rng, batch_size // num_microbatches, length)
-  with mesh, nn.logical_axis_rules(part.LOGICAL_AXIS_RULES):
+  with jax.set_mesh(mesh), nn.logical_axis_rules(part.LOGICAL_AXIS_RULES):
     boxed = jax.eval_shape(init_fn, jax.random.key(seed))
     param_sh = part.mesh_shardings(boxed["params"], mesh)
     abstract_params = part.unbox(boxed["params"])
@@ -187,7 +187,7 @@ def train(model_config: ModelConfig, *, model_dir: str = gin.REQUIRED,
   elif initial_checkpoint_dir:
     state = _init_from(initial_checkpoint_dir, tx, abstract, state_sh, mesh)
   else:
-    with mesh, nn.logical_axis_rules(part.LOGICAL_AXIS_RULES):
+    with jax.set_mesh(mesh), nn.logical_axis_rules(part.LOGICAL_AXIS_RULES):
       state = jax.jit(lambda r: part.unbox(init_fn(r)), out_shardings=state_sh)(
           jax.random.key(seed))
   step = int(jax.device_get(state["step"]))
@@ -216,7 +216,7 @@ def train(model_config: ModelConfig, *, model_dir: str = gin.REQUIRED,
   end = train_steps if max_steps_this_run is None else min(train_steps, step + max_steps_this_run)
   bar = _progress(progress_bar, step, train_steps)
   pending, t_last, logged_at = None, time.perf_counter(), step
-  with mesh, nn.logical_axis_rules(part.LOGICAL_AXIS_RULES):
+  with jax.set_mesh(mesh), nn.logical_axis_rules(part.LOGICAL_AXIS_RULES):
     while step < end:
       batch = _to_global(next(train_iter), batch_sh)
       state, metrics = step_fn(state, batch)
@@ -264,7 +264,7 @@ def _init_from(source_dir: str, tx, abstract, state_sh, mesh):
   if jax.tree.structure(want) != jax.tree.structure(got) or want != got:
     raise UsageError(f"initial checkpoint in {source_dir} does not match the model gin")
   params = jax.tree.map(lambda a, s: jax.device_put(a, s), loaded, state_sh["params"])
-  with mesh:
+  with jax.set_mesh(mesh):
     opt_state = jax.jit(tx.init, out_shardings=state_sh["opt_state"])(params)
   step = jax.device_put(jnp.int32(steps_there[-1]), state_sh["step"])
   return {"step": step, "params": params, "opt_state": opt_state}

@@ -1,0 +1,66 @@
+"""Reference numbers a trained model must beat: the unigram entropy of a task's targets.
+
+    python -m openmoe_jax.baselines --mixture_or_task_name=builtin_mix_full_lm
+
+A unigram model fitted on the train split's target tokens, scored on the validation split's
+(cross-entropy in nats per token, add-one smoothing): a language model whose held-out loss is not
+clearly below this has learned nothing beyond token frequencies.
+"""
+import argparse
+import json
+import sys
+
+import numpy as np
+
+
+def token_counts(batches, vocab_size: int) -> np.ndarray:
+  counts = np.zeros(vocab_size, np.float64)
+  for b in batches:
+    w = b["decoder_loss_weights"] > 0
+    np.add.at(counts, b["decoder_target_tokens"][w], 1.0)
+  return counts
+
+
+def unigram_cross_entropy(train_counts: np.ndarray, eval_counts: np.ndarray) -> float:
+  """Cross-entropy (nats/token) of eval tokens under the add-one-smoothed train unigram model."""
+  p = (train_counts + 1.0) / (train_counts.sum() + len(train_counts))
+  return float(-(eval_counts * np.log(p)).sum() / eval_counts.sum())
+
+
+def unigram_entropy(mixture_or_task_name: str, task_feature_lengths, *, batch_size: int = 16,
+                    num_batches: int = 200, vocab_size=None) -> dict:
+  import seqio
+  import tasks  # noqa: F401
+  from openmoe_jax import data
+  vocab = seqio.get_mixture_or_task(mixture_or_task_name).output_features["targets"].vocabulary
+  size = vocab_size or vocab.vocab_size
+  def take(split, n):
+    it = data.make_iterator(mixture_or_task_name, task_feature_lengths, batch_size, split=split,
+                            shuffle=split == "train", num_epochs=None if split == "train" else 1,
+                            shard_index=0, num_shards=1)
+    return token_counts((b for _, b in zip(range(n), it)), size)
+  train, valid = take("train", num_batches), take("validation", num_batches)
+  return {"mixture_or_task_name": mixture_or_task_name,
+          "unigram_cross_entropy_nats": unigram_cross_entropy(train, valid),
+          "train_tokens": int(train.sum()), "validation_tokens": int(valid.sum())}
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--mixture_or_task_name", required=True, help="registered task or mixture")
+  parser.add_argument("--targets_length", type=int, default=128, help="target row length")
+  parser.add_argument("--num_batches", type=int, default=200, help="batches of 16 rows per split")
+  args = parser.parse_args(argv)
+  try:
+    out = unigram_entropy(args.mixture_or_task_name, {"targets": args.targets_length},
+                          num_batches=args.num_batches)
+  except ValueError as e:
+    print(f"baselines: error: {str(e).splitlines()[0]}", file=sys.stderr)
+    return 2
+  print(json.dumps(out, indent=2))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
