@@ -10,6 +10,7 @@ import jax.numpy as jnp
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 DISPATCH_MODES = ("auto", "gather", "einsum")
+REMAT_POLICIES = ("none", "full", "dots")
 CAPACITY_FORMULAS = ("flaxformer", "colossalai")
 
 
@@ -55,6 +56,8 @@ class ModelConfig:
     scale: variance-scaling factor of kernel initialisers (OpenMoE 0.1).
     router_init_stddev: router kernel init normal stddev.
     position_buckets: how many position buckets the drop metrics use.
+    remat_policy: recompute each decoder layer in the backward pass: 'none', 'full' (keep only
+      layer inputs) or 'dots' (keep matmul outputs without batch dims). Trades FLOPs for memory.
   """
   vocab_size: int = 512
   emb_dim: int = 32
@@ -86,6 +89,7 @@ class ModelConfig:
   scale: float = 0.1
   router_init_stddev: float = 2e-2
   position_buckets: int = 8
+  remat_policy: str = "none"
 
   def __post_init__(self):
     positive = ("vocab_size", "emb_dim", "num_heads", "head_dim", "mlp_dim", "num_layers",
@@ -117,6 +121,8 @@ class ModelConfig:
       raise ValueError(f"ModelConfig.dropout_rate must be in [0, 1), got {self.dropout_rate}")
     if self.dispatch not in DISPATCH_MODES:
       raise ValueError(f"ModelConfig.dispatch={self.dispatch!r} not in {DISPATCH_MODES}")
+    if self.remat_policy not in REMAT_POLICIES:
+      raise ValueError(f"ModelConfig.remat_policy={self.remat_policy!r} not in {REMAT_POLICIES}")
     if self.capacity_formula not in CAPACITY_FORMULAS:
       raise ValueError(f"ModelConfig.capacity_formula={self.capacity_formula!r} not in "
                        f"{CAPACITY_FORMULAS}")

@@ -2,8 +2,15 @@
 
     openmoe-info --gin_file=models/openmoe_8b.gin
     openmoe-info --gin_file=models/tiny.gin --gin.NUM_EXPERTS=16
+    openmoe-info --gin_file=models/openmoe_8b.gin --compile --num_devices=256 \
+        --num_expert_partitions=32 --num_model_partitions=8 --batch_size=1024 \
+        --num_microbatches=8 --memory_budget_gib=16
 
-Prints one JSON object. Counts come from the parameter shapes of the Flax model itself.
+Prints one JSON object. Counts come from the parameter shapes of the Flax model itself. With
+--compile it also lowers and compiles the full training step (OpenMoE's Adafactor) for a
+(data, expert, model) mesh on N fake CPU devices, from abstract shapes only, and adds the
+per-device memory (argument, output, temporary) and FLOPs of the compiled program; it exits
+with code 3 when the per-device peak exceeds --memory_budget_gib.
 """
 import argparse
 import json
@@ -66,19 +73,58 @@ def main(argv=None):
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   gin_utils.add_gin_flags(parser)
   parser.add_argument("--seq_len", type=int, default=2048,
-                      help="sequence length used for the attention FLOPs (default 2048)")
+                      help="sequence length for the FLOPs and the compiled step (default 2048)")
+  aot = parser.add_argument_group("ahead-of-time compilation of the training step")
+  aot.add_argument("--compile", action="store_true", help="compile the training step too")
+  aot.add_argument("--num_devices", type=int,
+                   help="fake CPU devices to compile for (default: the devices present)")
+  aot.add_argument("--num_expert_partitions", type=int, default=1, help="NUM_EXPERT_PARTITIONS")
+  aot.add_argument("--num_model_partitions", type=int, default=1, help="NUM_MODEL_PARTITIONS")
+  aot.add_argument("--batch_size", type=int, default=8, help="global batch in sequences")
+  aot.add_argument("--num_microbatches", type=int, default=1, help="gradient accumulation steps")
+  aot.add_argument("--memory_budget_gib", type=float,
+                   help="fail (exit 3) when the per-device peak exceeds this (TPU v3: 16)")
   try:
     dot_bindings, rest = gin_utils.split_gin_dot_flags(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(rest)
+    if args.num_devices:  # before any backend starts: fake CPU devices
+      jax.config.update("jax_platforms", "cpu")
+      jax.config.update("jax_num_cpu_devices", args.num_devices)
     if not args.gin_file:
       raise gin_utils.UsageError("--gin_file is required, e.g. --gin_file=models/openmoe_8b.gin")
     gin_utils.parse_gin(args.gin_file, args.gin_bindings + dot_bindings, args.gin_search_paths)
     cfg = gin_utils.model_config()
-  except gin_utils.UsageError as e:
-    print(f"openmoe-info: error: {e}", file=sys.stderr)
+    out = summarize(cfg, args.seq_len)
+    if args.compile:
+      out.update(_compile(cfg, args))
+  except (gin_utils.UsageError, ValueError) as e:
+    print(f"openmoe-info: error: {str(e).splitlines()[0]}", file=sys.stderr)
     return 2
-  print(json.dumps(summarize(cfg, args.seq_len), indent=2))
+  print(json.dumps(out, indent=2))
+  budget = args.memory_budget_gib
+  if budget and out.get("peak_bytes_per_device", 0) > budget * 2**30:
+    print(f"openmoe-info: error: per-device peak {out['peak_bytes_per_device'] / 2**30:.2f} GiB "
+          f"exceeds the budget of {budget} GiB", file=sys.stderr)
+    return 3
   return 0
+
+
+def _compile(cfg: ModelConfig, args) -> dict:
+  from openmoe_jax import layout, partitioning
+  from openmoe_jax.optimizer import make_optimizer
+  mesh = partitioning.make_mesh(args.num_expert_partitions, args.num_model_partitions)
+  partitioning.check_experts_divisible(cfg.num_experts, mesh)
+  shards = mesh.shape["data"] * mesh.shape["expert"] * args.num_microbatches
+  if args.batch_size % shards:
+    raise gin_utils.UsageError(f"--batch_size={args.batch_size} must divide by data*expert*"
+                               f"microbatches = {shards}")
+  cfg = cfg.replace(num_expert_replicas=mesh.shape["data"])
+  tx, schedule = make_optimizer("adafactor")
+  res = layout.compile_train_step(cfg, tx, schedule, mesh, batch_size=args.batch_size,
+                                  length=args.seq_len, num_microbatches=args.num_microbatches)
+  res["mesh"] = dict(mesh.shape)
+  res["batch_size"], res["num_microbatches"] = args.batch_size, args.num_microbatches
+  return res
 
 
 if __name__ == "__main__":

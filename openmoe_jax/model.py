@@ -32,7 +32,7 @@ class DecoderLayer(nn.Module):
   sparse: bool
 
   @nn.compact
-  def __call__(self, h, positions, mask, token_mask, *, deterministic: bool):
+  def __call__(self, h, positions, mask, token_mask, deterministic: bool):
     cfg = self.cfg
     keep = token_mask[..., None].astype(cfg.dtype)
     drop = lambda y: nn.Dropout(cfg.dropout_rate)(y, deterministic=deterministic)
@@ -58,9 +58,14 @@ class Decoder(nn.Module):
   def __call__(self, h, positions, mask, token_mask, *, deterministic: bool):
     cfg = self.cfg
     all_metrics = []
+    layer_cls = DecoderLayer
+    if cfg.remat_policy != "none":
+      policy = (None if cfg.remat_policy == "full"
+                else jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+      layer_cls = nn.remat(DecoderLayer, policy=policy, static_argnums=(5,))
     for i in range(cfg.num_layers):
-      h, metrics = DecoderLayer(cfg, cfg.is_moe_layer(i), name=f"layers_{i}")(
-          h, positions, mask, token_mask, deterministic=deterministic)
+      h, metrics = layer_cls(cfg, cfg.is_moe_layer(i), name=f"layers_{i}")(
+          h, positions, mask, token_mask, deterministic)
       if metrics is not None:
         all_metrics.append(metrics)
     h = RMSNorm(cfg, name="decoder_norm")(h)

@@ -52,8 +52,11 @@ def param_init(init, axes: Sequence[Optional[str]]):
 
 
 def unbox(tree):
-  """Strips the logical-axis metadata boxes from a variables/params tree."""
-  return nn.meta.unbox(tree)
+  """Strips the logical-axis metadata boxes from a variables/params tree (no constraints: the
+  caller places the result with explicit shardings)."""
+  is_box = lambda x: isinstance(x, nn.meta.AxisMetadata)
+  return jax.tree.map(lambda x: x.unbox(apply_constraint=False) if is_box(x) else x, tree,
+                      is_leaf=is_box)
 
 
 def logical_axes(boxed_tree):

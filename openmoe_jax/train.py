@@ -19,12 +19,13 @@ from flax import linen as nn
 
 from openmoe_jax import checkpoint as ckpt_lib
 from openmoe_jax import info as info_lib
+from openmoe_jax import layout
 from openmoe_jax import partitioning as part
 from openmoe_jax import steps
 from openmoe_jax.config import ModelConfig
 from openmoe_jax.gin_utils import UsageError
 from openmoe_jax.metrics_writer import MetricsWriter
-from openmoe_jax.optimizer import make_optimizer, state_partition_specs
+from openmoe_jax.optimizer import make_optimizer
 
 
 class TrainingError(Exception):
@@ -155,6 +156,8 @@ def train(model_config: ModelConfig, *, model_dir: str = gin.REQUIRED,
   # --- mesh ---
   mesh = part.make_mesh(num_expert_partitions, num_model_partitions)
   part.check_experts_divisible(cfg.num_experts, mesh)
+  # flaxformer: groups are a multiple of experts x replicas, so they split over (data, expert).
+  cfg = cfg.replace(num_expert_replicas=mesh.shape["data"])
   if batch_size % (mesh.shape["data"] * mesh.shape["expert"] * num_microbatches):
     raise UsageError(f"BATCH_SIZE={batch_size} must be divisible by data*expert partitions "
                      f"({mesh.shape['data'] * mesh.shape['expert']}) x num_microbatches "
@@ -168,17 +171,8 @@ def train(model_config: ModelConfig, *, model_dir: str = gin.REQUIRED,
   # --- state ---
   tx, schedule = make_optimizer(optimizer, **(optimizer_kwargs or {}))
   init_fn = lambda rng: steps.init_state(cfg, tx, rng, batch_size // num_microbatches, length)
-  with jax.set_mesh(mesh), nn.logical_axis_rules(part.LOGICAL_AXIS_RULES):
-    boxed = jax.eval_shape(init_fn, jax.random.key(seed))
-    param_sh = part.mesh_shardings(boxed["params"], mesh)
-    abstract_params = part.unbox(boxed["params"])
-    opt_specs = state_partition_specs(boxed["opt_state"], abstract_params,
-                                      nn.get_partition_spec(boxed["params"]))
-    state_sh = {"step": jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()),
-                "params": param_sh,
-                "opt_state": nn.logical_to_mesh_sharding(opt_specs, mesh, part.LOGICAL_AXIS_RULES)}
-    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                            part.unbox(boxed), state_sh)
+  state_sh, abstract = layout.state_layout(init_fn, mesh, jax.random.key(seed))
+  param_sh = state_sh["params"]
   ckpt = ckpt_lib.Checkpointer(model_dir, max_to_keep=keep_checkpoints)
   start = ckpt.latest_step()
   if start is not None:

@@ -169,3 +169,15 @@ def test_bfloat16_activations_float32_params_and_logits():
 def test_invalid_config_names_the_field(change, field):
   with pytest.raises(ValueError, match=field):
     CFG.replace(**change)
+
+
+@pytest.mark.parametrize("policy", ["full", "dots"])
+def test_remat_gives_the_same_loss_and_gradients(policy):
+  params, tokens = _init(CFG)
+  def loss(p, cfg):
+    logits, moe = _apply(cfg, p, tokens, deterministic=False)
+    return compute_loss(cfg, logits, moe, tokens, jnp.ones(tokens.shape))[0]
+  l0, g0 = jax.value_and_grad(loss)(params, CFG)
+  l1, g1 = jax.value_and_grad(loss)(params, CFG.replace(remat_policy=policy))
+  assert float(l0) == pytest.approx(float(l1), rel=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), g0, g1)

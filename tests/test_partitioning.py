@@ -120,3 +120,27 @@ def test_bad_meshes_fail_before_compilation_naming_the_numbers():
     part.make_mesh(4, 4)
   with pytest.raises(ValueError, match=r"NUM_EXPERTS=6 is not divisible by the expert partitions 4"):
     part.check_experts_divisible(6, part.make_mesh(4, 1))
+
+
+def test_aot_compile_reports_memory_and_flops_and_enforces_a_budget():
+  import json
+  import subprocess
+  import sys
+  base = [sys.executable, "-m", "openmoe_jax.info", "--gin_file=models/tiny.gin", "--compile",
+          "--num_devices=8", "--num_expert_partitions=4", "--batch_size=16", "--seq_len=64",
+          "--num_microbatches=2"]
+  ok = subprocess.run(base, capture_output=True, text=True, timeout=300)
+  assert ok.returncode == 0, ok.stderr[-2000:]
+  out = json.loads(ok.stdout)
+  assert out["mesh"] == {"data": 2, "expert": 4, "model": 1}
+  for key in ("argument_bytes_per_device", "output_bytes_per_device", "temp_bytes_per_device"):
+    assert out[key] > 0
+  # Parameters + Adafactor state are sharded: each device holds well under the whole model.
+  assert out["argument_bytes_per_device"] < 4 * out["total_params"] * 2
+  assert out["flops_per_device"] > 0
+  over = subprocess.run(base + ["--memory_budget_gib=0.0001"], capture_output=True, text=True,
+                        timeout=300)
+  assert over.returncode == 3 and "exceeds the budget" in over.stderr
+  bad = subprocess.run(base[:-4] + ["--num_expert_partitions=3"], capture_output=True, text=True,
+                       timeout=300)
+  assert bad.returncode == 2 and "expert=3" in bad.stderr
