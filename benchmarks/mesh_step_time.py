@@ -1,0 +1,68 @@
+"""Tiny-model training step on 8 fake CPU devices: step time on each mesh relative to one device.
+
+    .venv/bin/python benchmarks/mesh_step_time.py [--steps 10]
+
+Fake devices share the host's cores, so this measures partitioning overhead (collectives,
+resharding, padding), not speed-up. Prints one JSON object.
+"""
+import argparse
+import json
+import os
+import statistics
+import time
+
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--steps", type=int, default=10, help="timed steps per mesh")
+  parser.add_argument("--batch_size", type=int, default=16, help="global batch (sequences)")
+  parser.add_argument("--length", type=int, default=128, help="sequence length")
+  args = parser.parse_args()
+  import jax
+  import jax.numpy as jnp
+  from openmoe_jax import layout, partitioning as part, steps
+  from openmoe_jax.config import ModelConfig
+  from openmoe_jax.optimizer import make_optimizer
+  cfg = ModelConfig(vocab_size=512, emb_dim=64, num_heads=4, head_dim=16, mlp_dim=128,
+                    expert_mlp_dim=128, num_layers=4, num_experts=8, num_sparse_layers=2,
+                    group_size=256, activation_dtype="float32")
+  tx, schedule = make_optimizer("adafactor")
+  rng = jax.random.key(0)
+  tokens = jax.random.randint(rng, (args.batch_size, args.length), 1, cfg.vocab_size)
+  batch = {"decoder_input_tokens": tokens, "decoder_target_tokens": tokens,
+           "decoder_loss_weights": jnp.ones(tokens.shape, jnp.float32),
+           "decoder_segment_ids": jnp.ones_like(tokens),
+           "decoder_positions": jnp.broadcast_to(jnp.arange(args.length), tokens.shape)}
+  results = {}
+  for expert, model, devices in [(1, 1, 1), (1, 1, 8), (8, 1, 8), (4, 1, 8), (2, 2, 8)]:
+    mesh = part.make_mesh(expert, model, devices=jax.devices()[:devices])
+    init_fn = lambda r: steps.init_state(cfg, tx, r, args.batch_size, args.length)
+    state_sh, _ = layout.state_layout(init_fn, mesh, rng)
+    batch_sh = part.batch_sharding(mesh)
+    from flax import linen as nn
+    with jax.set_mesh(mesh), nn.logical_axis_rules(part.LOGICAL_AXIS_RULES):
+      state = jax.jit(lambda r: part.unbox(init_fn(r)), out_shardings=state_sh)(rng)
+      fn = jax.jit(lambda s, b: steps.train_step(s, b, cfg=cfg, tx=tx, schedule=schedule),
+                   in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None),
+                   donate_argnums=(0,))
+      b = jax.device_put(batch, batch_sh)
+      state, m = fn(state, b)
+      jax.block_until_ready(m)
+      times = []
+      for _ in range(args.steps):
+        t = time.perf_counter()
+        state, m = fn(state, b)
+        jax.block_until_ready(m)
+        times.append(time.perf_counter() - t)
+    name = f"devices={devices},data={mesh.shape['data']},expert={expert},model={model}"
+    results[name] = statistics.median(times)
+  base = results["devices=1,data=1,expert=1,model=1"]
+  print(json.dumps({k: {"seconds": v, "relative_to_one_device": v / base}
+                    for k, v in results.items()}, indent=2))
+
+
+if __name__ == "__main__":
+  main()
