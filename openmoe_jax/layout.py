@@ -59,7 +59,8 @@ def compile_train_step(cfg, tx, schedule, mesh, *, batch_size: int, length: int,
       "output_bytes_per_device": int(mem.output_size_in_bytes),
       "temp_bytes_per_device": int(mem.temp_size_in_bytes),
       "alias_bytes_per_device": int(getattr(mem, "alias_size_in_bytes", 0)),
-      "flops_per_device": float(cost.get("flops", 0.0)) if cost else 0.0,
+      # XLA counts a loop body once, so with microbatches this is one microbatch's step.
+      "xla_flops_per_device": float(cost.get("flops", 0.0)) if cost else 0.0,
   }
   # Donated state is aliased to the output, so it is counted once.
   out["peak_bytes_per_device"] = (out["argument_bytes_per_device"] + out["output_bytes_per_device"]

@@ -113,7 +113,10 @@ def cross_entropy_with_z_loss(logits, targets, weights, z_loss: float):
   """
   logits = logits.astype(jnp.float32)
   log_z = jax.nn.logsumexp(logits, axis=-1)
-  target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+  # A one-hot contraction instead of a gather: with the vocabulary sharded over `model`, a
+  # gather along it would all-gather the full-vocabulary logits on every device.
+  target_logit = jnp.einsum("blv,blv->bl", logits,
+                            jax.nn.one_hot(targets, logits.shape[-1], dtype=logits.dtype))
   ce = log_z - target_logit
   w = weights.astype(jnp.float32)
   return jnp.sum(w * (ce + z_loss * log_z**2)), jnp.sum(w * ce), jnp.sum(w * log_z**2)

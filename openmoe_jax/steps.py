@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from openmoe_jax import partitioning as p
 from openmoe_jax.config import ModelConfig
 from openmoe_jax.model import Transformer, compute_loss
 
@@ -66,11 +67,18 @@ def train_step(state, batch, *, cfg: ModelConfig, tx, schedule, num_microbatches
   if num_microbatches == 1:
     (_, metrics), grads = grad_fn(state["params"], batch, rng)
   else:
-    split = jax.tree.map(
-        lambda x: x.reshape(num_microbatches, x.shape[0] // num_microbatches, *x.shape[1:]), batch)
+    # Microbatch i takes rows i, i+M, i+2M, ...: the split keeps every device's rows on that
+    # device (a contiguous split would move the batch-sharded rows between devices or, worse,
+    # leave each microbatch unsharded).
+    def split_rows(x):
+      x = x.reshape(x.shape[0] // num_microbatches, num_microbatches, *x.shape[1:])
+      x = jnp.swapaxes(x, 0, 1)
+      return p.constrain(x, (None, p.BATCH) + (None,) * (x.ndim - 2))
+    split = jax.tree.map(split_rows, batch)
 
     def body(carry, xs):
       mb, i = xs
+      mb = jax.tree.map(lambda x: p.constrain(x, (p.BATCH,) + (None,) * (x.ndim - 1)), mb)
       (_, m), g = grad_fn(state["params"], mb, jax.random.fold_in(rng, i))
       return jax.tree.map(jnp.add, carry, (g, m)), None
 
@@ -104,4 +112,5 @@ def token_log_probs(params, batch, *, cfg: ModelConfig):
   """log p(target_t | tokens < t) for every position, eval routing. float32[B, L]."""
   _, logits, _, _ = _forward(cfg, params, batch, deterministic=True)
   logp = jax.nn.log_softmax(logits, axis=-1)
-  return jnp.take_along_axis(logp, batch["decoder_target_tokens"][..., None], -1)[..., 0]
+  one_hot = jax.nn.one_hot(batch["decoder_target_tokens"], logits.shape[-1], dtype=logp.dtype)
+  return jnp.einsum("blv,blv->bl", logp, one_hot)

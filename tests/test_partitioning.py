@@ -137,7 +137,7 @@ def test_aot_compile_reports_memory_and_flops_and_enforces_a_budget():
     assert out[key] > 0
   # Parameters + Adafactor state are sharded: each device holds well under the whole model.
   assert out["argument_bytes_per_device"] < 4 * out["total_params"] * 2
-  assert out["flops_per_device"] > 0
+  assert out["xla_flops_per_device"] > 0
   over = subprocess.run(base + ["--memory_budget_gib=0.0001"], capture_output=True, text=True,
                         timeout=300)
   assert over.returncode == 3 and "exceeds the budget" in over.stderr
