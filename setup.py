@@ -28,8 +28,8 @@ setuptools.setup(
     include_package_data=True,
     install_requires=_requirements("requirements.txt"),
     extras_require={
-        "export": ["torch==2.13.0", "safetensors==0.8.0", "transformers"],
-        "test": ["pytest==9.2.0", "torch==2.13.0", "safetensors==0.8.0", "transformers"],
+        "export": ["torch==2.13.0", "safetensors==0.8.0", "transformers==5.24.0"],
+        "test": ["pytest==9.2.0", "torch==2.13.0", "safetensors==0.8.0", "transformers==5.24.0"],
     },
     entry_points={
         "console_scripts": [
