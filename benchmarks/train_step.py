@@ -49,7 +49,9 @@ def main():
   bs = gin.query_parameter("%BATCH_SIZE")
   lengths = gin.query_parameter("%TASK_FEATURE_LENGTHS")
   name = gin.query_parameter("%MIXTURE_OR_TASK_NAME")
-  kwargs = gin.query_parameter("%OPTIMIZER_KWARGS")
+  kwargs = {k: (gin.query_parameter("%" + v.scoped_selector.split("/")[0])
+                if isinstance(v, gin.config.ConfigurableReference) else v)
+            for k, v in gin.query_parameter("%OPTIMIZER_KWARGS").items()}
   from openmoe_jax.optimizer import make_optimizer
   tx, schedule = make_optimizer(gin.query_parameter("%OPTIMIZER"), **kwargs)
   length = sum(lengths.values())
