@@ -37,6 +37,7 @@ setuptools.setup(
             "openmoe-train=openmoe_jax.main:main",
             "openmoe-eval=openmoe_jax.evaluate:main",
             "openmoe-score=openmoe_jax.score:main",
+            "openmoe-analyze=openmoe_jax.analyze:main",
         ],
     },
 )
