@@ -38,6 +38,8 @@ setuptools.setup(
             "openmoe-eval=openmoe_jax.evaluate:main",
             "openmoe-score=openmoe_jax.score:main",
             "openmoe-analyze=openmoe_jax.analyze:main",
+            "openmoe-export=openmoe_jax.export:main",
+            "openmoe-import=openmoe_jax.hf_import:main",
         ],
     },
 )

@@ -36,6 +36,8 @@ def main():
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--gin_file", default="quickstart.gin", help="run gin to benchmark")
   parser.add_argument("--steps", type=int, default=20, help="timed steps")
+  parser.add_argument("--gin_bindings", action="append", default=[],
+                      help="extra gin binding, e.g. \"BATCH_SIZE = 32\" (repeatable)")
   args = parser.parse_args()
 
   import jax
@@ -44,7 +46,7 @@ def main():
   import tasks  # noqa: F401
   from openmoe_jax import checkpoint, data, gin_utils, info, partitioning as part, steps, train
   import gin
-  gin_utils.parse_gin([args.gin_file], [])
+  gin_utils.parse_gin([args.gin_file], args.gin_bindings)
   cfg = gin_utils.model_config()
   bs = gin.query_parameter("%BATCH_SIZE")
   lengths = gin.query_parameter("%TASK_FEATURE_LENGTHS")

@@ -1,0 +1,239 @@
+"""`openmoe-export`: an openmoe_jax checkpoint as a Hugging Face folder in the released layout.
+
+    openmoe-export --model_dir=runs/quickstart --output_dir=hf/quickstart [--step=N]
+        [--dtype=float32|bfloat16] [--max_shard_size_mb=5000] [--spm_path=P] [--overwrite]
+
+Writes (docs/export.md): safetensors under exactly the released OpenMoE key names and shapes
+(`hf/name_map.py`), sharded with `model.safetensors.index.json` above --max_shard_size_mb;
+`config.json` (released fields + auto_map), `generation_config.json`, the SentencePiece model
+(`tokenizer.model`) with `tokenization_openmoe.py` and `tokenizer_config.json`, and
+`modeling_openmoe.py`. Load with `AutoModelForCausalLM.from_pretrained(O,
+trust_remote_code=True)` and `AutoTokenizer.from_pretrained(O, trust_remote_code=True)`.
+
+Streaming: each tensor is read from the orbax checkpoint on its own (partial restore), converted
+and appended to its shard, then dropped. The safetensors header is computed up front from the
+checkpoint metadata; transposes and casts go in 64 MiB row blocks, so peak memory is about the
+largest tensor plus the libraries, not the model (benchmarks/RESULTS.md). Output goes to O.tmp-XXXX, renamed to O when complete.
+"""
+import argparse
+import json
+import os
+import shutil
+import struct
+import sys
+import tempfile
+
+import numpy as np
+
+from openmoe_jax import gin_utils, tools_common
+from openmoe_jax.hf import name_map
+
+_ST_DTYPES = {"float32": "F32", "bfloat16": "BF16"}
+_HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+class CheckpointReader:
+  """Reads single parameters of one checkpoint (orbax partial restore), never the whole tree."""
+
+  def __init__(self, model_dir: str, step: int):
+    import orbax.checkpoint as ocp
+    from openmoe_jax import checkpoint as ckpt_lib
+    self._ocp = ocp
+    self._path = ckpt_lib.checkpoint_dir(model_dir) / str(step) / ckpt_lib.STATE
+    self._ckptr = ocp.PyTreeCheckpointer()
+    self.meta = self._ckptr.metadata(self._path).item_metadata.tree["params"]
+
+  def spec(self, path: tuple):
+    node = self.meta
+    for key in path:
+      if not isinstance(node, dict) or key not in node:
+        raise gin_utils.UsageError(f"checkpoint has no parameter {'/'.join(path)}")
+      node = node[key]
+    return tuple(node.shape), np.dtype(node.dtype)
+
+  def read(self, path: tuple) -> np.ndarray:
+    import jax
+    shape, dtype = self.spec(path)
+    target = jax.ShapeDtypeStruct(shape, dtype)
+    args = self._ocp.RestoreArgs(restore_type=np.ndarray)
+    for key in reversed(("params",) + path):
+      target, args = {key: target}, {key: args}
+    out = self._ckptr.restore(self._path, args=self._ocp.args.PyTreeRestore(
+        item=target, restore_args=args, partial_restore=True))
+    for key in ("params",) + path:
+      out = out[key]
+    return out
+
+  def close(self):
+    self._ckptr.close()
+
+
+def _chunks(array: np.ndarray, transpose: bool, dtype: str, chunk_bytes: int = 64 * 2**20):
+  """The HF tensor's bytes in row blocks: transposing / casting block by block keeps the extra
+  memory at chunk_bytes instead of a second full copy of the tensor."""
+  import ml_dtypes
+  target = np.dtype(ml_dtypes.bfloat16 if dtype == "bfloat16" else np.float32)
+  view = array.T if transpose else array
+  row = max(int(np.prod(view.shape[1:])) * target.itemsize, 1)
+  step = max(1, chunk_bytes // row)
+  for start in range(0, view.shape[0], step):
+    block = np.ascontiguousarray(view[start:start + step].astype(target, copy=False))
+    yield block.reshape(-1).view(np.uint8)
+
+
+def plan_shards(items, max_bytes: int):
+  """Greedy split of [(key, shape, nbytes)] in order; a tensor above the limit gets its own."""
+  shards, current, size = [], [], 0
+  for item in items:
+    if current and size + item[2] > max_bytes:
+      shards.append(current)
+      current, size = [], 0
+    current.append(item)
+    size += item[2]
+  if current:
+    shards.append(current)
+  return shards
+
+
+def _write_shard(path, items, dtype, produce):
+  """Writes one safetensors file; the header comes first, then tensors one at a time."""
+  header, offset = {"__metadata__": {"format": "pt"}}, 0
+  for key, shape, nbytes in items:
+    header[key] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape),
+                   "data_offsets": [offset, offset + nbytes]}
+    offset += nbytes
+  blob = json.dumps(header, separators=(",", ":")).encode()
+  blob += b" " * (-len(blob) % 8)  # safetensors pads the header to 8-byte alignment
+  with open(path, "wb") as f:
+    f.write(struct.pack("<Q", len(blob)))
+    f.write(blob)
+    for key, shape, nbytes in items:
+      written = 0
+      for block in produce(key):
+        f.write(block)
+        written += block.nbytes
+      if written != nbytes:
+        raise AssertionError(f"{key}: wrote {written} bytes, header says {nbytes}")
+
+
+def _spm_path(model_dir: str, explicit) -> str:
+  if explicit:
+    if not os.path.isfile(explicit):
+      raise gin_utils.UsageError(f"SentencePiece model not found: {explicit}")
+    return explicit
+  task = tools_common.run_info(model_dir).get("mixture_or_task_name", "")
+  if task.startswith("builtin"):
+    from openmoe_jax import corpus
+    return str(corpus.SPM_PATH)
+  env = os.environ.get("OPENMOE_SPM_PATH")
+  if env and os.path.isfile(env):
+    return env
+  raise gin_utils.UsageError(f"cannot tell the SentencePiece model of {model_dir!r} (task "
+                             f"{task or 'unknown'}): pass --spm_path or set $OPENMOE_SPM_PATH")
+
+
+def _write_tokenizer(out_dir: str, spm: str) -> None:
+  shutil.copyfile(spm, os.path.join(out_dir, "tokenizer.model"))
+  shutil.copyfile(os.path.join(_HERE, "hf", "tokenization_openmoe.py"),
+                  os.path.join(out_dir, "tokenization_openmoe.py"))
+  # Our SentencePiece tokenizer class (encodes exactly as seqio; BOS = pad id 0 prepended, no
+  # EOS), through auto_map like the released repos' OpenMoeTokenizer.
+  config = {"tokenizer_class": "OpenMoeTokenizer",
+            "auto_map": {"AutoTokenizer": ["tokenization_openmoe.OpenMoeTokenizer", None]},
+            "extra_ids": 300, "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>",
+            "bos_token": "<pad>", "model_max_length": 2048, "padding_side": "left"}
+  with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
+    json.dump(config, f, indent=1)
+
+
+def export(model_dir: str, output_dir: str, *, step=None, dtype: str = "float32",
+           max_shard_size_mb: float = 5000, spm_path=None, overwrite: bool = False) -> dict:
+  """Exports MODEL_DIR's checkpoint to OUTPUT_DIR; returns a summary dict.
+
+  Raises:
+    gin_utils.UsageError: bad input (no checkpoint, output in the way, unknown dtype, ...).
+  """
+  from openmoe_jax import checkpoint as ckpt_lib
+  if dtype not in _ST_DTYPES:
+    raise gin_utils.UsageError(f"--dtype={dtype}: use float32 or bfloat16")
+  if os.path.exists(output_dir) and (not os.path.isdir(output_dir) or os.listdir(output_dir)):
+    if not overwrite:
+      raise gin_utils.UsageError(f"output {output_dir} exists and is not empty (use --overwrite)")
+  cfg = tools_common.load_model_config(model_dir)
+  steps = ckpt_lib.list_steps(model_dir)
+  if not steps:
+    raise gin_utils.UsageError(f"no complete checkpoint in {model_dir}")
+  if step is not None and step not in steps:
+    raise gin_utils.UsageError(f"no checkpoint for step {step} in {model_dir} (have {steps})")
+  step = steps[-1] if step is None else step
+  spm = _spm_path(model_dir, spm_path)
+  reader = CheckpointReader(model_dir, step)
+  parent = os.path.dirname(os.path.abspath(output_dir))
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=os.path.basename(os.path.abspath(output_dir)) + ".tmp-",
+                         dir=parent)
+  try:
+    width = 2 if dtype == "bfloat16" else 4
+    table = {}
+    items = []
+    for e in name_map.entries(cfg.num_layers, cfg.is_moe_layer):
+      shape, _ = reader.spec(e.flax_path)
+      hf_shape = name_map.hf_shape(shape, e.transpose)
+      table[e.hf_key] = e
+      items.append((e.hf_key, hf_shape, int(np.prod(hf_shape)) * width))
+    produce = lambda key: _chunks(reader.read(table[key].flax_path), table[key].transpose, dtype)
+    shards = plan_shards(items, int(max_shard_size_mb * 2**20))
+    names = (["model.safetensors"] if len(shards) == 1 else
+             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    for name, shard in zip(names, shards):
+      _write_shard(os.path.join(tmp, name), shard, dtype, produce)
+    total = sum(n for _, _, n in items)
+    if len(shards) > 1:
+      index = {"metadata": {"total_size": total},
+               "weight_map": {k: name for name, s in zip(names, shards) for k, _, _ in s}}
+      with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
+        json.dump(index, f, indent=1)
+    with open(os.path.join(tmp, "config.json"), "w") as f:
+      json.dump(name_map.hf_config(cfg, dtype), f, indent=1)
+    with open(os.path.join(tmp, "generation_config.json"), "w") as f:
+      json.dump({"bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 0,
+                 "decoder_start_token_id": 0, "transformers_version": "4.34.0"}, f, indent=1)
+    _write_tokenizer(tmp, spm)
+    shutil.copyfile(os.path.join(_HERE, "hf", "modeling_openmoe.py"),
+                    os.path.join(tmp, "modeling_openmoe.py"))
+    if os.path.exists(output_dir):
+      shutil.rmtree(output_dir) if os.path.isdir(output_dir) else os.remove(output_dir)
+    os.replace(tmp, output_dir)
+  finally:
+    reader.close()
+    if os.path.exists(tmp):
+      shutil.rmtree(tmp)
+  return {"step": step, "tensors": len(items), "bytes": total, "shards": len(shards),
+          "output_dir": output_dir}
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(prog="openmoe-export", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--model_dir", required=True, help="a MODEL_DIR written by openmoe-train")
+  parser.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
+  parser.add_argument("--output_dir", required=True, help="Hugging Face folder to create")
+  parser.add_argument("--dtype", default="float32", help="float32 (default) or bfloat16")
+  parser.add_argument("--max_shard_size_mb", type=float, default=5000,
+                      help="start a new safetensors shard above this size (default 5000)")
+  parser.add_argument("--spm_path", help="SentencePiece model (default: the run's vocabulary)")
+  parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output_dir")
+  args = parser.parse_args(argv)
+  try:
+    out = export(args.model_dir, args.output_dir, step=args.step, dtype=args.dtype,
+                 max_shard_size_mb=args.max_shard_size_mb, spm_path=args.spm_path,
+                 overwrite=args.overwrite)
+  except (gin_utils.UsageError, FileNotFoundError) as e:
+    print(f"openmoe-export: error: {str(e).splitlines()[0]}", file=sys.stderr)
+    return 2
+  print(json.dumps(out), file=sys.stderr)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

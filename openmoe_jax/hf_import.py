@@ -1,0 +1,180 @@
+"""`openmoe-import`: a Hugging Face OpenMoE folder (ours or the released one) as a checkpoint.
+
+    openmoe-import --hf_dir=hf/openmoe-8b --model_dir=runs/from_hf \
+        [--gin_file=models/openmoe_8b.gin] [--step=0] [--param_dtype=float32]
+
+Reads the safetensors (single file or sharded with model.safetensors.index.json) under the
+released key names (`hf/name_map.py`), maps them back onto our Flax parameter tree and writes
+MODEL_DIR/checkpoints/<step> = {"step", "params", "opt_state"} (a fresh OpenMoE Adafactor state)
+with an empty data state, plus model_config.json. Fine-tune from it with
+`--gin_file=runs/finetune.gin --gin.INITIAL_CHECKPOINT_DIR="'MODEL_DIR'"` and the matching
+model gin. Without --gin_file the model config comes from config.json; with it, the gin's
+shapes must agree with config.json. Everything is written to MODEL_DIR.tmp-XXXX first and
+renamed, so a failure leaves nothing behind.
+"""
+import argparse
+import dataclasses
+import json
+import os
+import shutil
+import sys
+import tempfile
+
+import numpy as np
+
+from openmoe_jax import gin_utils
+from openmoe_jax.config import ModelConfig
+from openmoe_jax.hf import name_map
+
+
+def _fail(msg):
+  raise gin_utils.UsageError(msg)
+
+
+def read_hf_config(hf_dir: str) -> dict:
+  path = os.path.join(hf_dir, "config.json")
+  if not os.path.isfile(path):
+    _fail(f"{hf_dir} is not a Hugging Face model folder (no config.json)")
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except ValueError as e:
+    _fail(f"{path}: invalid JSON ({e})")
+
+
+def weight_files(hf_dir: str) -> dict:
+  """{hf key: safetensors file} from the index, or the keys of the single model.safetensors."""
+  from safetensors import safe_open
+  index = os.path.join(hf_dir, "model.safetensors.index.json")
+  if os.path.isfile(index):
+    with open(index) as f:
+      weight_map = json.load(f)["weight_map"]
+    return {k: os.path.join(hf_dir, v) for k, v in weight_map.items()}
+  single = os.path.join(hf_dir, "model.safetensors")
+  if not os.path.isfile(single):
+    _fail(f"no model.safetensors or model.safetensors.index.json in {hf_dir} (convert "
+          "pytorch_model.bin checkpoints to safetensors first)")
+  with safe_open(single, framework="pt") as f:
+    return {k: single for k in f.keys()}
+
+
+def _to_numpy(tensor) -> np.ndarray:
+  import ml_dtypes
+  import torch
+  if tensor.dtype == torch.bfloat16:  # numpy has no bfloat16: reinterpret the bits
+    return tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+  return tensor.numpy()
+
+
+def load_params(hf_dir: str, cfg: ModelConfig) -> dict:
+  """Our params tree (numpy, cfg.param_dtype) from the folder's safetensors; checks every shape."""
+  from flax import traverse_util
+  from safetensors import safe_open
+  from openmoe_jax.info import abstract_params
+  want = traverse_util.flatten_dict(abstract_params(cfg))
+  files = weight_files(hf_dir)
+  entries = list(name_map.entries(cfg.num_layers, cfg.is_moe_layer))
+  missing = [e.hf_key for e in entries if e.hf_key not in files]
+  if missing:
+    _fail(f"{hf_dir} lacks {len(missing)} OpenMoE tensors, e.g. {missing[0]}")
+  extra = sorted(set(files) - {e.hf_key for e in entries})
+  if extra:
+    _fail(f"{hf_dir} has tensors this model does not, e.g. {extra[0]} (mismatched model?)")
+  flat, handles = {}, {}
+  try:
+    for e in entries:
+      path = files[e.hf_key]
+      if path not in handles:
+        handles[path] = safe_open(path, framework="pt").__enter__()
+      array = _to_numpy(handles[path].get_tensor(e.hf_key))
+      array = array.T if e.transpose else array
+      spec = want.get(e.flax_path)
+      if spec is None or tuple(array.shape) != tuple(spec.shape):
+        _fail(f"{e.hf_key}: shape {tuple(array.shape)} in {hf_dir} does not fit the model "
+              f"(want {None if spec is None else tuple(name_map.hf_shape(spec.shape, e.transpose))})")
+      flat[e.flax_path] = np.ascontiguousarray(array.astype(spec.dtype, copy=False))
+  finally:
+    for h in handles.values():
+      h.__exit__(None, None, None)
+  return traverse_util.unflatten_dict(flat)
+
+
+def model_config(hf: dict, gin_files, gin_bindings, param_dtype: str) -> ModelConfig:
+  try:
+    fields = name_map.model_config_fields(hf)
+  except ValueError as e:
+    _fail(str(e))
+  from_hf = ModelConfig(**fields, param_dtype=param_dtype)
+  if not gin_files:
+    return from_hf
+  gin_utils.parse_gin(gin_files, gin_bindings)
+  cfg = gin_utils.model_config().replace(param_dtype=param_dtype)
+  diff = name_map.shape_mismatch(cfg, from_hf)
+  if diff:
+    _fail("the model gin does not match config.json (" + ", ".join(diff) + ")")
+  return cfg
+
+
+def import_checkpoint(hf_dir: str, model_dir: str, *, gin_files=(), gin_bindings=(),
+                      step: int = 0, param_dtype: str = "float32") -> dict:
+  """Writes MODEL_DIR from HF_DIR; returns a summary. Raises gin_utils.UsageError."""
+  from openmoe_jax import checkpoint as ckpt_lib
+  if os.path.exists(model_dir) and (not os.path.isdir(model_dir) or os.listdir(model_dir)):
+    _fail(f"model_dir {model_dir} exists and is not empty")
+  if not os.path.isdir(hf_dir):
+    _fail(f"hf_dir not found: {hf_dir}")
+  cfg = model_config(read_hf_config(hf_dir), gin_files, gin_bindings, param_dtype)
+  params = load_params(hf_dir, cfg)
+  state = {"step": np.int32(step), "params": params, "opt_state": _fresh_opt_state(params)}
+  parent = os.path.dirname(os.path.abspath(model_dir))
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=os.path.basename(os.path.abspath(model_dir)) + ".tmp-", dir=parent)
+  try:
+    with ckpt_lib.Checkpointer(tmp, async_save=False) as ckpt:
+      ckpt.save(step, state, {}, force=True)
+    with open(os.path.join(tmp, "model_config.json"), "w") as f:
+      json.dump(dataclasses.asdict(cfg), f, indent=1)
+    with open(os.path.join(tmp, "imported_from.json"), "w") as f:
+      json.dump({"hf_dir": os.path.abspath(hf_dir)}, f)
+    if os.path.isdir(model_dir):
+      os.rmdir(model_dir)  # checked empty above
+    os.replace(tmp, model_dir)
+  finally:
+    if os.path.exists(tmp):
+      shutil.rmtree(tmp)
+  return {"model_dir": model_dir, "step": step, "num_layers": cfg.num_layers,
+          "num_experts": cfg.num_experts}
+
+
+def _fresh_opt_state(params):
+  """A fresh OpenMoE Adafactor state for `params` (the train loop's default optimizer)."""
+  import jax
+  import jax.numpy as jnp
+  from openmoe_jax.optimizer import make_optimizer
+  tx, _ = make_optimizer("adafactor")
+  return tx.init(jax.tree.map(jnp.asarray, params))
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(prog="openmoe-import", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--hf_dir", required=True, help="Hugging Face OpenMoE folder")
+  parser.add_argument("--model_dir", required=True, help="new openmoe_jax MODEL_DIR")
+  gin_utils.add_gin_flags(parser)
+  parser.add_argument("--step", type=int, default=0, help="step to record (default 0)")
+  parser.add_argument("--param_dtype", default="float32", help="stored parameter dtype")
+  try:
+    bindings, rest = gin_utils.split_gin_dot_flags(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(rest)
+    out = import_checkpoint(args.hf_dir, args.model_dir, gin_files=args.gin_file,
+                            gin_bindings=args.gin_bindings + bindings, step=args.step,
+                            param_dtype=args.param_dtype)
+  except (gin_utils.UsageError, ValueError) as e:
+    print(f"openmoe-import: error: {str(e).splitlines()[0]}", file=sys.stderr)
+    return 2
+  print(json.dumps(out), file=sys.stderr)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
