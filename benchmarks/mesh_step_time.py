@@ -43,7 +43,7 @@ def main():
     state_sh, _ = layout.state_layout(init_fn, mesh, rng)
     batch_sh = part.batch_sharding(mesh)
     from flax import linen as nn
-    with jax.set_mesh(mesh), nn.logical_axis_rules(part.LOGICAL_AXIS_RULES):
+    with jax.set_mesh(mesh), nn.logical_axis_rules(part.axis_rules()):
       state = jax.jit(lambda r: part.unbox(init_fn(r)), out_shardings=state_sh)(rng)
       fn = jax.jit(lambda s, b: steps.train_step(s, b, cfg=cfg, tx=tx, schedule=schedule),
                    in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None),

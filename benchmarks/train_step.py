@@ -58,7 +58,7 @@ def main():
   tx, schedule = make_optimizer(gin.query_parameter("%OPTIMIZER"), **kwargs)
   length = sum(lengths.values())
   mesh = part.make_mesh()
-  with jax.set_mesh(mesh), nn.logical_axis_rules(part.LOGICAL_AXIS_RULES):
+  with jax.set_mesh(mesh), nn.logical_axis_rules(part.axis_rules()):
     state = jax.jit(lambda r: part.unbox(steps.init_state(cfg, tx, r, bs, length)))(
         jax.random.key(0))
     step_fn = jax.jit(lambda s, b: steps.train_step(s, b, cfg=cfg, tx=tx, schedule=schedule),

@@ -15,7 +15,7 @@ from openmoe_jax.optimizer import state_partition_specs
 
 def state_layout(init_fn: Callable, mesh, rng):
   """(state shardings, abstract state with those shardings) for `init_fn(rng)`'s boxed state."""
-  with jax.set_mesh(mesh), nn.logical_axis_rules(part.LOGICAL_AXIS_RULES):
+  with jax.set_mesh(mesh), nn.logical_axis_rules(part.axis_rules()):
     boxed = jax.eval_shape(init_fn, rng)
     param_specs = nn.get_partition_spec(boxed["params"])
     opt_specs = state_partition_specs(boxed["opt_state"], part.unbox(boxed["params"]),
@@ -23,7 +23,7 @@ def state_layout(init_fn: Callable, mesh, rng):
     state_sh = {"step": NamedSharding(mesh, PartitionSpec()),
                 "params": part.mesh_shardings(boxed["params"], mesh),
                 "opt_state": nn.logical_to_mesh_sharding(opt_specs, mesh,
-                                                         part.LOGICAL_AXIS_RULES)}
+                                                         part.axis_rules())}
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           part.unbox(boxed), state_sh)
   return state_sh, abstract
@@ -47,7 +47,7 @@ def compile_train_step(cfg, tx, schedule, mesh, *, batch_size: int, length: int,
                in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None),
                donate_argnums=(0,))
   t = time.perf_counter()
-  with jax.set_mesh(mesh), nn.logical_axis_rules(part.LOGICAL_AXIS_RULES):
+  with jax.set_mesh(mesh), nn.logical_axis_rules(part.axis_rules()):
     compiled = fn.lower(abstract, batch).compile()
   seconds = time.perf_counter() - t
   mem = compiled.memory_analysis()

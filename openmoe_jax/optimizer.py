@@ -393,7 +393,9 @@ def state_partition_specs(opt_state, params, param_specs, *,
     plan = factor_plan(key, shape, logical_axes_fn=logical_axes_fn, factor_rules=factor_rules,
                        min_dim_size_to_factor=0)
     dropped = {'v_row': plan.cols, 'v_col': plan.rows}.get(field)
-    if not plan.factored or dropped is None or len(leaf.shape) != len(shape) - len(dropped):
+    kept_shape = tuple(n for d, n in enumerate(shape) if d not in (dropped or ()))
+    # Placeholders (unfactored parameters keep f32[1] in v_row / v_col) are replicated.
+    if not plan.factored or dropped is None or tuple(leaf.shape) != kept_shape:
       return PartitionSpec()
     return PartitionSpec(*[s for d, s in enumerate(spec) if d not in dropped])
 

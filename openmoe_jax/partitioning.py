@@ -6,6 +6,7 @@ only this module knows how they map to mesh axes (t5x MoE rules, see PEERS.md).
 from typing import Optional, Sequence
 
 import flax.linen as nn
+import gin
 import jax
 
 MESH_AXES = ("data", "expert", "model")
@@ -39,6 +40,21 @@ LOGICAL_AXIS_RULES = (
     (EXPERT_REPLICAS, "data"),
     (UNMODELED, None),
 )
+
+
+@gin.configurable(module="openmoe_jax.partitioning")
+def axis_rules(overrides: Sequence = ()) -> tuple:
+  """The rules in force: LOGICAL_AXIS_RULES with `overrides` replacing entries by logical name.
+
+  For FSDP-style sharding of parameters and optimizer state over `data` too, bind in gin:
+  `openmoe_jax.partitioning.axis_rules.overrides = [('embed', 'data')]`.
+  """
+  table = dict(LOGICAL_AXIS_RULES)
+  for name, mesh_axes in overrides:
+    if name not in table:
+      raise ValueError(f"axis_rules: unknown logical axis {name!r}; known: {sorted(table)}")
+    table[name] = tuple(mesh_axes) if isinstance(mesh_axes, list) else mesh_axes
+  return tuple(table.items())
 
 
 def constrain(x: jax.Array, axes: Sequence[Optional[str]]) -> jax.Array:
@@ -92,10 +108,10 @@ def check_experts_divisible(num_experts: int, mesh: jax.sharding.Mesh) -> None:
                      f"partitions {e}")
 
 
-def mesh_shardings(boxed_abstract_tree, mesh, rules=LOGICAL_AXIS_RULES):
+def mesh_shardings(boxed_abstract_tree, mesh, rules=None):
   """NamedShardings from the logical names carried by an (abstract) boxed params tree."""
   specs = nn.get_partition_spec(boxed_abstract_tree)
-  return nn.logical_to_mesh_sharding(specs, mesh, rules)
+  return nn.logical_to_mesh_sharding(specs, mesh, axis_rules() if rules is None else rules)
 
 
 def batch_sharding(mesh, ndim: int = 2) -> jax.sharding.NamedSharding:

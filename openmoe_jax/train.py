@@ -181,7 +181,7 @@ def train(model_config: ModelConfig, *, model_dir: str = gin.REQUIRED,
   elif initial_checkpoint_dir:
     state = _init_from(initial_checkpoint_dir, tx, abstract, state_sh, mesh)
   else:
-    with jax.set_mesh(mesh), nn.logical_axis_rules(part.LOGICAL_AXIS_RULES):
+    with jax.set_mesh(mesh), nn.logical_axis_rules(part.axis_rules()):
       state = jax.jit(lambda r: part.unbox(init_fn(r)), out_shardings=state_sh)(
           jax.random.key(seed))
   step = int(jax.device_get(state["step"]))
@@ -210,7 +210,7 @@ def train(model_config: ModelConfig, *, model_dir: str = gin.REQUIRED,
   end = train_steps if max_steps_this_run is None else min(train_steps, step + max_steps_this_run)
   bar = _progress(progress_bar, step, train_steps)
   pending, t_last, logged_at = None, time.perf_counter(), step
-  with jax.set_mesh(mesh), nn.logical_axis_rules(part.LOGICAL_AXIS_RULES):
+  with jax.set_mesh(mesh), nn.logical_axis_rules(part.axis_rules()):
     while step < end:
       batch = _to_global(next(train_iter), batch_sh)
       state, metrics = step_fn(state, batch)

@@ -254,3 +254,16 @@ def test_sharded_update_matches_unsharded():
   for a, b in zip(jax.tree.leaves((updates, state)), jax.tree.leaves((ref_updates, ref_state))):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-12)
   assert k(state.v_row).sharding.spec == P('expert', None)
+
+
+def test_state_specs_replicate_placeholders_of_unfactored_params():
+  from jax.sharding import PartitionSpec as P
+  params = {'decoder': {'layers_0': {'mlp': {'wi_0': {'kernel': jnp.zeros((64, 256))}}}}}
+  tx = opt.adafactor(0.01)  # 64 < 128: not factored, v_row / v_col are f32[1]
+  state = tx.init(params)
+  specs = opt.state_partition_specs(
+      state, params, {'decoder': {'layers_0': {'mlp': {'wi_0': {'kernel': P(None, 'model')}}}}})
+  for leaf, spec in zip(jax.tree.leaves(state), jax.tree.leaves(
+      specs, is_leaf=lambda x: isinstance(x, P))):
+    if leaf.shape == (1,):
+      assert spec == P()

@@ -144,3 +144,14 @@ def test_aot_compile_reports_memory_and_flops_and_enforces_a_budget():
   bad = subprocess.run(base[:-4] + ["--num_expert_partitions=3"], capture_output=True, text=True,
                        timeout=300)
   assert bad.returncode == 2 and "expert=3" in bad.stderr
+
+
+def test_fsdp_is_a_change_of_the_rules_table():
+  rules = part.axis_rules(overrides=[("embed", "data")])
+  mesh = part.make_mesh(2, 2)
+  boxed = jax.eval_shape(lambda r: Transformer(CFG).init(r, TOKENS)["params"], jax.random.key(1))
+  sh = part.mesh_shardings(boxed, mesh, rules)
+  assert tuple(sh["decoder"]["layers_0"]["self_attention"]["query"]["kernel"].spec) == ("data", "model")
+  assert tuple(sh["decoder"]["layers_1"]["mlp"]["expert"]["wi_0"]["kernel"].spec) == ("expert", None, "model")
+  with pytest.raises(ValueError, match="unknown logical axis 'nope'"):
+    part.axis_rules(overrides=[("nope", "data")])

@@ -116,3 +116,13 @@ def test_incompatible_model_dir_is_refused_and_untouched(tmp_path):
   r = _run(d, "--gin.TRAIN_STEPS=2", "--gin.EMBED_DIM=64")
   assert r.returncode == 2 and "different model" in r.stderr and "emb_dim" in r.stderr
   assert sorted(p.name for p in (d / "checkpoints").iterdir()) == before
+
+
+def test_resume_onto_a_different_mesh(tmp_path):
+  d = tmp_path / "remesh"
+  assert _run(d, "--gin.TRAIN_STEPS=2", "--gin.CHECKPOINT_PERIOD=2").returncode == 0
+  r = _run(d, "--gin.TRAIN_STEPS=4", "--gin.CHECKPOINT_PERIOD=2", "--gin.NUM_EXPERT_PARTITIONS=2")
+  assert r.returncode == 0, r.stderr[-2000:]
+  from openmoe_jax import checkpoint
+  assert checkpoint.list_steps(d) == [2, 4]
+  assert sorted(_metrics(d)) == [1, 2, 3, 4]
