@@ -3,7 +3,8 @@
     openmoe-import --hf_dir=hf/openmoe-8b --model_dir=runs/from_hf \
         [--gin_file=models/openmoe_8b.gin] [--step=0] [--param_dtype=float32]
 
-Reads the safetensors (single file or sharded with model.safetensors.index.json) under the
+Reads the safetensors (single file or sharded with model.safetensors.index.json) or the
+PyTorch pickles of the released repos (pytorch_model.bin, sharded or not) under the
 released key names (`hf/name_map.py`), maps them back onto our Flax parameter tree and writes
 MODEL_DIR/checkpoints/<step> = {"step", "params", "opt_state"} (a fresh OpenMoE Adafactor state)
 with an empty data state, plus model_config.json. Fine-tune from it with
@@ -43,19 +44,51 @@ def read_hf_config(hf_dir: str) -> dict:
 
 
 def weight_files(hf_dir: str) -> dict:
-  """{hf key: safetensors file} from the index, or the keys of the single model.safetensors."""
-  from safetensors import safe_open
-  index = os.path.join(hf_dir, "model.safetensors.index.json")
-  if os.path.isfile(index):
-    with open(index) as f:
-      weight_map = json.load(f)["weight_map"]
-    return {k: os.path.join(hf_dir, v) for k, v in weight_map.items()}
+  """{hf key: weight file}: safetensors (index or single file) or, as the released OpenMoE repos
+  ship them, PyTorch pickles (pytorch_model.bin.index.json or pytorch_model.bin)."""
+  for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+    index = os.path.join(hf_dir, index_name)
+    if os.path.isfile(index):
+      with open(index) as f:
+        weight_map = json.load(f)["weight_map"]
+      return {k: os.path.join(hf_dir, v) for k, v in weight_map.items()}
   single = os.path.join(hf_dir, "model.safetensors")
-  if not os.path.isfile(single):
-    _fail(f"no model.safetensors or model.safetensors.index.json in {hf_dir} (convert "
-          "pytorch_model.bin checkpoints to safetensors first)")
-  with safe_open(single, framework="pt") as f:
-    return {k: single for k in f.keys()}
+  if os.path.isfile(single):
+    from safetensors import safe_open
+    with safe_open(single, framework="pt") as f:
+      return {k: single for k in f.keys()}
+  single = os.path.join(hf_dir, "pytorch_model.bin")
+  if os.path.isfile(single):
+    return {k: single for k in _load_bin(single)}
+  _fail(f"no model.safetensors, pytorch_model.bin or their index files in {hf_dir}")
+
+
+def _load_bin(path: str) -> dict:
+  import torch
+  # weights_only: a checkpoint is data, never code; mmap keeps one shard's pages on demand.
+  return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+
+
+class _Tensors:
+  """Reads tensors by key from safetensors or .bin shards, one open shard of each kind at a time."""
+
+  def __init__(self):
+    self._handles, self._bin_path, self._bin = {}, None, None
+
+  def get(self, path: str, key: str):
+    if path.endswith(".bin"):
+      if path != self._bin_path:
+        self._bin_path, self._bin = path, _load_bin(path)
+      return self._bin[key]
+    if path not in self._handles:
+      from safetensors import safe_open
+      self._handles[path] = safe_open(path, framework="pt").__enter__()
+    return self._handles[path].get_tensor(key)
+
+  def close(self):
+    for h in self._handles.values():
+      h.__exit__(None, None, None)
+    self._bin = None
 
 
 def _to_numpy(tensor) -> np.ndarray:
@@ -69,7 +102,6 @@ def _to_numpy(tensor) -> np.ndarray:
 def load_params(hf_dir: str, cfg: ModelConfig) -> dict:
   """Our params tree (numpy, cfg.param_dtype) from the folder's safetensors; checks every shape."""
   from flax import traverse_util
-  from safetensors import safe_open
   from openmoe_jax.info import abstract_params
   want = traverse_util.flatten_dict(abstract_params(cfg))
   files = weight_files(hf_dir)
@@ -80,13 +112,10 @@ def load_params(hf_dir: str, cfg: ModelConfig) -> dict:
   extra = sorted(set(files) - {e.hf_key for e in entries})
   if extra:
     _fail(f"{hf_dir} has tensors this model does not, e.g. {extra[0]} (mismatched model?)")
-  flat, handles = {}, {}
+  flat, tensors = {}, _Tensors()
   try:
     for e in entries:
-      path = files[e.hf_key]
-      if path not in handles:
-        handles[path] = safe_open(path, framework="pt").__enter__()
-      array = _to_numpy(handles[path].get_tensor(e.hf_key))
+      array = _to_numpy(tensors.get(files[e.hf_key], e.hf_key).contiguous())
       array = array.T if e.transpose else array
       spec = want.get(e.flax_path)
       if spec is None or tuple(array.shape) != tuple(spec.shape):
@@ -94,8 +123,7 @@ def load_params(hf_dir: str, cfg: ModelConfig) -> dict:
               f"(want {None if spec is None else tuple(name_map.hf_shape(spec.shape, e.transpose))})")
       flat[e.flax_path] = np.ascontiguousarray(array.astype(spec.dtype, copy=False))
   finally:
-    for h in handles.values():
-      h.__exit__(None, None, None)
+    tensors.close()
   return traverse_util.unflatten_dict(flat)
 
 

@@ -315,3 +315,27 @@ def test_import_bad_input(hf_dir, tmp_path, capsys):
   assert hf_import.main([f"--hf_dir={hf_dir}", f"--model_dir={dest}"]) == 2
   assert "not empty" in _last_error(capsys, "openmoe-import")
   assert sorted(p.name for p in tmp_path.iterdir()) == ["dest", "llama", "wrong"]
+
+
+def test_import_released_pytorch_bin_shards(run_dir, hf_dir, tmp_path):
+  """The released repos ship pytorch_model-0000x-of-0000y.bin with an index: import those too."""
+  import torch
+  from safetensors.torch import load_file
+  released = tmp_path / "released_bin"
+  released.mkdir()
+  (released / "config.json").write_text((hf_dir / "config.json").read_text())
+  tensors = {}
+  for f in sorted(hf_dir.glob("*.safetensors")):
+    tensors.update(load_file(str(f)))
+  keys = sorted(tensors)
+  half = len(keys) // 2
+  weight_map = {}
+  for i, part in enumerate((keys[:half], keys[half:])):
+    name = f"pytorch_model-{i + 1:05d}-of-00002.bin"
+    torch.save({k: tensors[k] for k in part}, released / name)
+    weight_map.update({k: name for k in part})
+  (released / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
+  dest = tmp_path / "from_bin"
+  assert hf_import.main([f"--hf_dir={released}", f"--model_dir={dest}"]) == 0
+  for x, y in zip(jax.tree.leaves(_params(run_dir)), jax.tree.leaves(_params(dest))):
+    assert np.array_equal(x, y)
