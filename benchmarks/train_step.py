@@ -17,20 +17,6 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
-def matmul_flops(n=2048, repeats=10):
-  import jax
-  import jax.numpy as jnp
-  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-  f = jax.jit(lambda x: x @ x)
-  f(a).block_until_ready()
-  times = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    f(a).block_until_ready()
-    times.append(time.perf_counter() - t)
-  return 2 * n**3 / min(times)
-
-
 def main():
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -65,7 +51,7 @@ def main():
                       donate_argnums=(0,))
     it = data.make_iterator(name, lengths, bs)
     batch_sh = part.batch_sharding(mesh)
-    staged = [train._to_global(next(it), batch_sh) for _ in range(4)]
+    staged = [data.to_global_arrays(next(it), batch_sh) for _ in range(4)]
     state, m = step_fn(state, staged[0])
     jax.block_until_ready(m)
     # Compiled step alone, on batches already on the device.
@@ -79,7 +65,7 @@ def main():
     t = time.perf_counter()
     prev = None
     for _ in range(args.steps):
-      state, m = step_fn(state, train._to_global(next(it), batch_sh))
+      state, m = step_fn(state, data.to_global_arrays(next(it), batch_sh))
       if prev is not None:
         jax.device_get(prev)
       prev = m
@@ -101,7 +87,7 @@ def main():
   step_time = statistics.median(device_times)
   tokens = bs * length
   flops_tok = info.summarize(cfg, seq_len=length)["train_flops_per_token"]
-  peak = matmul_flops()
+  peak = train.matmul_peak_flops(2048, 10)
   out = {
       "gin_file": args.gin_file, "backend": jax.default_backend(), "devices": jax.device_count(),
       "tokens_per_step": tokens, "train_flops_per_token": flops_tok,

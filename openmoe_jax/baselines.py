@@ -29,10 +29,9 @@ def unigram_cross_entropy(train_counts: np.ndarray, eval_counts: np.ndarray) -> 
 
 def unigram_entropy(mixture_or_task_name: str, task_feature_lengths, *, batch_size: int = 16,
                     num_batches: int = 200, vocab_size=None) -> dict:
-  import seqio
   import tasks  # noqa: F401
   from openmoe_jax import data
-  vocab = seqio.get_mixture_or_task(mixture_or_task_name).output_features["targets"].vocabulary
+  vocab = data.get_provider(mixture_or_task_name).output_features["targets"].vocabulary
   size = vocab_size or vocab.vocab_size
   def take(split, n):
     it = data.make_iterator(mixture_or_task_name, task_feature_lengths, batch_size, split=split,

@@ -34,6 +34,10 @@ def evaluate_checkpoint(*, model_dir: str = gin.REQUIRED, mixture_or_task_name: 
   lengths = task_feature_lengths or info.get("task_feature_lengths")
   if not name or not lengths:
     raise gin_utils.UsageError("set MIXTURE_OR_TASK_NAME and TASK_FEATURE_LENGTHS")
+  try:
+    data_lib.get_provider(name)
+  except ValueError as e:
+    raise gin_utils.UsageError(str(e).splitlines()[0]) from None
   params, step = tools_common.load_params(model_dir, step)
   mesh = part.make_mesh()
   batch_sh = part.batch_sharding(mesh)

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 from jax.sharding import NamedSharding, PartitionSpec
 
+from openmoe_jax import data
 from openmoe_jax import partitioning as part
 from openmoe_jax import steps
 from openmoe_jax.optimizer import state_partition_specs
@@ -41,7 +42,7 @@ def compile_train_step(cfg, tx, schedule, mesh, *, batch_size: int, length: int,
   batch_sh = part.batch_sharding(mesh)
   batch = {k: jax.ShapeDtypeStruct((batch_size, length), jnp.int32 if "weights" not in k
                                    else jnp.float32, sharding=batch_sh)
-           for k in steps.BATCH_KEYS}
+           for k in data.BATCH_KEYS}
   fn = jax.jit(lambda s, b: steps.train_step(s, b, cfg=cfg, tx=tx, schedule=schedule,
                                              num_microbatches=num_microbatches),
                in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None),

@@ -17,15 +17,15 @@ from openmoe_jax import gin_utils, tools_common
 
 
 def _vocabulary(model_dir: str, task: str):
-  import seqio
   import tasks  # noqa: F401  registers tasks
+  from openmoe_jax import data
   name = task or tools_common.run_info(model_dir).get("mixture_or_task_name")
   if not name:
     raise gin_utils.UsageError("cannot tell the vocabulary: pass --mixture_or_task_name")
   try:
-    return seqio.get_mixture_or_task(name).output_features["targets"].vocabulary
-  except ValueError:
-    raise gin_utils.UsageError(f"unknown task or mixture {name!r}") from None
+    return data.get_provider(name).output_features["targets"].vocabulary
+  except ValueError as e:
+    raise gin_utils.UsageError(str(e).splitlines()[0]) from None
 
 
 def score_lines(cfg, params, vocabulary, lines):

@@ -14,8 +14,6 @@ from openmoe_jax import partitioning as p
 from openmoe_jax.config import ModelConfig
 from openmoe_jax.model import Transformer, compute_loss
 
-BATCH_KEYS = ("decoder_input_tokens", "decoder_target_tokens", "decoder_loss_weights",
-              "decoder_segment_ids", "decoder_positions")
 
 
 def init_state(cfg: ModelConfig, tx: optax.GradientTransformation, rng, batch_size: int,

@@ -1,7 +1,8 @@
 """The gin-configured training loop (t5x `train` conventions): train, evaluate, checkpoint, resume.
 
 Phases: mesh -> data -> state (restore the latest complete checkpoint or init) -> jit -> loop ->
-final checkpoint. Resume order: MODEL_DIR's latest complete checkpoint, else a fresh init.
+final checkpoint. Resume order: MODEL_DIR's latest complete checkpoint, else the parameters of
+`initial_checkpoint_dir` (fine-tuning), else a fresh init.
 """
 import dataclasses
 import json
@@ -9,7 +10,7 @@ import math
 import os
 import signal
 import time
-from typing import Dict, Mapping, Optional
+from typing import Dict, Optional
 
 import gin
 import jax
@@ -18,6 +19,7 @@ import numpy as np
 from flax import linen as nn
 
 from openmoe_jax import checkpoint as ckpt_lib
+from openmoe_jax import data as data_lib  # seqio / TF load on first use, not on import
 from openmoe_jax import info as info_lib
 from openmoe_jax import layout
 from openmoe_jax import partitioning as part
@@ -52,21 +54,18 @@ def _check_model_dir(model_dir: str, cfg: ModelConfig) -> None:
     os.replace(path + ".tmp", path)
 
 
-def _to_global(batch: Mapping[str, np.ndarray], sharding) -> Dict[str, jax.Array]:
-  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(batch[k]))
-          for k in steps.BATCH_KEYS if k in batch}
-
-
-def _matmul_peak_flops() -> float:
-  """FLOP/s of a large float32 matmul on this backend, as the MFU reference when none is given."""
-  n = 1024
+def matmul_peak_flops(n: int = 1024, repeats: int = 5) -> float:
+  """FLOP/s of an n^3 float32 matmul on this process's devices: the MFU reference when no peak
+  is configured (best of `repeats`, times the local device count)."""
   a = jnp.ones((n, n), jnp.float32)
   f = jax.jit(lambda x: x @ x)
   f(a).block_until_ready()
-  t = time.perf_counter()
-  for _ in range(5):
+  best = float("inf")
+  for _ in range(repeats):
+    t = time.perf_counter()
     f(a).block_until_ready()
-  return 5 * 2 * n**3 / (time.perf_counter() - t) * jax.local_device_count()
+    best = min(best, time.perf_counter() - t)
+  return 2 * n**3 / best * jax.local_device_count()
 
 
 class _ShardedIterator:
@@ -77,7 +76,7 @@ class _ShardedIterator:
   are checked against single-host ones.
   """
 
-  def __init__(self, data_lib, num_data_shards: Optional[int], **kwargs):
+  def __init__(self, num_data_shards: Optional[int], **kwargs):
     n, p, i = num_data_shards or jax.process_count(), jax.process_count(), jax.process_index()
     if n % p:
       raise UsageError(f"num_data_shards={n} must be a multiple of the process count {p}")
@@ -119,7 +118,7 @@ def evaluate(params, eval_fn, iterator, batch_sharding, num_batches: int) -> Dic
   """Loss, perplexity and token accuracy over `num_batches` validation batches."""
   totals: Dict[str, float] = {}
   for _, batch in zip(range(num_batches), iterator):
-    out = jax.device_get(eval_fn(params, _to_global(batch, batch_sharding)))
+    out = jax.device_get(eval_fn(params, data_lib.to_global_arrays(batch, batch_sharding)))
     for k, v in out.items():
       totals[k] = totals.get(k, 0.0) + float(v)
   n = max(totals.get("weight", 0.0), 1.0)
@@ -138,24 +137,26 @@ def train(model_config: ModelConfig, *, model_dir: str = gin.REQUIRED,
           num_model_partitions: int = 1, optimizer: str = "adafactor",
           optimizer_kwargs: Optional[dict] = None, peak_flops_per_device: Optional[float] = None,
           pack: bool = True, progress_bar: bool = True, fail_on_nan: bool = True,
-          max_steps_this_run: Optional[int] = None, num_data_shards: Optional[int] = None,
+          num_data_shards: Optional[int] = None,
           initial_checkpoint_dir: Optional[str] = None) -> Dict[str, float]:
   """Trains `model_config` on a seqio task or mixture; returns the last logged metrics.
 
   Args mirror t5x's pretrain.gin macros: MODEL_DIR, MIXTURE_OR_TASK_NAME, TASK_FEATURE_LENGTHS,
   TRAIN_STEPS (the absolute final step), BATCH_SIZE (global, in sequences), CHECKPOINT_PERIOD,
   EVAL_PERIOD; NUM_EXPERT_PARTITIONS / NUM_MODEL_PARTITIONS shape the mesh.
-  max_steps_this_run stops early (after a checkpoint) -- used to test resumption.
   num_data_shards: seqio shards of the training data (default: one per process).
   initial_checkpoint_dir: when MODEL_DIR has no checkpoint, start from the latest parameters
   of this MODEL_DIR (fine-tuning; the step count continues, the optimizer state is fresh).
   """
-  from openmoe_jax import data as data_lib  # seqio / TF import is slow; only when training
   cfg = model_config
+  try:  # configuration errors: one line and exit code 2 before anything is written
+    data_lib.get_provider(mixture_or_task_name)
+    mesh = part.make_mesh(num_expert_partitions, num_model_partitions)
+    part.check_experts_divisible(cfg.num_experts, mesh)
+  except ValueError as e:
+    raise UsageError(str(e).splitlines()[0]) from None
   _check_model_dir(model_dir, cfg)
   # --- mesh ---
-  mesh = part.make_mesh(num_expert_partitions, num_model_partitions)
-  part.check_experts_divisible(cfg.num_experts, mesh)
   # flaxformer: groups are a multiple of experts x replicas, so they split over (data, expert).
   cfg = cfg.replace(num_expert_replicas=mesh.shape["data"])
   if batch_size % (mesh.shape["data"] * mesh.shape["expert"] * num_microbatches):
@@ -165,7 +166,7 @@ def train(model_config: ModelConfig, *, model_dir: str = gin.REQUIRED,
   length = sum(task_feature_lengths.values())
   # --- data ---
   train_iter = _ShardedIterator(
-      data_lib, num_data_shards, mixture_or_task_name=mixture_or_task_name,
+      num_data_shards, mixture_or_task_name=mixture_or_task_name,
       task_feature_lengths=task_feature_lengths, split="train", batch_size=batch_size,
       shuffle=True, seed=seed, pack=pack)
   # --- state ---
@@ -203,16 +204,16 @@ def train(model_config: ModelConfig, *, model_dir: str = gin.REQUIRED,
   writer = MetricsWriter(model_dir, enabled=jax.process_index() == 0)
   flops_per_token = info_lib.summarize(cfg, seq_len=length)["train_flops_per_token"]
   peak = (peak_flops_per_device * jax.device_count() if peak_flops_per_device
-          else _matmul_peak_flops() * jax.process_count())
+          else matmul_peak_flops() * jax.process_count())
   # --- loop ---
   preempt = _Preemption()
   last: Dict[str, float] = {}
-  end = train_steps if max_steps_this_run is None else min(train_steps, step + max_steps_this_run)
+  end = train_steps
   bar = _progress(progress_bar, step, train_steps)
   pending, t_last, logged_at = None, time.perf_counter(), step
   with jax.set_mesh(mesh), nn.logical_axis_rules(part.axis_rules()):
     while step < end:
-      batch = _to_global(next(train_iter), batch_sh)
+      batch = data_lib.to_global_arrays(next(train_iter), batch_sh)
       state, metrics = step_fn(state, batch)
       step += 1
       # Fetch the previous logged step's metrics only now, so the host never waits on the device.
@@ -230,7 +231,7 @@ def train(model_config: ModelConfig, *, model_dir: str = gin.REQUIRED,
         ckpt.save(step, state, train_iter.get_state(), force=True)
       if eval_period and step % eval_period == 0:
         ev = evaluate(state["params"], eval_fn, _ShardedIterator(
-            data_lib, num_data_shards, mixture_or_task_name=mixture_or_task_name,
+            num_data_shards, mixture_or_task_name=mixture_or_task_name,
             task_feature_lengths=task_feature_lengths, split=eval_split, batch_size=batch_size,
             shuffle=False, seed=seed, pack=pack, num_epochs=1), batch_sh, eval_steps)
         writer.write(step, ev)
@@ -293,4 +294,4 @@ def _log(writer, bar, step, metrics, sec_per_step, tokens_per_step, flops_per_to
     bar.n = step
     bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
     bar.refresh()
-  return {k: v for k, v in out.items()}
+  return out

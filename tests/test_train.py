@@ -101,6 +101,7 @@ def test_nan_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
     (["--gin.TRAIN_STEPS=%gin.REQUIRED"], "TRAIN_STEPS"),
     (["--gin.train.no_such_arg=1"], "no_such_arg"),
     (["--gin.NUM_EXPERT_PARTITIONS=3"], "expert=3"),
+    (["--gin.MIXTURE_OR_TASK_NAME='no_such_task'"], "no_such_task"),
 ])
 def test_bad_configuration_fails_with_one_line_and_exit_2(tmp_path, args, needle):
   r = _run(tmp_path / "bad", "--gin.TRAIN_STEPS=2", *args)
