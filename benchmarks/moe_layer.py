@@ -1,8 +1,12 @@
-"""One MoE layer vs a dense FFN of the same per-token compute, forward+backward (issue 2).
+"""One MoE layer vs a dense FFN of the same per-token compute, forward+backward (issues 2, 8).
 
 Times jit(value_and_grad(sum(y * cotangent))) with respect to params and input for
-`moe.MoeLayer` (each dispatch mode) and for `layers.MlpBlock` with hidden = k * expert_mlp_dim,
-in float32 on the default backend, and prints one JSON object.
+`moe.MoeLayer` in each mode and for `layers.MlpBlock` with hidden = k * expert_mlp_dim, on the
+default backend, and prints one JSON object. Modes (--dispatch, comma-separated):
+  gather, einsum                   capacity routing (cf --capacity-factor), the two dispatches;
+  dropless, dropless:blocked, dropless:ragged_dot
+                                   dropless (sort by expert, grouped FFN; bare = 'auto');
+  adaptive, adaptive:IMPL          adaptive capacity (E*C slots shared by load).
 
 Useful FLOPs, times 3 for forward+backward: for the MoE layer the router (2*T*D*E) and the expert
 matmuls of the assignments actually kept ((1 - dropped_fraction) * T * k * 8*D*F, three
@@ -62,9 +66,9 @@ def _fwd_bwd(apply):
   return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
 
 
-def peak_flops(n: int, repeats: int) -> float:
-  a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
-  b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32)
+def peak_flops(n: int, repeats: int, dtype=jnp.float32) -> float:
+  a = jax.random.normal(jax.random.PRNGKey(0), (n, n), dtype)
+  b = jax.random.normal(jax.random.PRNGKey(1), (n, n), dtype)
   return 2 * n**3 / _median_seconds(jax.jit(jnp.matmul), (a, b), repeats)
 
 
@@ -76,7 +80,18 @@ def bench_dense(cfg: ModelConfig, x, ct, repeats: int) -> dict:
   seconds = _median_seconds(step, (params, x, ct), repeats)
   tokens = x.shape[0] * x.shape[1]
   flops = 3 * tokens * 8 * cfg.emb_dim * hidden
-  return {"seconds": seconds, "useful_flops": flops, "flops_per_s": flops / seconds}
+  return {"seconds": seconds, "useful_flops": flops, "flops_per_s": flops / seconds,
+          "us_per_token": 1e6 * seconds / tokens}
+
+
+def mode_config(base: ModelConfig, mode: str) -> ModelConfig:
+  """A --dispatch entry -> the layer's configuration."""
+  name, _, impl = mode.partition(":")
+  if name in ("gather", "einsum"):
+    return base.replace(dispatch=name)
+  if name in ("dropless", "adaptive"):
+    return base.replace(capacity_mode=name, grouped_matmul=impl or "auto")
+  raise ValueError(f"unknown mode {mode!r}")
 
 
 def bench_moe(cfg: ModelConfig, x, ct, repeats: int) -> dict:
@@ -97,8 +112,9 @@ def bench_moe(cfg: ModelConfig, x, ct, repeats: int) -> dict:
       tokens // n_groups, e, cfg.train_capacity_factor, num_selected_experts=k,
       min_capacity=cfg.min_expert_capacity, formula=cfg.capacity_formula)
   return {"seconds": seconds, "useful_flops": flops, "flops_per_s": flops / seconds,
-          "dropped_fraction": dropped, "groups": n_groups, "group_tokens": tokens // n_groups,
-          "capacity": capacity}
+          "us_per_token": 1e6 * seconds / tokens, "dropped_fraction": dropped,
+          "groups": n_groups, "group_tokens": tokens // n_groups,
+          "capacity": None if cfg.capacity_mode == "dropless" else capacity}
 
 
 def main():
@@ -107,7 +123,10 @@ def main():
   parser.add_argument("--tokens", type=int, default=8192, help="tokens per step")
   parser.add_argument("--seq-len", type=int, default=4096, help="tokens per batch row")
   parser.add_argument("--repeats", type=int, default=5, help="timed steps (median) after warmup")
-  parser.add_argument("--dispatch", default="gather,einsum", help="comma-separated MoE dispatch modes")
+  parser.add_argument("--dispatch", default="gather,einsum,dropless",
+                      help="comma-separated MoE modes (see the module docstring)")
+  parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                      help="activation dtype (parameters stay float32)")
   parser.add_argument("--d-model", type=int, default=512)
   parser.add_argument("--expert-dim", type=int, default=1024)
   parser.add_argument("--top-k", type=int, default=2)
@@ -124,21 +143,22 @@ def main():
   if args.exact_groups and args.tokens % args.group_size:
     parser.error(f"--tokens {args.tokens} must be a multiple of --group-size {args.group_size}")
   shape = (args.tokens // seq_len, seq_len, args.d_model)
-  x = jax.random.normal(jax.random.PRNGKey(0), shape, jnp.float32)
-  ct = jax.random.normal(jax.random.PRNGKey(1), shape, jnp.float32)
-  result = {"backend": jax.default_backend(), "devices": str(jax.devices()), "dtype": "float32",
+  dtype = jnp.dtype(args.dtype)
+  x = jax.random.normal(jax.random.PRNGKey(0), shape, dtype)
+  ct = jax.random.normal(jax.random.PRNGKey(1), shape, dtype)
+  result = {"backend": jax.default_backend(), "devices": str(jax.devices()), "dtype": args.dtype,
             "tokens": args.tokens, "d_model": args.d_model, "expert_mlp_dim": args.expert_dim,
             "top_k": args.top_k, "capacity_factor": args.capacity_factor,
             "group_size": args.group_size, "exact_groups": args.exact_groups,
-            "peak_matmul_flops_per_s": peak_flops(args.peak_n, args.repeats), "configs": []}
+            "peak_matmul_flops_per_s": peak_flops(args.peak_n, args.repeats, dtype), "configs": []}
   for e in (int(v) for v in args.experts.split(",")):
     base = ModelConfig(emb_dim=args.d_model, expert_mlp_dim=args.expert_dim, num_experts=e,
                        num_selected_experts=args.top_k, train_capacity_factor=args.capacity_factor,
-                       group_size=args.group_size, activation_dtype="float32")
+                       group_size=args.group_size, activation_dtype=args.dtype)
     entry = {"experts": e, "dense": bench_dense(base, x, ct, args.repeats)}
     for mode in args.dispatch.split(","):
       with _exact_groups(args.exact_groups):
-        entry[mode] = bench_moe(base.replace(dispatch=mode), x, ct, args.repeats)
+        entry[mode] = bench_moe(mode_config(base, mode), x, ct, args.repeats)
       entry[mode]["ratio_to_dense"] = entry[mode]["flops_per_s"] / entry["dense"]["flops_per_s"]
     result["configs"].append(entry)
   print(json.dumps(result, indent=1))

@@ -12,6 +12,9 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.floa
 DISPATCH_MODES = ("auto", "gather", "einsum")
 REMAT_POLICIES = ("none", "full", "dots")
 CAPACITY_FORMULAS = ("flaxformer", "colossalai")
+CAPACITY_MODES = ("fixed", "adaptive", "dropless")
+CAPACITY_ORDERS = ("openmoe", "random", "confidence")
+GROUPED_MATMULS = ("auto", "blocked", "ragged_dot")
 
 
 def as_dtype(name_or_dtype):
@@ -48,6 +51,17 @@ class ModelConfig:
       released PyTorch port's, twice as large).
     dispatch: 'gather' (index-based, fast on CPU/GPU), 'einsum' (one-hot, flaxformer's, good on
       TPU) or 'auto' (einsum on TPU, gather elsewhere).
+    capacity_mode: 'fixed' (OpenMoE: C slots per expert and group), 'adaptive' (the group's E*C
+      slots shared between experts by load, so drops only when the whole group is over budget)
+      or 'dropless' (every assignment is computed; sort by expert + grouped matmul).
+    capacity_order: queue order deciding which assignments a full expert drops: 'openmoe' (all
+      first choices, then second, each left to right: drop-towards-the-end), 'random' or
+      'confidence' (highest gate first), both position-independent.
+    grouped_matmul: expert FFN of the 'adaptive'/'dropless' modes: 'blocked' (row tiles, fast on
+      CPU), 'ragged_dot' (XLA grouped GEMM) or 'auto' (blocked on CPU, ragged_dot elsewhere).
+    ep_buffer_factor: dropless/adaptive with experts sharded: rows a device reserves per expert
+      shard, as a multiple of the balanced share; 0 reserves the worst case (never drops).
+      Rows that do not fit are dropped and counted in dropped_fraction.
     aux_loss_factor, router_z_loss_factor, z_loss: loss coefficients.
     dropout_rate: dropout on attention/FFN outputs and expert hidden activations.
     activation_dtype, param_dtype: compute and storage dtypes (OpenMoE: bfloat16, float32).
@@ -78,6 +92,10 @@ class ModelConfig:
   no_drop: bool = False
   capacity_formula: str = "flaxformer"
   dispatch: str = "auto"
+  capacity_mode: str = "fixed"
+  capacity_order: str = "openmoe"
+  grouped_matmul: str = "auto"
+  ep_buffer_factor: float = 0.0
   aux_loss_factor: float = 0.01
   router_z_loss_factor: float = 1e-4
   z_loss: float = 1e-4
@@ -126,6 +144,12 @@ class ModelConfig:
     if self.capacity_formula not in CAPACITY_FORMULAS:
       raise ValueError(f"ModelConfig.capacity_formula={self.capacity_formula!r} not in "
                        f"{CAPACITY_FORMULAS}")
+    for name, allowed in (("capacity_mode", CAPACITY_MODES), ("capacity_order", CAPACITY_ORDERS),
+                          ("grouped_matmul", GROUPED_MATMULS)):
+      if getattr(self, name) not in allowed:
+        raise ValueError(f"ModelConfig.{name}={getattr(self, name)!r} not in {allowed}")
+    if self.ep_buffer_factor < 0:
+      raise ValueError(f"ModelConfig.ep_buffer_factor must be >= 0, got {self.ep_buffer_factor}")
     as_dtype(self.activation_dtype)
     as_dtype(self.param_dtype)
 

@@ -2,17 +2,21 @@
 
 Legend: B batch, L length, D embed, G token groups, T tokens per group, E experts, K experts per
 token, C expert capacity, F expert hidden. The routing math lives in `routing.py`; this module
-moves tokens. Two dispatch implementations compute the same function:
+moves tokens. With `capacity_mode='fixed'` (OpenMoE) two dispatch implementations compute the
+same function:
   * 'gather': slot -> token indices, gathered per group (fast on CPU/GPU);
   * 'einsum': flaxformer's one-hot dispatch/combine tensors [G, T, E, C] (good on TPU).
 With experts sharded, the [G, ...] -> [E, G, ...] relayout under the sharding constraints below
 is where the compiler places the all-to-all (flaxformer notation G_ed -> E_ed).
+The 'adaptive' and 'dropless' modes give experts variable token counts: sort by expert, grouped
+matmul, unsort (`dropless.py`, `grouped.py`), with an explicit all-to-all under shard_map.
 """
 import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
 
+from openmoe_jax import dropless
 from openmoe_jax import partitioning as p
 from openmoe_jax import routing
 from openmoe_jax.config import ModelConfig
@@ -38,24 +42,42 @@ class _Kernel(nn.Module):
 
 
 class Experts(nn.Module):
-  """E independent three-projection FFNs applied to expert buffers [E, G, C, D]."""
+  """E independent three-projection FFNs (parameters .../expert/{wi_0,wi_1,wo}/kernel).
+
+  `__call__` runs them on capacity buffers [E, G, C, D]; `ragged` on routed tokens of any count
+  per expert (the 'adaptive' and 'dropless' capacity modes, `dropless.py`).
+  """
   cfg: ModelConfig
 
-  @nn.compact
-  def __call__(self, x, *, deterministic: bool):
+  def setup(self):
     cfg = self.cfg
     e, d, f = cfg.num_experts, cfg.emb_dim, cfg.expert_mlp_dim
-    def kernel(name, shape, axes):
-      return _Kernel(shape, axes, cfg, name=name)().astype(cfg.dtype)
     in_axes = (p.EXPERT, p.MLP_EMBED, p.EXPERT_MLP)
-    wi_0 = kernel("wi_0", (e, d, 2 * f), in_axes)
-    wi_1 = kernel("wi_1", (e, d, f), in_axes)
-    wo = kernel("wo", (e, f, d), (p.EXPERT, p.EXPERT_MLP, p.MLP_EMBED))
+    self.wi_0 = _Kernel((e, d, 2 * f), in_axes, cfg)
+    self.wi_1 = _Kernel((e, d, f), in_axes, cfg)
+    self.wo = _Kernel((e, f, d), (p.EXPERT, p.EXPERT_MLP, p.MLP_EMBED), cfg)
+    self.dropout = nn.Dropout(cfg.dropout_rate)
+
+  def _kernels(self):
+    return tuple(k().astype(self.cfg.dtype) for k in (self.wi_0, self.wi_1, self.wo))
+
+  def __call__(self, x, *, deterministic: bool):
+    cfg = self.cfg
+    wi_0, wi_1, wo = self._kernels()
     x = x.astype(cfg.dtype)
     h = gated_activation(jnp.einsum("egcd,edf->egcf", x, wi_0), jnp.einsum("egcd,edf->egcf", x, wi_1))
-    h = nn.Dropout(cfg.dropout_rate)(h, deterministic=deterministic)
+    h = self.dropout(h, deterministic=deterministic)
     h = p.constrain(h, (p.EXPERT, p.EXPERT_REPLICAS, p.LENGTH, p.EXPERT_MLP))
     return jnp.einsum("egcf,efd->egcd", h, wo)
+
+  def ragged(self, tokens, r: routing.Routing, *, deterministic: bool):
+    """tokens [G, T, D] -> (outputs [G, T, K, D] zero where dropped, kept [G, T, K])."""
+    cfg = self.cfg
+    rate = 0.0 if deterministic else cfg.dropout_rate
+    rng = self.make_rng("dropout") if rate > 0 else None
+    return dropless.ragged_ffn(tokens.astype(cfg.dtype), r.expert_index, r.kept, self._kernels(),
+                               impl=cfg.grouped_matmul, buffer_factor=cfg.ep_buffer_factor,
+                               dropout=(rng, rate))
 
 
 def _gather_dispatch(x, r: routing.Routing, num_experts: int):
@@ -147,16 +169,28 @@ class MoeLayer(nn.Module):
     n_groups = routing.num_groups(b * length, cfg.group_size, cfg.num_experts,
                                   cfg.num_expert_replicas)
     group = b * length // n_groups
+    mode = cfg.capacity_mode
     capacity = routing.expert_capacity(
         group, cfg.num_experts,
         cfg.eval_capacity_factor if deterministic else cfg.train_capacity_factor,
         num_selected_experts=cfg.num_selected_experts, min_capacity=cfg.min_expert_capacity,
-        formula=cfg.capacity_formula, no_drop=cfg.no_drop)
+        formula=cfg.capacity_formula, no_drop=cfg.no_drop or mode == "dropless")
     tokens = p.constrain(x.reshape(n_groups, group, d), (p.BATCH, p.LENGTH, p.EMBED))
     logits = Router(cfg, name="router")(tokens)
+    order_rng = None
+    if cfg.capacity_order == "random" and not deterministic and self.has_rng("dropout"):
+      order_rng = self.make_rng("dropout")
     r = routing.top_k_routing(logits, cfg.num_selected_experts, capacity,
-                              renormalize_gates=cfg.renormalize_gates)
+                              renormalize_gates=cfg.renormalize_gates, order=cfg.capacity_order,
+                              rng=order_rng, adaptive=mode == "adaptive")
     experts = Experts(cfg, name="expert")
+    if mode != "fixed":
+      picked, kept = experts.ragged(tokens, r, deterministic=deterministic)
+      r = r.replace(kept=kept, combine_weights=jnp.where(kept, r.combine_weights, 0.0))
+      y = jnp.einsum("gtkd,gtk->gtd", picked, r.combine_weights.astype(picked.dtype))
+      y = p.constrain(y.astype(cfg.dtype), (p.BATCH, p.LENGTH, p.EMBED)).reshape(b, length, d)
+      metrics = _metrics(r, token_mask, cfg)
+      return (y, metrics, r) if return_routing else (y, metrics)
     if resolve_dispatch(cfg.dispatch) == "gather":
       buffers, slot = _gather_dispatch(tokens, r, cfg.num_experts)
       combine = lambda out: _gather_combine(out, slot, r)

@@ -6,10 +6,13 @@ C expert capacity.
 """
 import dataclasses
 import math
+from typing import Optional
 
 import flax.struct
 import jax
 import jax.numpy as jnp
+
+CAPACITY_ORDERS = ("openmoe", "random", "confidence")
 
 
 def num_groups(num_tokens: int, group_size: int, num_experts: int, num_expert_replicas: int = 1) -> int:
@@ -94,20 +97,84 @@ def router_z_loss(router_logits: jax.Array) -> jax.Array:
   return jnp.mean(log_z**2)
 
 
-def priority_positions(expert_index: jax.Array, num_experts: int) -> jax.Array:
-  """Slot of every assignment when all first choices go before any second choice, left to right.
+def priority_positions(expert_index: jax.Array, num_experts: int,
+                       order: Optional[jax.Array] = None) -> jax.Array:
+  """Slot of every assignment in its expert's queue: all first choices before any second choice.
 
   Args:
     expert_index: int32[G, T, K].
+    order: int32[G, K, T], the order in which each choice level's tokens queue (a permutation of
+      0..T-1 per group and level); None is OpenMoE's left to right.
   Returns:
     int32[G, T, K] 0-based position of each assignment in its expert's queue.
   """
   g, t, k = expert_index.shape
-  # [G, K*T]: all top-1 choices in token order, then all top-2 choices, ...
-  ordered = jnp.swapaxes(expert_index, 1, 2).reshape(g, k * t)
-  mask = jax.nn.one_hot(ordered, num_experts, dtype=jnp.int32)
-  position = jnp.sum((jnp.cumsum(mask, axis=1) - 1) * mask, axis=-1)
-  return jnp.swapaxes(position.reshape(g, k, t), 1, 2)
+  levels = jnp.swapaxes(expert_index, 1, 2)  # [G, K, T]
+  if order is not None:
+    levels = jnp.take_along_axis(levels, order, axis=2)
+  # [G, K*T]: all top-1 choices in queue order, then all top-2 choices, ...
+  mask = jax.nn.one_hot(levels.reshape(g, k * t), num_experts, dtype=jnp.int32)
+  position = jnp.sum((jnp.cumsum(mask, axis=1) - 1) * mask, axis=-1).reshape(g, k, t)
+  if order is not None:
+    position = jnp.take_along_axis(position, jnp.argsort(order, axis=2), axis=2)
+  return jnp.swapaxes(position, 1, 2)
+
+
+def queue_order(mode: str, gates: jax.Array, rng: Optional[jax.Array] = None):
+  """Token order within each choice level for capacity assignment (`CAPACITY_ORDER`).
+
+  'openmoe': left to right (None), which drops late tokens first (drop-towards-the-end);
+  'random': a fresh random permutation per group and level (rng; fixed key 0 when None);
+  'confidence': highest gate first (batch-prioritised routing), position-independent.
+
+  Args:
+    gates: float32[G, T, K] gates of the chosen experts.
+  Returns:
+    int32[G, K, T] or None.
+  """
+  if mode == "openmoe":
+    return None
+  g, t, k = gates.shape
+  if mode == "random":
+    rng = jax.random.key(0) if rng is None else rng
+    return jnp.argsort(jax.random.uniform(rng, (g, k, t)), axis=2).astype(jnp.int32)
+  if mode == "confidence":
+    return jnp.argsort(-jnp.swapaxes(gates, 1, 2), axis=2, stable=True).astype(jnp.int32)
+  raise ValueError(f"unknown capacity order {mode!r}; choose from {CAPACITY_ORDERS}")
+
+
+def adaptive_capacities(expert_index: jax.Array, num_experts: int, budget: int) -> jax.Array:
+  """Per-group, per-expert capacities sharing `budget` slots by load (water-filling).
+
+  Each expert gets min(load, tau) slots with tau the largest level whose total fits the budget;
+  the few slots left go, one each, to the lowest-numbered experts still above tau. So an expert
+  overflows only when the whole group is over budget, and then the busiest experts lose first.
+
+  Args:
+    expert_index: int32[G, T, K].
+    budget: slots per group (E x the fixed capacity, so compute equals fixed capacity's).
+  Returns:
+    int32[G, E] capacities, summing to min(budget, G's assignments) per group.
+  """
+  g, t, k = expert_index.shape
+  load = jnp.sum(jax.nn.one_hot(expert_index.reshape(g, t * k), num_experts, dtype=jnp.int32),
+                 axis=1)
+  fits = lambda tau: jnp.sum(jnp.minimum(load, tau[:, None]), axis=1) <= budget
+
+  def search(_, bounds):
+    lo, hi = bounds
+    mid = (lo + hi + 1) // 2
+    ok = fits(mid)
+    return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid - 1)
+
+  steps = max(int(t).bit_length() + 1, 1)
+  tau, _ = jax.lax.fori_loop(0, steps, search, (jnp.zeros((g,), jnp.int32),
+                                                jnp.full((g,), t, jnp.int32)))
+  base = jnp.minimum(load, tau[:, None])
+  left = budget - jnp.sum(base, axis=1, keepdims=True)
+  above = load > tau[:, None]
+  extra = above & (jnp.cumsum(above.astype(jnp.int32), axis=1) <= left)
+  return base + extra.astype(jnp.int32)
 
 
 def _top_k(probs: jax.Array, k: int):
@@ -127,14 +194,19 @@ def _top_k(probs: jax.Array, k: int):
 
 
 def top_k_routing(router_logits: jax.Array, num_selected_experts: int, capacity: int, *,
-                  renormalize_gates: bool = False) -> Routing:
-  """Softmax over all experts, then top-k; capacity by first-choice-first, left-to-right priority.
+                  renormalize_gates: bool = False, order: str = "openmoe",
+                  rng: Optional[jax.Array] = None, adaptive: bool = False) -> Routing:
+  """Softmax over all experts, then top-k; capacity by first-choice-first priority.
 
   Args:
     router_logits: float32[G, T, E].
     num_selected_experts: K.
     capacity: C slots per expert and group.
     renormalize_gates: divide the K gates by their sum (OpenMoE: no).
+    order: queue order within a choice level, see `queue_order` (OpenMoE: 'openmoe').
+    rng: key for order='random'.
+    adaptive: share the group's E*C slots between experts by load (`adaptive_capacities`)
+      instead of C each.
   """
   router_logits = router_logits.astype(jnp.float32)
   num_experts = router_logits.shape[-1]
@@ -142,8 +214,14 @@ def top_k_routing(router_logits: jax.Array, num_selected_experts: int, capacity:
   gates, expert_index = _top_k(probs, num_selected_experts)
   if renormalize_gates:
     gates = gates / jnp.sum(gates, axis=-1, keepdims=True)
-  position = priority_positions(expert_index, num_experts)
-  kept = position < capacity
+  position = priority_positions(expert_index, num_experts, queue_order(order, gates, rng))
+  if adaptive:
+    caps = adaptive_capacities(expert_index, num_experts, num_experts * capacity)
+    g = expert_index.shape[0]
+    limit = jnp.take_along_axis(caps, expert_index.reshape(g, -1), axis=1)
+    kept = position < limit.reshape(expert_index.shape)
+  else:
+    kept = position < capacity
   return Routing(
       expert_index=expert_index,
       position=position,

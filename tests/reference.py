@@ -142,3 +142,26 @@ def jax_free(tree):
   if isinstance(tree, dict):
     return {k: jax_free(v) for k, v in tree.items()}
   return np.asarray(tree, np.float64)
+
+
+def combine_loop(x_groups, index, gates, kept, wi_0, wi_1, wo):
+  """y[g, t] = sum over kept k of gates * FFN_{index}(x[g, t]), by plain loops (float64)."""
+  x = np.asarray(x_groups, np.float64)
+  y = np.zeros_like(x)
+  for gi, ti, ki in zip(*np.nonzero(np.asarray(kept))):
+    e = index[gi, ti, ki]
+    y[gi, ti] += gates[gi, ti, ki] * ffn(x[gi, ti], wi_0[e], wi_1[e], wo[e])
+  return y
+
+
+def water_fill(load, budget):
+  """Capacities c_e <= load_e, sum = min(budget, sum(load)), raised one level at a time."""
+  load = np.asarray(load, np.int64)
+  caps = np.zeros_like(load)
+  left = int(budget)
+  while left > 0 and (caps < load).any():
+    for e in range(len(load)):  # one more slot to every expert still short, lowest index first
+      if left > 0 and caps[e] < load[e]:
+        caps[e] += 1
+        left -= 1
+  return caps

@@ -76,6 +76,12 @@ def hf_shape(flax_shape, transpose: bool) -> tuple:
   return tuple(reversed(flax_shape)) if transpose else tuple(flax_shape)
 
 
+def _no_drop(cfg) -> bool:
+  """A dropless model computes every assignment: in the exported code, router_no_drop.
+  ('adaptive' capacity has no counterpart there; it exports as fixed capacity.)"""
+  return bool(cfg.no_drop or cfg.capacity_mode == "dropless")
+
+
 def hf_config(cfg, torch_dtype: str = "float32") -> dict:
   """config.json of the released layout (spec §6.2) for a ModelConfig, plus our routing fields.
 
@@ -119,7 +125,7 @@ def hf_config(cfg, torch_dtype: str = "float32") -> dict:
       "router_capacity_factor_eval": cfg.eval_capacity_factor,
       "router_min_capacity": cfg.min_expert_capacity,
       "router_noisy_policy": None,
-      "router_drop_tks": not cfg.no_drop,
+      "router_drop_tks": not _no_drop(cfg),
       "router_aux_loss_factor": cfg.aux_loss_factor,
       "router_z_loss_factor": cfg.router_z_loss_factor,
       "label_smoothing": 0.0,
@@ -138,7 +144,7 @@ def hf_config(cfg, torch_dtype: str = "float32") -> dict:
       # Ours (absent from the released files; readers default them).
       "expert_intermediate_size": cfg.expert_mlp_dim,
       "router_capacity_formula": cfg.capacity_formula,
-      "router_no_drop": cfg.no_drop,
+      "router_no_drop": _no_drop(cfg),
       "router_group_size": cfg.group_size,
       "router_renormalize_gates": cfg.renormalize_gates,
   }
