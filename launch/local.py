@@ -1,0 +1,103 @@
+"""Runs N openmoe-train processes on this machine (127.0.0.1, CPU devices), as a multi-host job
+would: same command, process indices 0..N-1. Each output line is prefixed with `[i] `; when one
+process fails the others are killed. --dry-run prints the N commands.
+
+  python launch/local.py --num_processes=2 --num_cpu_devices=2 \\
+      -- --gin_file=quickstart.gin --gin.MODEL_DIR="'/tmp/two_processes'"
+
+Each process gets OPENMOE_COORDINATOR_ADDRESS, OPENMOE_PROCESS_COUNT and OPENMOE_PROCESS_INDEX
+in its environment (docs/launch.md).
+"""
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import common
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def build_parser() -> common.Parser:
+  p = common.Parser("local.py", __doc__)
+  p.add_argument("--num_processes", type=common.positive_int, default=2,
+                 help="processes to start (default 2)")
+  p.add_argument("--num_cpu_devices", type=common.positive_int, default=1,
+                 help="CPU devices per process (default 1)")
+  p.add_argument("--port", type=int, default=0,
+                 help="coordinator port on 127.0.0.1 (default: a free one)")
+  p.add_argument("--python", default=sys.executable,
+                 help="Python interpreter with openmoe_jax installed (default: this one)")
+  return p
+
+
+def commands(args, train_args):
+  """[(environment additions, argv)] for processes 0..N-1."""
+  port = args.port or free_port()
+  argv = [args.python, "-m", "openmoe_jax.main", *train_args,
+          f"--num_cpu_devices={args.num_cpu_devices}"]
+  return [({"JAX_PLATFORMS": "cpu", "OPENMOE_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
+            "OPENMOE_PROCESS_COUNT": str(args.num_processes), "OPENMOE_PROCESS_INDEX": str(i)},
+           argv) for i in range(args.num_processes)]
+
+
+def _forward(i: int, stream, lock: threading.Lock) -> None:
+  for line in stream:
+    with lock:
+      sys.stdout.write(f"[{i}] {line}")
+      sys.stdout.flush()
+
+
+def run_all(cmds) -> int:
+  """Starts every process, forwards their output; returns 0 or the first failure's exit code."""
+  lock = threading.Lock()
+  procs, threads = [], []
+  for i, (env, argv) in enumerate(cmds):
+    procs.append(subprocess.Popen(argv, env=dict(os.environ, **env), stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True, errors="replace"))
+    threads.append(threading.Thread(target=_forward, args=(i, procs[-1].stdout, lock)))
+    threads[-1].start()
+  failed = None
+  try:
+    while failed is None and any(p.poll() is None for p in procs):
+      failed = next((i for i, p in enumerate(procs) if p.poll()), None)
+      time.sleep(0.2)
+    failed = next((i for i, p in enumerate(procs) if p.poll()), None)
+  finally:  # a failure or Ctrl-C: the others would wait for it forever
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+    for p, t in zip(procs, threads):
+      p.wait()
+      t.join()
+  if failed is not None:
+    print(f"local.py: process {failed} exited with code {procs[failed].returncode}; "
+          "the others were stopped", file=sys.stderr)
+    return procs[failed].returncode if procs[failed].returncode > 0 else 1
+  return 0
+
+
+def main(argv=None) -> int:
+  p = build_parser()
+  args, train_args = common.parse(p, argv, owned=common.OWNED_FLAGS + ("--num_cpu_devices",))
+  if not 0 <= args.port <= 65535:
+    p.error(f"--port={args.port} must be in 0..65535")
+  cmds = commands(args, train_args)
+  if args.dry_run:
+    for env, argv in cmds:
+      print(" ".join(f"{k}={v}" for k, v in env.items()) + " " + common.join(argv))
+    return 0
+  try:
+    return run_all(cmds)
+  except KeyboardInterrupt:
+    return 130
+
+
+if __name__ == "__main__":
+  sys.exit(main())
