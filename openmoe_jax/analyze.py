@@ -21,7 +21,7 @@ import sys
 
 import numpy as np
 
-from openmoe_jax import analysis, gin_utils, tools_common
+from openmoe_jax import analysis, fs, gin_utils, tools_common
 
 REPORT = "routing_report.json"
 
@@ -145,7 +145,7 @@ def analyze(cfg, model_dir, steps, tasks, lengths, batch_size, num_tokens, capac
   routing_cf = cfg.eval_capacity_factor
   decode = _decoder(tasks[0])
   report = {"settings": {
-      "model_dir": os.path.abspath(model_dir), "steps": steps, "tasks": tasks,
+      "model_dir": fs.abspath(model_dir), "steps": steps, "tasks": tasks,
       "num_tokens_requested": num_tokens, "task_feature_lengths": lengths,
       "batch_size": batch_size, "split": split, "seed": seed,
       "capacity_factors": capacity_factors, "routing_capacity_factor": routing_cf,
@@ -311,9 +311,9 @@ def build_parser():
 
 
 def _run_batch_size(model_dir):
-  path = os.path.join(model_dir, "config.gin")
-  if os.path.exists(path):
-    m = re.search(r"^BATCH_SIZE = (\d+)", open(path).read(), re.M)
+  path = fs.join(model_dir, "config.gin")
+  if fs.exists(path):
+    m = re.search(r"^BATCH_SIZE = (\d+)", fs.read_text(path), re.M)
     if m:
       return int(m.group(1))
   return 8

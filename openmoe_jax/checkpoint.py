@@ -5,7 +5,6 @@ shardings), `data` a JSON dict (the data iterator state). Orbax writes a step in
 `<step>.orbax-checkpoint-tmp*` directory and renames it (or, on object stores, records the
 commit) only when complete, so a crash mid-save never touches an existing checkpoint.
 """
-import os
 import json
 from typing import Any, Optional
 
@@ -14,16 +13,15 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from openmoe_jax import fs
+
 STATE, DATA = 'state', 'data'
 _STEP_METADATA = '_CHECKPOINT_METADATA'
 
 
 def checkpoint_dir(model_dir) -> epath.Path:
   # orbax needs absolute local paths; gs:// and other URLs are left alone.
-  model_dir = str(model_dir)
-  if '://' not in model_dir:
-    model_dir = os.path.abspath(model_dir)
-  return epath.Path(model_dir) / 'checkpoints'
+  return epath.Path(fs.abspath(model_dir)) / 'checkpoints'
 
 
 def _is_complete(step_dir: epath.Path) -> bool:

@@ -8,14 +8,13 @@ settings apply (EVAL_EXPERT_CAPACITY_FACTOR). Results are printed as JSON and ap
 MODEL_DIR/eval_results.jsonl.
 """
 import json
-import os
 import sys
 from typing import Optional
 
 import gin
 import jax
 
-from openmoe_jax import gin_utils, tools_common
+from openmoe_jax import fs, gin_utils, tools_common
 from openmoe_jax.train import evaluate  # also registers `train` before gin locks its config
 
 
@@ -49,8 +48,7 @@ def evaluate_checkpoint(*, model_dir: str = gin.REQUIRED, mixture_or_task_name: 
   result.update(step=step, split=split, mixture_or_task_name=name,
                 eval_capacity_factor=cfg.eval_capacity_factor)
   if jax.process_index() == 0:
-    with open(os.path.join(model_dir, "eval_results.jsonl"), "a") as f:
-      f.write(json.dumps(result) + "\n")
+    fs.append_text(fs.join(model_dir, "eval_results.jsonl"), json.dumps(result) + "\n")
   return result
 
 

@@ -25,7 +25,7 @@ import tempfile
 
 import numpy as np
 
-from openmoe_jax import gin_utils, tools_common
+from openmoe_jax import fs, gin_utils, tools_common
 from openmoe_jax.hf import name_map
 
 _ST_DTYPES = {"float32": "F32", "bfloat16": "BF16"}
@@ -118,7 +118,7 @@ def _write_shard(path, items, dtype, produce):
 
 def _spm_path(model_dir: str, explicit) -> str:
   if explicit:
-    if not os.path.isfile(explicit):
+    if not fs.isfile(explicit):
       raise gin_utils.UsageError(f"SentencePiece model not found: {explicit}")
     return explicit
   task = tools_common.run_info(model_dir).get("mixture_or_task_name", "")
@@ -126,14 +126,14 @@ def _spm_path(model_dir: str, explicit) -> str:
     from openmoe_jax import corpus
     return str(corpus.SPM_PATH)
   env = os.environ.get("OPENMOE_SPM_PATH")
-  if env and os.path.isfile(env):
+  if env and fs.isfile(env):
     return env
   raise gin_utils.UsageError(f"cannot tell the SentencePiece model of {model_dir!r} (task "
                              f"{task or 'unknown'}): pass --spm_path or set $OPENMOE_SPM_PATH")
 
 
 def _write_tokenizer(out_dir: str, spm: str) -> None:
-  shutil.copyfile(spm, os.path.join(out_dir, "tokenizer.model"))
+  fs.copy(spm, os.path.join(out_dir, "tokenizer.model"))
   shutil.copyfile(os.path.join(_HERE, "hf", "tokenization_openmoe.py"),
                   os.path.join(out_dir, "tokenization_openmoe.py"))
   # Our SentencePiece tokenizer class (encodes exactly as seqio; BOS = pad id 0 prepended, no

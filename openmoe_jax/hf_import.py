@@ -10,8 +10,9 @@ MODEL_DIR/checkpoints/<step> = {"step", "params", "opt_state"} (a fresh OpenMoE 
 with an empty data state, plus model_config.json. Fine-tune from it with
 `--gin_file=runs/finetune.gin --gin.INITIAL_CHECKPOINT_DIR="'MODEL_DIR'"` and the matching
 model gin. Without --gin_file the model config comes from config.json; with it, the gin's
-shapes must agree with config.json. Everything is written to MODEL_DIR.tmp-XXXX first and
-renamed, so a failure leaves nothing behind.
+shapes must agree with config.json. A local MODEL_DIR is written to MODEL_DIR.tmp-XXXX first and
+renamed, so a failure leaves nothing behind; a URL MODEL_DIR (gs://...) is written in place,
+model_config.json last.
 """
 import argparse
 import dataclasses
@@ -23,7 +24,7 @@ import tempfile
 
 import numpy as np
 
-from openmoe_jax import gin_utils
+from openmoe_jax import fs, gin_utils
 from openmoe_jax.config import ModelConfig
 from openmoe_jax.hf import name_map
 
@@ -146,32 +147,43 @@ def model_config(hf: dict, gin_files, gin_bindings, param_dtype: str) -> ModelCo
 def import_checkpoint(hf_dir: str, model_dir: str, *, gin_files=(), gin_bindings=(),
                       step: int = 0, param_dtype: str = "float32") -> dict:
   """Writes MODEL_DIR from HF_DIR; returns a summary. Raises gin_utils.UsageError."""
-  from openmoe_jax import checkpoint as ckpt_lib
-  if os.path.exists(model_dir) and (not os.path.isdir(model_dir) or os.listdir(model_dir)):
+  if fs.exists(model_dir) and (not fs.isdir(model_dir) or fs.listdir(model_dir)):
     _fail(f"model_dir {model_dir} exists and is not empty")
   if not os.path.isdir(hf_dir):
     _fail(f"hf_dir not found: {hf_dir}")
   cfg = model_config(read_hf_config(hf_dir), gin_files, gin_bindings, param_dtype)
   params = load_params(hf_dir, cfg)
   state = {"step": np.int32(step), "params": params, "opt_state": _fresh_opt_state(params)}
+  summary = {"model_dir": model_dir, "step": step, "num_layers": cfg.num_layers,
+             "num_experts": cfg.num_experts}
+  if fs.is_url(model_dir):
+    # Object stores cannot rename a folder, so the files go straight to MODEL_DIR: the
+    # checkpoint is committed first, model_config.json last, so the tools never read an
+    # unfinished import as a model dir.
+    _write_model_dir(model_dir, cfg, state, step, hf_dir)
+    return summary
   parent = os.path.dirname(os.path.abspath(model_dir))
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=os.path.basename(os.path.abspath(model_dir)) + ".tmp-", dir=parent)
   try:
-    with ckpt_lib.Checkpointer(tmp, async_save=False) as ckpt:
-      ckpt.save(step, state, {}, force=True)
-    with open(os.path.join(tmp, "model_config.json"), "w") as f:
-      json.dump(dataclasses.asdict(cfg), f, indent=1)
-    with open(os.path.join(tmp, "imported_from.json"), "w") as f:
-      json.dump({"hf_dir": os.path.abspath(hf_dir)}, f)
+    _write_model_dir(tmp, cfg, state, step, hf_dir)
     if os.path.isdir(model_dir):
       os.rmdir(model_dir)  # checked empty above
     os.replace(tmp, model_dir)
   finally:
     if os.path.exists(tmp):
       shutil.rmtree(tmp)
-  return {"model_dir": model_dir, "step": step, "num_layers": cfg.num_layers,
-          "num_experts": cfg.num_experts}
+  return summary
+
+
+def _write_model_dir(dest: str, cfg: ModelConfig, state, step: int, hf_dir: str) -> None:
+  """The checkpoint, imported_from.json, then model_config.json into `dest` (path or URL)."""
+  from openmoe_jax import checkpoint as ckpt_lib
+  with ckpt_lib.Checkpointer(dest, async_save=False) as ckpt:
+    ckpt.save(step, state, {}, force=True)
+  fs.write_text(fs.join(dest, "imported_from.json"),
+                json.dumps({"hf_dir": os.path.abspath(hf_dir)}))
+  fs.write_text(fs.join(dest, "model_config.json"), json.dumps(dataclasses.asdict(cfg), indent=1))
 
 
 def _fresh_opt_state(params):

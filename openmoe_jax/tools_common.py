@@ -1,21 +1,23 @@
-"""Shared by the commands that read a trained MODEL_DIR (openmoe-eval, openmoe-score)."""
+"""Shared by the commands that read a trained MODEL_DIR (openmoe-eval, openmoe-score).
+
+MODEL_DIR may be a local path or a URL such as gs://bucket/run (`openmoe_jax.fs`).
+"""
 import dataclasses
 import json
-import os
 from typing import Optional, Sequence
 
 from openmoe_jax import checkpoint as ckpt_lib
+from openmoe_jax import fs
 from openmoe_jax.config import ModelConfig
 from openmoe_jax.gin_utils import UsageError
 
 
 def load_model_config(model_dir: str, overrides: Sequence[str] = ()) -> ModelConfig:
   """The ModelConfig a run recorded in MODEL_DIR/model_config.json, with FIELD=VALUE overrides."""
-  path = os.path.join(model_dir, "model_config.json")
-  if not os.path.exists(path):
+  path = fs.join(model_dir, "model_config.json")
+  if not fs.exists(path):
     raise UsageError(f"{model_dir} is not an openmoe_jax model dir (no model_config.json)")
-  with open(path) as f:
-    fields = json.load(f)
+  fields = json.loads(fs.read_text(path))
   known = {f.name: f.type for f in dataclasses.fields(ModelConfig)}
   for item in overrides:
     name, sep, value = item.partition("=")
@@ -40,8 +42,8 @@ def load_params(model_dir: str, step: Optional[int]):
 
 
 def run_info(model_dir: str) -> dict:
-  path = os.path.join(model_dir, "run.json")
-  if not os.path.exists(path):
+  """What MODEL_DIR/run.json records (task, feature lengths), or {} without one."""
+  path = fs.join(model_dir, "run.json")
+  if not fs.exists(path):
     return {}
-  with open(path) as f:
-    return json.load(f)
+  return json.loads(fs.read_text(path))

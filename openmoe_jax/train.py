@@ -7,7 +7,6 @@ final checkpoint. Resume order: MODEL_DIR's latest complete checkpoint, else the
 import dataclasses
 import json
 import math
-import os
 import signal
 import time
 from typing import Dict, Optional
@@ -20,6 +19,7 @@ from flax import linen as nn
 
 from openmoe_jax import checkpoint as ckpt_lib
 from openmoe_jax import data as data_lib  # seqio / TF load on first use, not on import
+from openmoe_jax import fs
 from openmoe_jax import info as info_lib
 from openmoe_jax import layout
 from openmoe_jax import partitioning as part
@@ -36,11 +36,10 @@ class TrainingError(Exception):
 
 def _check_model_dir(model_dir: str, cfg: ModelConfig) -> None:
   """Refuses a MODEL_DIR that holds checkpoints of a different model; records ours."""
-  path = os.path.join(model_dir, "model_config.json")
+  path = fs.join(model_dir, "model_config.json")
   ours = dataclasses.asdict(cfg)
-  if os.path.exists(path) and ckpt_lib.list_steps(model_dir):
-    with open(path) as f:
-      theirs = json.load(f)
+  if fs.exists(path) and ckpt_lib.list_steps(model_dir):
+    theirs = json.loads(fs.read_text(path))
     shape_keys = ("vocab_size", "emb_dim", "num_heads", "head_dim", "mlp_dim", "expert_mlp_dim",
                   "num_layers", "num_experts", "num_sparse_layers")
     diff = [k for k in shape_keys if theirs.get(k) != ours[k]]
@@ -48,10 +47,21 @@ def _check_model_dir(model_dir: str, cfg: ModelConfig) -> None:
       raise UsageError(f"MODEL_DIR {model_dir} holds a different model ("
                        + ", ".join(f"{k}: {theirs.get(k)} != {ours[k]}" for k in diff) + ")")
   if jax.process_index() == 0:
-    os.makedirs(model_dir, exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-      json.dump(ours, f, indent=1)
-    os.replace(path + ".tmp", path)
+    fs.makedirs(model_dir)
+    fs.write_text(path, json.dumps(ours, indent=1))
+
+
+def write_run_files(model_dir: str, mixture_or_task_name: str, task_feature_lengths,
+                    operative_config: Optional[str] = None) -> None:
+  """MODEL_DIR/run.json (read by openmoe-score / -eval) and, when given, config.gin.
+
+  Each is written to a temporary name and renamed; MODEL_DIR may be a URL.
+  """
+  if operative_config is not None:
+    fs.write_text(fs.join(model_dir, "config.gin"), operative_config)
+  fs.write_text(fs.join(model_dir, "run.json"), json.dumps(
+      {"mixture_or_task_name": mixture_or_task_name,
+       "task_feature_lengths": dict(task_feature_lengths)}))
 
 
 def matmul_peak_flops(n: int = 1024, repeats: int = 5) -> float:
@@ -195,12 +205,8 @@ def train(model_config: ModelConfig, *, model_dir: str = gin.REQUIRED,
   eval_fn = jax.jit(lambda p, b: steps.eval_step(p, b, cfg=cfg),
                     in_shardings=(param_sh, batch_sh))
   if jax.process_index() == 0:
-    if step == 0:
-      with open(os.path.join(model_dir, "config.gin"), "w") as f:
-        f.write(gin.operative_config_str())
-    with open(os.path.join(model_dir, "run.json"), "w") as f:  # read by openmoe-score / -eval
-      json.dump({"mixture_or_task_name": mixture_or_task_name,
-                 "task_feature_lengths": dict(task_feature_lengths)}, f)
+    write_run_files(model_dir, mixture_or_task_name, task_feature_lengths,
+                    operative_config=gin.operative_config_str() if step == 0 else None)
   writer = MetricsWriter(model_dir, enabled=jax.process_index() == 0)
   flops_per_token = info_lib.summarize(cfg, seq_len=length)["train_flops_per_token"]
   peak = (peak_flops_per_device * jax.device_count() if peak_flops_per_device
@@ -229,6 +235,7 @@ def train(model_config: ModelConfig, *, model_dir: str = gin.REQUIRED,
         if fail_on_nan:
           _check_finite(step, metrics, ckpt)
         ckpt.save(step, state, train_iter.get_state(), force=True)
+        writer.flush()  # URL model dirs rewrite metrics.jsonl at most every minute otherwise
       if eval_period and step % eval_period == 0:
         ev = evaluate(state["params"], eval_fn, _ShardedIterator(
             num_data_shards, mixture_or_task_name=mixture_or_task_name,

@@ -249,6 +249,23 @@ def test_import_released_config_without_our_fields(run_dir, hf_dir, tmp_path):
     assert np.array_equal(x, y)
 
 
+def test_import_to_a_url_model_dir_writes_in_place(run_dir, hf_dir, tmp_path, monkeypatch):
+  # Object stores cannot rename a folder, so a URL MODEL_DIR (gs://) is written in place, with no
+  # MODEL_DIR.tmp-* beside it. A local path stands in for the URL (orbax's etils.epath knows no
+  # in-memory ram://): with fs.is_url forced, fs goes through tf.io.gfile, which takes it too.
+  from openmoe_jax import fs
+  dest = tmp_path / "bucket" / "imported"
+  monkeypatch.setattr(fs, "is_url", lambda path: True)
+  assert hf_import.main([f"--hf_dir={hf_dir}", f"--model_dir={dest}", *TINY_GIN]) == 0
+  monkeypatch.undo()
+  assert os.listdir(tmp_path / "bucket") == ["imported"]
+  assert sorted(os.listdir(dest)) == ["checkpoints", "imported_from.json", "model_config.json"]
+  assert name_map.shape_mismatch(
+      ModelConfig(**json.loads((dest / "model_config.json").read_text())), CFG) == []
+  for x, y in zip(jax.tree.leaves(_params(run_dir)), jax.tree.leaves(_params(dest))):
+    assert np.array_equal(x, y)
+
+
 def _last_error(capsys, prog):
   err = capsys.readouterr().err.strip().splitlines()
   assert err and err[-1].startswith(f"{prog}: error: "), err
