@@ -88,7 +88,8 @@ def train_step(state, batch, *, cfg: ModelConfig, tx, schedule, num_microbatches
   updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
   params = optax.apply_updates(state["params"], updates)
   metrics = dict(metrics, grad_norm=optax.global_norm(grads),
-                 learning_rate=schedule(state["step"]))
+                 # asarray: optax's constant schedule returns a Python float.
+                 learning_rate=jnp.asarray(schedule(state["step"]), jnp.float32))
   metrics["num_tokens"] = metrics["num_tokens"] * num_microbatches
   new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state}
   return new_state, jax.tree.map(lambda x: x.astype(jnp.float32), metrics)
