@@ -6,12 +6,13 @@ Rows are sorted by expert and `group_sizes[e]` counts expert e's rows; rows past
 sum(group_sizes) are padding and come back as zeros. Two implementations of the same function:
 
   * 'ragged_dot': three `jax.lax.ragged_dot` grouped matmuls (XLA's grouped GEMM; GPU/TPU);
-  * 'blocked': a loop over tiles of `block_rows` rows, each tile inside one expert's segment
-    (the last tile of a segment runs past its end and is masked), one dense [b, D] x [D, F] matmul
-    per projection and tile. The loop runs only as many tiles as the segments need (dynamic trip
-    count), so padding rows and worst-case buffers cost memory, not FLOPs. Its backward pass is a
-    second tile loop (per-tile VJP, weight gradients accumulated per expert in the loop carry), so
-    nothing is scattered. On XLA:CPU this is ~30x faster than ragged_dot (benchmarks/RESULTS.md).
+  * 'blocked': a loop over experts and, inside, over tiles of `block_rows` rows of the expert's
+    segment (the last tile runs past the segment's end and is masked), one dense [b, D] x [D, F]
+    matmul per projection and tile. Both loops have dynamic trip counts, so padding rows and
+    worst-case buffers cost memory, not FLOPs; an expert's weights are read, and its weight
+    gradients written, once per expert rather than once per tile. The backward pass is the same
+    double loop (per-tile VJP, weight gradients accumulated in the inner loop's carry), so nothing
+    is scattered. On XLA:CPU this is ~30x faster than ragged_dot (benchmarks/RESULTS.md).
 
 Legend: N rows, D embed, F expert hidden, E experts, b block rows.
 """
@@ -53,19 +54,6 @@ def _tile_ffn(x, w0, w1, wo, keep):
   return h @ wo
 
 
-def _tile_table(group_sizes, num_tiles_max: int, b: int):
-  """Expert and first row of every tile (tiles in expert order), and how many tiles are real."""
-  tiles = (group_sizes + b - 1) // b
-  ends = jnp.cumsum(tiles)
-  starts_row = jnp.cumsum(group_sizes) - group_sizes
-  j = jnp.arange(num_tiles_max)
-  expert = jnp.minimum(jnp.searchsorted(ends, j, side="right"), group_sizes.shape[0] - 1)
-  first_tile = ends[expert] - tiles[expert]
-  start = starts_row[expert] + (j - first_tile) * b
-  seg_end = starts_row[expert] + group_sizes[expert]
-  return expert.astype(jnp.int32), start.astype(jnp.int32), seg_end.astype(jnp.int32), ends[-1]
-
-
 def _varying_like(init, *refs):
   """Under shard_map, marks a loop carry as varying over every mesh axis its updates vary over."""
   axes = lambda a: jax.typeof(a).manual_axis_type.varying
@@ -86,6 +74,12 @@ def _padded(x, b):
   return jnp.concatenate([x, jnp.zeros((b,) + x.shape[1:], x.dtype)], axis=0)
 
 
+def _segments(group_sizes, b: int):
+  """First row, row count and tile count of every expert's segment."""
+  starts = (jnp.cumsum(group_sizes) - group_sizes).astype(jnp.int32)
+  return starts, group_sizes, (group_sizes + b - 1) // b
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
 def _blocked(x, group_sizes, w0, w1, wo, keep, b):
   return _blocked_fwd(x, group_sizes, w0, w1, wo, keep, b)[0]
@@ -93,59 +87,69 @@ def _blocked(x, group_sizes, w0, w1, wo, keep, b):
 
 def _blocked_fwd(x, group_sizes, w0, w1, wo, keep, b):
   n, d = x.shape
-  num_experts = w0.shape[0]
-  expert, start, seg_end, count = _tile_table(group_sizes, n // b + num_experts, b)
+  starts, sizes, tiles = _segments(group_sizes, b)
   xp = _padded(x, b)
   kp = None if keep is None else _padded(keep, b)
   rows = jnp.arange(b)
 
-  def body(j, out):
-    e, s = expert[j], start[j]
-    xt = jax.lax.dynamic_slice_in_dim(xp, s, b)
-    kt = None if kp is None else jax.lax.dynamic_slice_in_dim(kp, s, b)
-    yt = _tile_ffn(xt, w0[e], w1[e], wo[e], kt)
-    # Rows past the segment belong to later experts (written by their own, later tiles) or are
-    # padding: zero them so padding reads back as zeros.
-    yt = jnp.where((s + rows < seg_end[j])[:, None], yt, 0).astype(out.dtype)
-    return jax.lax.dynamic_update_slice_in_dim(out, yt, s, axis=0)
+  def expert_body(e, out):
+    we = (w0[e], w1[e], wo[e])  # read once per expert, not once per tile
+    end = starts[e] + sizes[e]
+
+    def tile_body(j, out):
+      s = starts[e] + j * b
+      xt = jax.lax.dynamic_slice_in_dim(xp, s, b)
+      kt = None if kp is None else jax.lax.dynamic_slice_in_dim(kp, s, b)
+      yt = _tile_ffn(xt, *we, kt)
+      # Rows past the segment belong to later experts (written by their own, later tiles) or
+      # are padding: zero them so padding reads back as zeros.
+      yt = jnp.where((s + rows < end)[:, None], yt, 0).astype(out.dtype)
+      return jax.lax.dynamic_update_slice_in_dim(out, yt, s, axis=0)
+
+    return jax.lax.fori_loop(0, tiles[e], tile_body, out)
 
   init = _varying_like(jnp.zeros((n + b, d), x.dtype), x, w0, w1, wo, keep, group_sizes)
-  out = jax.lax.fori_loop(0, count, body, init)
+  out = jax.lax.fori_loop(0, w0.shape[0], expert_body, init)
   return out[:n], (x, group_sizes, w0, w1, wo, keep)
 
 
 def _blocked_bwd(b, res, dy):
   x, group_sizes, w0, w1, wo, keep = res
   n, _ = x.shape
-  num_experts = w0.shape[0]
-  expert, start, seg_end, count = _tile_table(group_sizes, n // b + num_experts, b)
+  starts, sizes, tiles = _segments(group_sizes, b)
   xp, dyp = _padded(x, b), _padded(dy, b)
   kp = None if keep is None else _padded(keep, b)
   rows = jnp.arange(b)
-  acc = lambda w: jnp.zeros(w.shape, jnp.promote_types(w.dtype, jnp.float32))
+  acc_dtype = lambda w: jnp.promote_types(w.dtype, jnp.float32)
   refs = (x, dy, w0, w1, wo, keep, group_sizes)
 
-  def body(j, carry):
-    dx, dw0, dw1, dwo = carry
-    e, s = expert[j], start[j]
-    xt = jax.lax.dynamic_slice_in_dim(xp, s, b)
-    kt = None if kp is None else jax.lax.dynamic_slice_in_dim(kp, s, b)
-    mine = (s + rows < seg_end[j])[:, None]
-    dyt = jnp.where(mine, jax.lax.dynamic_slice_in_dim(dyp, s, b), 0)
-    # All tile operands varying over the same mesh axes, so the VJP sums nothing across devices;
-    # `sum_to` below does that once for the whole gradient.
-    operands = tuple(_varying_like(v, *refs) for v in (xt, w0[e], w1[e], wo[e]))
-    _, vjp = jax.vjp(lambda a, p, q, r: _tile_ffn(a, p, q, r, kt), *operands)
-    dxt, g0, g1, go = vjp(dyt.astype(x.dtype))
-    dx = jax.lax.dynamic_update_slice_in_dim(dx, jnp.where(mine, dxt, 0).astype(dx.dtype), s, 0)
-    dw0 = dw0.at[e].add(g0.astype(dw0.dtype))
-    dw1 = dw1.at[e].add(g1.astype(dw1.dtype))
-    dwo = dwo.at[e].add(go.astype(dwo.dtype))
-    return dx, dw0, dw1, dwo
+  def expert_body(e, carry):
+    dx, dws = carry
+    end = starts[e] + sizes[e]
+    # All tile operands varying over the same mesh axes, so the VJP sums nothing across
+    # devices; `sum_to` below does that once for the whole gradient.
+    we = tuple(_varying_like(w[e], *refs) for w in (w0, w1, wo))
 
-  init = tuple(_varying_like(z, *refs)
-               for z in (jnp.zeros(xp.shape, x.dtype), acc(w0), acc(w1), acc(wo)))
-  dx, dw0, dw1, dwo = jax.lax.fori_loop(0, count, body, init)
+    def tile_body(j, carry):
+      dx, acc = carry
+      s = starts[e] + j * b
+      xt = _varying_like(jax.lax.dynamic_slice_in_dim(xp, s, b), *refs)
+      kt = None if kp is None else jax.lax.dynamic_slice_in_dim(kp, s, b)
+      mine = (s + rows < end)[:, None]
+      dyt = jnp.where(mine, jax.lax.dynamic_slice_in_dim(dyp, s, b), 0)
+      _, vjp = jax.vjp(lambda a, p, q, r: _tile_ffn(a, p, q, r, kt), xt, *we)
+      dxt, *g = vjp(dyt.astype(x.dtype))
+      dx = jax.lax.dynamic_update_slice_in_dim(dx, jnp.where(mine, dxt, 0).astype(dx.dtype), s, 0)
+      return dx, tuple(a + gi.astype(a.dtype) for a, gi in zip(acc, g))
+
+    acc0 = tuple(_varying_like(jnp.zeros(w.shape, acc_dtype(w)), *refs) for w in we)
+    dx, acc = jax.lax.fori_loop(0, tiles[e], tile_body, (dx, acc0))
+    dws = tuple(dw.at[e].set(a) for dw, a in zip(dws, acc))  # once per expert
+    return dx, dws
+
+  dx0 = _varying_like(jnp.zeros(xp.shape, x.dtype), *refs)
+  dws0 = tuple(_varying_like(jnp.zeros(w.shape, acc_dtype(w)), *refs) for w in (w0, w1, wo))
+  dx, (dw0, dw1, dwo) = jax.lax.fori_loop(0, w0.shape[0], expert_body, (dx0, dws0))
   dkeep = None if keep is None else jnp.zeros_like(keep)
   grads = (dx[:n], dw0.astype(w0.dtype), dw1.astype(w1.dtype), dwo.astype(wo.dtype))
   dx, dw0, dw1, dwo = (sum_to(g, v) for g, v in zip(grads, (x, w0, w1, wo)))
