@@ -57,7 +57,8 @@ def make_routing_fn(cfg, capacity_factor: float):
     index, kept = [], []
     for _, lg in logits:
       r = routing.top_k_routing(lg, cfg.num_selected_experts, capacity,
-                                renormalize_gates=cfg.renormalize_gates)
+                                renormalize_gates=cfg.renormalize_gates,
+                                order=cfg.capacity_order, adaptive=cfg.capacity_mode == "adaptive")
       index.append(r.expert_index.reshape(b, length, -1))
       kept.append(r.kept.reshape(b, length, -1))
     return jax.numpy.stack(index), jax.numpy.stack(kept)
@@ -72,8 +73,8 @@ def group_settings(cfg, batch_size: int, length: int, capacity_factors) -> dict:
   groups = routing.num_groups(n, cfg.group_size, cfg.num_experts, cfg.num_expert_replicas)
   caps = {str(cf): routing.expert_capacity(
       n // groups, cfg.num_experts, cf, num_selected_experts=cfg.num_selected_experts,
-      min_capacity=cfg.min_expert_capacity, formula=cfg.capacity_formula, no_drop=cfg.no_drop)
-          for cf in capacity_factors}
+      min_capacity=cfg.min_expert_capacity, formula=cfg.capacity_formula,
+      no_drop=cfg.no_drop or cfg.capacity_mode == "dropless") for cf in capacity_factors}
   return {"num_groups": groups, "tokens_per_group": n // groups, "expert_capacity": caps}
 
 
@@ -151,7 +152,8 @@ def analyze(cfg, model_dir, steps, tasks, lengths, batch_size, num_tokens, capac
       "capacity_factors": capacity_factors, "routing_capacity_factor": routing_cf,
       "train_capacity_factor": cfg.train_capacity_factor,
       "eval_capacity_factor": cfg.eval_capacity_factor, "capacity_formula": cfg.capacity_formula,
-      "no_drop": cfg.no_drop, "num_experts": cfg.num_experts,
+      "no_drop": cfg.no_drop, "capacity_mode": cfg.capacity_mode,
+      "capacity_order": cfg.capacity_order, "num_experts": cfg.num_experts,
       "num_selected_experts": cfg.num_selected_experts, "moe_layers": list(cfg.moe_layers),
       "min_count": min_count, "position_bins": position_bins,
       **group_settings(cfg, batch_size, length, sorted({routing_cf, *capacity_factors}))},
