@@ -1,7 +1,8 @@
 """Orbax checkpoints of a training run, under MODEL_DIR/checkpoints/<step>/{state,data}.
 
 `state` is the train-state pytree (sharded jax.Arrays; restored onto any mesh by passing target
-shardings), `data` a JSON dict (the data iterator state). Orbax writes a step into a
+shardings), `data` a JSON dict (the data iterator state; orbax writes it from process 0 only, so
+multi-process callers gather every process's part first, `allgather_json`). Orbax writes a step into a
 `<step>.orbax-checkpoint-tmp*` directory and renames it (or, on object stores, records the
 commit) only when complete, so a crash mid-save never touches an existing checkpoint.
 """
@@ -42,6 +43,23 @@ def list_steps(model_dir) -> list[int]:
     return []
   return sorted(int(p.name) for p in directory.iterdir()
                 if p.name.isdigit() and _is_complete(p))
+
+
+def allgather_json(obj: Any) -> list:
+  """Every process's JSON-serialisable `obj`, in process order (collective: all must call it).
+
+  Used for the data position: orbax writes the `data` item from process 0 only, so each
+  process's position must reach process 0 inside the same (atomic) checkpoint.
+  """
+  if jax.process_count() == 1:
+    return [obj]
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  mine = np.frombuffer(json.dumps(obj).encode(), np.uint8)
+  sizes = multihost_utils.process_allgather(np.array([mine.size], np.int32)).reshape(-1)
+  padded = np.zeros(int(sizes.max()), np.uint8)
+  padded[:mine.size] = mine
+  rows = multihost_utils.process_allgather(padded)
+  return [json.loads(bytes(row[:n]).decode()) for row, n in zip(rows, sizes)]
 
 
 class Checkpointer:

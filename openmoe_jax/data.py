@@ -20,6 +20,8 @@ from typing import Any, Dict, Iterator, Mapping, Optional
 
 import numpy as np
 
+from openmoe_jax.gin_utils import UsageValueError
+
 BATCH_KEYS = ("decoder_target_tokens", "decoder_input_tokens", "decoder_loss_weights",
               "decoder_segment_ids", "decoder_positions")
 STATE_VERSION = 1
@@ -78,6 +80,27 @@ def get_provider(name: str):
   return seqio.get_mixture_or_task(name)
 
 
+def check_sources(name: str, split: str = "train") -> None:
+  """Resolves the data files and vocabularies of every task of `name` that has `split`, now.
+
+  Missing data or a missing tokenizer then fails here, in Python, before any training state
+  exists, rather than inside the tf.data pipeline (where TensorFlow rewraps the error).
+
+  Raises:
+    ValueError: unknown name (see `get_provider`); the sources' and vocabularies' own errors
+      (e.g. FileNotFoundError for missing data).
+  """
+  import seqio  # pylint: disable=g-import-not-at-top
+  provider = get_provider(name)
+  tasks = provider.tasks if isinstance(provider, seqio.Mixture) else [provider]
+  for task in tasks:
+    if split not in task.splits:
+      continue
+    task.source.list_shards(split)
+    for feature in task.output_features.values():
+      _ = feature.vocabulary.vocab_size  # loads the SentencePiece model
+
+
 def build_dataset(config: DataConfig, shard_index: int = 0, num_shards: int = 1):
   """The per-host tf.data pipeline: seqio dataset -> packed features -> batches.
 
@@ -109,6 +132,10 @@ def build_dataset(config: DataConfig, shard_index: int = 0, num_shards: int = 1)
   options = tf.data.Options()
   options.deterministic = True
   return ds.with_options(options).prefetch(tf.data.AUTOTUNE)
+
+
+class DataStateMismatchError(UsageValueError):
+  """A saved data position that belongs to another pipeline (a user error: exit code 2)."""
 
 
 class DataIterator:
@@ -157,16 +184,17 @@ class DataIterator:
     """Continues from `state` (from `get_state`); the next batch is batch `batches_consumed`.
 
     Raises:
-      ValueError: the state belongs to another pipeline (name, lengths, batch, split, shards);
-        a different seed is adopted from the state, since it defines the stream.
+      DataStateMismatchError: the state belongs to another pipeline (name, lengths, batch,
+        split, shards); a different seed is adopted from the state, since it defines the stream.
     """
     if state.get("version") != STATE_VERSION:
-      raise ValueError(f"unsupported data state version {state.get('version')}")
+      raise DataStateMismatchError(f"unsupported data state version {state.get('version')}")
     mine = {**_config_state(self.config), "shard_index": self.shard_index,
             "num_shards": self.num_shards}
     diff = {k: (state.get(k), v) for k, v in mine.items() if k != "seed" and state.get(k) != v}
     if diff:
-      raise ValueError(f"data state does not match this iterator (saved, current): {diff}")
+      raise DataStateMismatchError(
+          f"data state does not match this iterator (saved, current): {diff}")
     self.config = dataclasses.replace(self.config, seed=int(state["seed"]))
     self._consumed = int(state["batches_consumed"])
     self._iterator = None

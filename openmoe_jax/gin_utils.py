@@ -20,6 +20,20 @@ class UsageError(Exception):
   """A user error: the command prints one line and exits with code 2."""
 
 
+class UsageValueError(UsageError, ValueError):
+  """A user error that is also a ValueError (a bad setting, a mismatched saved state)."""
+
+
+class UsageFileNotFoundError(UsageError, FileNotFoundError):
+  """A user error that is also a FileNotFoundError (data or a model file not where configured)."""
+
+
+def error_line(e: BaseException) -> str:
+  """The first line of an error's message, without the `In call to configurable` lines gin
+  appends to errors raised inside configurables."""
+  return (str(e).splitlines() or [type(e).__name__])[0]
+
+
 @functools.lru_cache(maxsize=None)
 def _register():
   gin.external_configurable(ModelConfig, name="ModelConfig", module="openmoe_jax")
@@ -73,7 +87,15 @@ def split_gin_dot_flags(argv: Sequence[str]):
 
 def parse_gin(files: Sequence[str], bindings: Sequence[str], search_paths: Sequence[str] = (),
               finalize: bool = True) -> None:
-  """Clears gin, then parses files and bindings; errors become one-line UsageErrors."""
+  """Clears gin, then parses files and bindings; errors become one-line UsageErrors.
+
+  Args:
+    files: gin files, searched as described in the module docstring.
+    bindings: gin bindings applied after the files.
+    search_paths: extra folders (comma-separated entries allowed).
+    finalize: check that every `%gin.REQUIRED` value was set (all missing ones named in one
+      error) and lock the configuration. False leaves REQUIRED values to fail only if used.
+  """
   _register()
   gin.clear_config()
   paths: List[str] = [p for s in search_paths for p in s.split(",") if p]
@@ -85,12 +107,36 @@ def parse_gin(files: Sequence[str], bindings: Sequence[str], search_paths: Seque
       raise UsageError(f"gin file not found: {f} (searched {', '.join(paths)})")
   logging.disable(logging.ERROR)  # gin logs every search-path miss as an error
   try:
-    gin.parse_config_files_and_bindings(list(files), list(bindings), finalize_config=finalize,
+    gin.parse_config_files_and_bindings(list(files), list(bindings), finalize_config=False,
                                         skip_unknown=False)
+    if finalize:
+      missing = missing_required()
+      if missing:
+        raise UsageError("required macros not set: " + ", ".join(missing)
+                         + f" (e.g. --gin.{missing[0]}=...)")
+      gin.finalize()
   except (ValueError, KeyError, NameError, SyntaxError, IOError) as e:
     raise UsageError(f"gin: {str(e).splitlines()[0]}") from None
   finally:
     logging.disable(logging.NOTSET)
+
+
+def missing_required() -> List[str]:
+  """Macros (and parameters) still bound to `%gin.REQUIRED`, in parse order.
+
+  The same test as gin's finalize hook, which stops at the first one.
+  """
+  # pylint: disable=protected-access  (gin has no public API for the parsed bindings)
+  retrieve_constant, bindings = gin.config._retrieve_constant, gin.config._CONFIG
+  missing = []
+  for (scope, selector), params in bindings.items():
+    for name, value in params.items():
+      if (isinstance(value, gin.config.ConfigurableReference)
+          and value.configurable.wrapped == retrieve_constant
+          and value.scoped_configurable_fn() is gin.REQUIRED):
+        key = f"{scope}/{selector}" if scope else selector
+        missing.append(scope if selector == "gin.macro" else f"{key}.{name}")
+  return missing
 
 
 def model_config() -> ModelConfig:

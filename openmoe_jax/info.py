@@ -2,12 +2,15 @@
 
     openmoe-info --gin_file=models/openmoe_8b.gin
     openmoe-info --gin_file=models/tiny.gin --gin.NUM_EXPERTS=16
+    openmoe-info --gin_file=quickstart.gin       # a run gin: only its model is read
     openmoe-info --gin_file=models/openmoe_8b.gin --compile --num_devices=256 \
         --num_expert_partitions=32 --num_model_partitions=8 --batch_size=1024 \
         --num_microbatches=8 --memory_budget_gib=16
 
-Prints one JSON object. Counts come from the parameter shapes of the Flax model itself. With
---compile it also lowers and compiles the full training step (OpenMoE's Adafactor) for a
+Prints one JSON object. Counts come from the parameter shapes of the Flax model itself. Run gins
+(quickstart.gin, runs/*.gin, openmoe/*.gin) are accepted: only their model is read (the mesh and
+batch come from the flags below) and their required run macros (MODEL_DIR, ...) need not be set.
+With --compile it also lowers and compiles the full training step (OpenMoE's Adafactor) for a
 (data, expert, model) mesh on N fake CPU devices, from abstract shapes only, and adds the
 per-device memory (argument, output, temporary) and FLOPs of the compiled program; it exits
 with code 3 when the per-device peak exceeds --memory_budget_gib.
@@ -92,7 +95,10 @@ def main(argv=None):
       jax.config.update("jax_num_cpu_devices", args.num_devices)
     if not args.gin_file:
       raise gin_utils.UsageError("--gin_file is required, e.g. --gin_file=models/openmoe_8b.gin")
-    gin_utils.parse_gin(args.gin_file, args.gin_bindings + dot_bindings, args.gin_search_paths)
+    # Run gins bind `train`: register it. Not finalized, so unset run macros are not required.
+    from openmoe_jax import train  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+    gin_utils.parse_gin(args.gin_file, args.gin_bindings + dot_bindings, args.gin_search_paths,
+                        finalize=False)
     cfg = gin_utils.model_config()
     out = summarize(cfg, args.seq_len)
     if args.compile:

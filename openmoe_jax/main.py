@@ -14,9 +14,6 @@ import os
 import sys
 from typing import Tuple, Union
 
-REQUIRED_MACROS = ("MODEL_DIR", "MIXTURE_OR_TASK_NAME", "TASK_FEATURE_LENGTHS", "TRAIN_STEPS",
-                   "BATCH_SIZE")
-
 
 def build_parser(prog: str, doc: str) -> argparse.ArgumentParser:
   from openmoe_jax import gin_utils
@@ -99,24 +96,6 @@ def print_start_line() -> None:
         file=sys.stderr, flush=True)
 
 
-def check_required(names) -> None:
-  """Fails with one line naming every %gin.REQUIRED macro the command line left unset."""
-  import gin
-  from openmoe_jax.gin_utils import UsageError
-  missing = []
-  for name in names:
-    try:
-      value = gin.query_parameter(f"{name}/macro.value")
-    except ValueError:
-      missing.append(name)
-      continue
-    if "REQUIRED" in repr(value):
-      missing.append(name)
-  if missing:
-    raise UsageError("required macros not set: " + ", ".join(missing)
-                     + " (e.g. --gin." + missing[0] + "=...)")
-
-
 def main(argv=None):
   from openmoe_jax import gin_utils
   parser = build_parser("openmoe-train", __doc__)
@@ -128,18 +107,18 @@ def main(argv=None):
     init_distributed(args)
     import tasks  # noqa: F401  registers the seqio tasks the run gins name
     from openmoe_jax import train as train_lib
+    # Names every %gin.REQUIRED macro left unset in one line (gin itself stops at the first).
     gin_utils.parse_gin(args.gin_file, args.gin_bindings + dot, args.gin_search_paths)
-    check_required(REQUIRED_MACROS)
     cfg = gin_utils.model_config()
     print_start_line()
     train_lib.train(cfg)
-  except gin_utils.UsageError as e:
-    print(f"openmoe-train: error: {e}", file=sys.stderr)
+  except gin_utils.UsageError as e:  # raised inside `train`, gin appends a second line: dropped
+    print(f"openmoe-train: error: {gin_utils.error_line(e)}", file=sys.stderr)
     return 2
   except Exception as e:  # pylint: disable=broad-except
     from openmoe_jax import train as train_lib
     if isinstance(e, train_lib.TrainingError):
-      print(f"openmoe-train: {e}", file=sys.stderr)
+      print(f"openmoe-train: {gin_utils.error_line(e)}", file=sys.stderr)
       return 1
     raise  # a bug, not a user error: the traceback is for developers
   return 0

@@ -23,6 +23,7 @@ from openmoe_jax import fs
 from openmoe_jax import info as info_lib
 from openmoe_jax import layout
 from openmoe_jax import partitioning as part
+from openmoe_jax import routing
 from openmoe_jax import steps
 from openmoe_jax.config import ModelConfig
 from openmoe_jax.gin_utils import UsageError
@@ -35,7 +36,7 @@ class TrainingError(Exception):
 
 
 def _check_model_dir(model_dir: str, cfg: ModelConfig) -> None:
-  """Refuses a MODEL_DIR that holds checkpoints of a different model; records ours."""
+  """Refuses a MODEL_DIR that holds checkpoints of a different model (reads only)."""
   path = fs.join(model_dir, "model_config.json")
   ours = dataclasses.asdict(cfg)
   if fs.exists(path) and ckpt_lib.list_steps(model_dir):
@@ -46,17 +47,20 @@ def _check_model_dir(model_dir: str, cfg: ModelConfig) -> None:
     if diff:
       raise UsageError(f"MODEL_DIR {model_dir} holds a different model ("
                        + ", ".join(f"{k}: {theirs.get(k)} != {ours[k]}" for k in diff) + ")")
-  if jax.process_index() == 0:
-    fs.makedirs(model_dir)
-    fs.write_text(path, json.dumps(ours, indent=1))
 
 
 def write_run_files(model_dir: str, mixture_or_task_name: str, task_feature_lengths,
-                    operative_config: Optional[str] = None) -> None:
-  """MODEL_DIR/run.json (read by openmoe-score / -eval) and, when given, config.gin.
+                    operative_config: Optional[str] = None,
+                    model_config: Optional[ModelConfig] = None) -> None:
+  """MODEL_DIR/run.json (read by openmoe-score / -eval) and, when given, config.gin and
+  model_config.json (read by the tools and by the next start's `_check_model_dir`).
 
   Each is written to a temporary name and renamed; MODEL_DIR may be a URL.
   """
+  fs.makedirs(model_dir)
+  if model_config is not None:
+    fs.write_text(fs.join(model_dir, "model_config.json"),
+                  json.dumps(dataclasses.asdict(model_config), indent=1))
   if operative_config is not None:
     fs.write_text(fs.join(model_dir, "config.gin"), operative_config)
   fs.write_text(fs.join(model_dir, "run.json"), json.dumps(
@@ -103,11 +107,21 @@ class _ShardedIterator:
     return {k: np.concatenate([b[k] for b in parts]) for k in parts[0]}
 
   def get_state(self):
-    return {"shards": [it.get_state() for it in self._its]}
+    """The position of every shard of every process, `{"shards": [...]}` in shard order.
+
+    Collective in multi-process runs (every process calls it), because the checkpoint's data
+    item is written by process 0 alone.
+    """
+    mine = [it.get_state() for it in self._its]
+    shards = [s for part in ckpt_lib.allgather_json(mine) for s in part]
+    return {"shards": sorted(shards, key=lambda s: s["shard_index"])}
 
   def set_state(self, state):
-    for it, s in zip(self._its, state["shards"], strict=True):
-      it.set_state(s)
+    """Continues each of this process's shards from the saved shard with its index."""
+    saved = {s.get("shard_index"): s for s in state["shards"]}
+    for it in self._its:
+      # No saved shard with this index: the shard count changed, which set_state reports.
+      it.set_state(saved.get(it.shard_index, state["shards"][0]))
 
 
 class _Preemption:
@@ -156,17 +170,17 @@ def train(model_config: ModelConfig, *, model_dir: str = gin.REQUIRED,
   EVAL_PERIOD; NUM_EXPERT_PARTITIONS / NUM_MODEL_PARTITIONS shape the mesh.
   num_data_shards: seqio shards of the training data (default: one per process).
   initial_checkpoint_dir: when MODEL_DIR has no checkpoint, start from the latest parameters
-  of this MODEL_DIR (fine-tuning; the step count continues, the optimizer state is fresh).
+  of this MODEL_DIR (fine-tuning: the optimizer state is fresh; the step count continues and
+  the learning-rate schedule follows it, as in t5x).
   """
   cfg = model_config
-  try:  # configuration errors: one line and exit code 2 before anything is written
+  # --- checks: configuration errors are one line (exit code 2) before anything is written ---
+  try:
     data_lib.get_provider(mixture_or_task_name)
     mesh = part.make_mesh(num_expert_partitions, num_model_partitions)
     part.check_experts_divisible(cfg.num_experts, mesh)
   except ValueError as e:
     raise UsageError(str(e).splitlines()[0]) from None
-  _check_model_dir(model_dir, cfg)
-  # --- mesh ---
   # flaxformer: groups are a multiple of experts x replicas, so they split over (data, expert).
   cfg = cfg.replace(num_expert_replicas=mesh.shape["data"])
   if batch_size % (mesh.shape["data"] * mesh.shape["expert"] * num_microbatches):
@@ -174,21 +188,27 @@ def train(model_config: ModelConfig, *, model_dir: str = gin.REQUIRED,
                      f"({mesh.shape['data'] * mesh.shape['expert']}) x num_microbatches "
                      f"({num_microbatches})")
   length = sum(task_feature_lengths.values())
+  _check_routing_groups(cfg, batch_size, num_microbatches, length)
+  optimizer_kwargs = dict(optimizer_kwargs or {})
+  tx, schedule = _make_optimizer(optimizer, optimizer_kwargs)
+  _check_model_dir(model_dir, cfg)
+  data_lib.check_sources(mixture_or_task_name, "train")  # missing data or tokenizer: UsageError
+  init_fn = lambda rng: steps.init_state(cfg, tx, rng, batch_size // num_microbatches, length)
+  state_sh, abstract = layout.state_layout(init_fn, mesh, jax.random.key(seed))
+  _check_divisible(abstract["params"], mesh)
+  param_sh = state_sh["params"]
   # --- data ---
   train_iter = _ShardedIterator(
       num_data_shards, mixture_or_task_name=mixture_or_task_name,
       task_feature_lengths=task_feature_lengths, split="train", batch_size=batch_size,
       shuffle=True, seed=seed, pack=pack)
   # --- state ---
-  tx, schedule = make_optimizer(optimizer, **(optimizer_kwargs or {}))
-  init_fn = lambda rng: steps.init_state(cfg, tx, rng, batch_size // num_microbatches, length)
-  state_sh, abstract = layout.state_layout(init_fn, mesh, jax.random.key(seed))
-  param_sh = state_sh["params"]
-  ckpt = ckpt_lib.Checkpointer(model_dir, max_to_keep=keep_checkpoints)
-  start = ckpt.latest_step()
+  start = (ckpt_lib.list_steps(model_dir) or [None])[-1]
+  ckpt = None
   if start is not None:
+    ckpt = ckpt_lib.Checkpointer(model_dir, max_to_keep=keep_checkpoints)
     state, data_state = ckpt.restore(start, abstract)
-    train_iter.set_state(data_state)
+    train_iter.set_state(data_state)  # another pipeline's position: UsageError
   elif initial_checkpoint_dir:
     state = _init_from(initial_checkpoint_dir, tx, abstract, state_sh, mesh)
   else:
@@ -196,6 +216,11 @@ def train(model_config: ModelConfig, *, model_dir: str = gin.REQUIRED,
       state = jax.jit(lambda r: part.unbox(init_fn(r)), out_shardings=state_sh)(
           jax.random.key(seed))
   step = int(jax.device_get(state["step"]))
+  # A run started from an initial checkpoint counts its updates from 0 (fresh optimizer state)
+  # while its step continues: the learning rate follows the step, as in t5x.
+  step_offset = step - _update_count(state["opt_state"], default=step)
+  if step_offset:
+    tx, _ = _make_optimizer(optimizer, optimizer_kwargs, step_offset=step_offset)
   # --- jit ---
   batch_sh = part.batch_sharding(mesh)
   step_fn = jax.jit(
@@ -204,9 +229,13 @@ def train(model_config: ModelConfig, *, model_dir: str = gin.REQUIRED,
       in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None), donate_argnums=(0,))
   eval_fn = jax.jit(lambda p, b: steps.eval_step(p, b, cfg=cfg),
                     in_shardings=(param_sh, batch_sh))
+  # --- files: only now, when every check has passed ---
+  ckpt = ckpt or ckpt_lib.Checkpointer(model_dir, max_to_keep=keep_checkpoints)
   if jax.process_index() == 0:
+    # config.gin records the start of this MODEL_DIR: step 0, or a fine-tuning run's first step.
     write_run_files(model_dir, mixture_or_task_name, task_feature_lengths,
-                    operative_config=gin.operative_config_str() if step == 0 else None)
+                    operative_config=gin.operative_config_str() if start is None else None,
+                    model_config=model_config)
   writer = MetricsWriter(model_dir, enabled=jax.process_index() == 0)
   flops_per_token = info_lib.summarize(cfg, seq_len=length)["train_flops_per_token"]
   peak = (peak_flops_per_device * jax.device_count() if peak_flops_per_device
@@ -270,6 +299,55 @@ def _init_from(source_dir: str, tx, abstract, state_sh, mesh):
     opt_state = jax.jit(tx.init, out_shardings=state_sh["opt_state"])(params)
   step = jax.device_put(jnp.int32(steps_there[-1]), state_sh["step"])
   return {"step": step, "params": params, "opt_state": opt_state}
+
+
+def _check_routing_groups(cfg: ModelConfig, batch_size: int, num_microbatches: int,
+                          length: int) -> None:
+  """Fails early (UsageError) when a microbatch or an eval batch cannot form routing groups."""
+  if not cfg.num_experts or not cfg.moe_layers:
+    return
+  for rows, what in ((batch_size // num_microbatches, "BATCH_SIZE / NUM_MICROBATCHES"),
+                     (batch_size, "BATCH_SIZE (evaluation)")):
+    try:
+      routing.num_groups(rows * length, cfg.group_size, cfg.num_experts, cfg.num_expert_replicas)
+    except ValueError as e:  # num_groups validates its arguments only
+      raise UsageError(f"{e} ({what} = {rows} rows x {length} tokens)") from None
+
+
+def _check_divisible(params, mesh) -> None:
+  """Fails early (UsageError) when a parameter dimension does not split over its mesh axes."""
+  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    for dim, (size, axes) in enumerate(zip(leaf.shape, leaf.sharding.spec)):
+      names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+      n = math.prod(mesh.shape[a] for a in names)
+      if size % n:
+        raise UsageError(
+            f"parameter {jax.tree_util.keystr(path, simple=True, separator='/')} "
+            f"{tuple(leaf.shape)}: dimension {dim} ({size}) is not divisible by its {n} "
+            f"partitions over {'x'.join(names)}; choose sizes divisible by NUM_MODEL_PARTITIONS "
+            "(MLP_DIM, EXPERT_MLP_DIM, NUM_HEADS x HEAD_DIM, NUM_EMBEDDINGS) or fewer partitions")
+
+
+def _make_optimizer(name: str, kwargs: dict, step_offset: int = 0):
+  """`make_optimizer(name, **kwargs)`; its errors (bad OPTIMIZER / OPTIMIZER_KWARGS) are
+  UsageErrors. With `step_offset`, the transformation applies the schedule at update count
+  + step_offset (the global step); the returned schedule is still the plain one, of the step."""
+  try:
+    tx, schedule = make_optimizer(name, **kwargs)
+    if step_offset:
+      shifted = lambda count: schedule(count + step_offset)
+      tx, _ = make_optimizer(name, **dict(kwargs, learning_rate_schedule=shifted))
+  except (ValueError, TypeError) as e:  # make_optimizer only validates its arguments here
+    raise UsageError(f"OPTIMIZER / OPTIMIZER_KWARGS: {str(e).splitlines()[0]}") from None
+  return tx, schedule
+
+
+def _update_count(opt_state, default: int) -> int:
+  """The optimizer's update count (the `count` of optax's and our Adafactor's states)."""
+  for path, leaf in jax.tree_util.tree_flatten_with_path(opt_state)[0]:
+    if path and getattr(path[-1], "name", None) == "count":
+      return int(jax.device_get(leaf))
+  return default
 
 
 def _progress(enabled: bool, start: int, total: int):

@@ -16,6 +16,8 @@ from typing import Optional
 import gin
 import seqio
 
+from openmoe_jax.gin_utils import UsageFileNotFoundError, UsageValueError
+
 PAD_ID = 0
 EOS_ID = 1
 UNK_ID = 2
@@ -35,15 +37,16 @@ def umt5_spm_path(path: Optional[str] = None) -> str:
   Raises:
     ValueError: nothing configured.
     FileNotFoundError: the configured file does not exist.
+    (Both are UsageErrors: the commands report them in one line with exit code 2.)
   """
   path = path or os.environ.get(SPM_PATH_ENV)
   if not path:
-    raise ValueError("no umT5 SentencePiece model configured: bind "
+    raise UsageValueError("no umT5 SentencePiece model configured: bind "
                      "openmoe_jax.vocab.umt5_spm_path.path (gin macro UMT5_SPM_PATH) or set "
                      f"${SPM_PATH_ENV}")
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   if not tf.io.gfile.exists(path):
-    raise FileNotFoundError(f"umT5 SentencePiece model not found: {path}")
+    raise UsageFileNotFoundError(f"umT5 SentencePiece model not found: {path}")
   return path
 
 

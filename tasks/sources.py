@@ -28,6 +28,7 @@ import seqio
 import tensorflow as tf
 
 from openmoe_jax import corpus
+from openmoe_jax.gin_utils import UsageFileNotFoundError
 
 SOURCE_STATS: dict = {}
 _ENV = {"tfds_data_dir": "OPENMOE_TFDS_DATA_DIR", "redpajama_dir": "OPENMOE_REDPAJAMA_DIR",
@@ -144,7 +145,7 @@ class DocumentSource(seqio.DataSource):
   def list_shards(self, split: str) -> Sequence[str]:
     files = list(self._list_files(split))
     if not files:
-      raise FileNotFoundError(f"{self._name}: no files for split {split!r}")
+      raise UsageFileNotFoundError(f"{self._name}: no files for split {split!r}")
     return files
 
   def _documents(self, path):
@@ -257,7 +258,7 @@ def file_or_tfds_source(name: str, raw_dir_attr: str, subdir: str, patterns: Seq
     looked.append(path)
   hint = "" if looked else (f" (configure tasks.sources.data_dirs.{raw_dir_attr} or "
                             "tfds_data_dir, or the matching $OPENMOE_* variable)")
-  raise FileNotFoundError(f"no data for {name}: looked for {looked or 'nothing'}{hint}")
+  raise UsageFileNotFoundError(f"no data for {name}: looked for {looked or 'nothing'}{hint}")
 
 
 def _raw_source(name, files, splits, field):

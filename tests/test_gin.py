@@ -88,3 +88,14 @@ def test_info_cli_prints_json_and_fails_cleanly():
   assert missing.returncode == 2 and "nope.gin" in missing.stderr
   helptext = run("--help")
   assert helptext.returncode == 0 and "--gin_file" in helptext.stdout
+
+
+@pytest.mark.parametrize("gin_files", [["quickstart.gin"],
+                                       ["models/tiny.gin", "runs/finetune.gin"]])
+def test_info_accepts_run_gins(gin_files):
+  # A fresh process: this module imports `train`, which the CLI must register itself.
+  r = subprocess.run([sys.executable, "-m", "openmoe_jax.info",
+                      *[f"--gin_file={f}" for f in gin_files]],
+                     capture_output=True, text=True, timeout=120)
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert json.loads(r.stdout)["num_experts"] == 8  # small.gin and tiny.gin: 8 experts

@@ -42,7 +42,7 @@ def _rows(text):
 def _write_run(model_dir, cfg, steps):
   train._check_model_dir(model_dir, cfg)  # pylint: disable=protected-access
   train.write_run_files(model_dir, "builtin_corpus_full_lm", {"targets": 16},
-                        operative_config="BATCH_SIZE = 8\n")
+                        operative_config="BATCH_SIZE = 8\n", model_config=cfg)
   w = MetricsWriter(model_dir)
   for s in steps:
     w.write(s, {"loss": 1.0 / s, "moe/expert_load": [0.25, 0.75]})

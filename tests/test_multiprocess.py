@@ -1,5 +1,5 @@
 """Two CPU processes over 127.0.0.1 (2 devices each), started by launch/local.py, train like one
-process with 4 devices."""
+process with 4 devices, and resume from their own checkpoint."""
 import json
 import os
 import pathlib
@@ -11,7 +11,7 @@ import pytest
 from test_train import TINY
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-FLAGS = [*TINY, "--gin.TRAIN_STEPS=3", "--gin.CHECKPOINT_PERIOD=3", "--gin.NUM_EXPERT_PARTITIONS=2",
+FLAGS = [*TINY, "--gin.CHECKPOINT_PERIOD=3", "--gin.NUM_EXPERT_PARTITIONS=2",
          "--gin.train.num_data_shards=2"]
 
 
@@ -20,25 +20,36 @@ def _steps_and_losses(model_dir):
   return [r["step"] for r in rows if "loss" in r], [r["loss"] for r in rows if "loss" in r]
 
 
+def _two_processes(model_dir, train_steps, env):
+  r = subprocess.run([sys.executable, "launch/local.py", "--num_processes=2",
+                      "--num_cpu_devices=2", "--", *FLAGS, f"--gin.TRAIN_STEPS={train_steps}",
+                      f"--gin.MODEL_DIR='{model_dir}'"],
+                     cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-2000:]
+  return r
+
+
 @pytest.mark.slow
-def test_two_processes_match_one_process(tmp_path):
+def test_two_processes_match_one_process_and_resume(tmp_path):
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  single = subprocess.run([sys.executable, "-m", "openmoe_jax.main", *FLAGS,
+  single = subprocess.run([sys.executable, "-m", "openmoe_jax.main", *FLAGS, "--gin.TRAIN_STEPS=5",
                            f"--gin.MODEL_DIR='{tmp_path / 'single'}'", "--num_cpu_devices=4"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
   assert single.returncode == 0, single.stderr[-3000:]
   assert "process 0/1: 4 local devices, 4 global devices (cpu)" in single.stderr
-  multi = subprocess.run([sys.executable, "launch/local.py", "--num_processes=2",
-                          "--num_cpu_devices=2", "--", *FLAGS,
-                          f"--gin.MODEL_DIR='{tmp_path / 'multi'}'"],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-  assert multi.returncode == 0, multi.stdout[-6000:] + multi.stderr[-2000:]
+  multi = _two_processes(tmp_path / "multi", 3, env)
   for i in range(2):
     assert f"[{i}] process {i}/2: 2 local devices, 4 global devices (cpu)" in multi.stdout
   steps_a, a = _steps_and_losses(tmp_path / "single")
   steps_b, b = _steps_and_losses(tmp_path / "multi")
-  assert steps_a == steps_b == [1, 2, 3]  # one metrics writer: process 0
-  assert a == pytest.approx(b, rel=1e-5)
+  assert steps_a == [1, 2, 3, 4, 5] and steps_b == [1, 2, 3]  # one metrics writer: process 0
+  assert a[:3] == pytest.approx(b, rel=1e-5)
   from openmoe_jax import checkpoint
   assert checkpoint.list_steps(tmp_path / "multi") == [3]
   assert (tmp_path / "multi" / "config.gin").exists()
+  # The checkpoint holds both processes' data positions, so both resume where they stopped.
+  _two_processes(tmp_path / "multi", 5, env)
+  steps_b, b = _steps_and_losses(tmp_path / "multi")
+  assert steps_b == [1, 2, 3, 4, 5]
+  assert a == pytest.approx(b, rel=1e-5)
+  assert checkpoint.list_steps(tmp_path / "multi") == [3, 5]

@@ -98,25 +98,104 @@ def test_nan_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
 
 
 @pytest.mark.parametrize("args,needle", [
-    (["--gin.TRAIN_STEPS=%gin.REQUIRED"], "TRAIN_STEPS"),
+    (["--gin.TRAIN_STEPS=%gin.REQUIRED", "--gin.BATCH_SIZE=%gin.REQUIRED"],
+     "required macros not set: TRAIN_STEPS, BATCH_SIZE"),
     (["--gin.train.no_such_arg=1"], "no_such_arg"),
     (["--gin.NUM_EXPERT_PARTITIONS=3"], "expert=3"),
     (["--gin.MIXTURE_OR_TASK_NAME='no_such_task'"], "no_such_task"),
+    (["--gin.BATCH_SIZE=3"], "BATCH_SIZE=3 must be divisible"),  # raised inside `train`
+    (["--gin.TASK_FEATURE_LENGTHS={'targets': 31}"], "cannot split 248 tokens"),
+    (["--gin.NUM_MODEL_PARTITIONS=2", "--gin.MLP_DIM=63"], "(63) is not divisible by its 2"),
+    (["--gin.OPTIMIZER_KWARGS={'warmup_steps': 30, 'decay_steps': 20}"],
+     "cosine needs decay_steps > warmup_steps (30): 20"),
+    (["--gin.MIXTURE_OR_TASK_NAME='redpajama_c4_full_lm'"], "no data for redpajama_c4"),
+    (["--gin.MIXTURE_OR_TASK_NAME='redpajama_c4_full_lm'",
+      "--gin.tasks.sources.data_dirs.redpajama_dir='{data}'"], "no umT5 SentencePiece model"),
 ])
-def test_bad_configuration_fails_with_one_line_and_exit_2(tmp_path, args, needle):
+def test_bad_configuration_fails_with_one_line_and_exit_2(tmp_path, monkeypatch, args, needle):
+  for name in ("OPENMOE_REDPAJAMA_DIR", "OPENMOE_TFDS_DATA_DIR", "OPENMOE_SPM_PATH"):
+    monkeypatch.delenv(name, raising=False)
+  (tmp_path / "data" / "c4").mkdir(parents=True)
+  (tmp_path / "data" / "c4" / "a.jsonl").write_text('{"text": "hello"}\n')
+  args = [a.replace("{data}", str(tmp_path / "data")) for a in args]
   r = _run(tmp_path / "bad", "--gin.TRAIN_STEPS=2", *args)
   assert r.returncode == 2, r.stderr[-2000:]
+  assert "Traceback" not in r.stderr and "In call to configurable" not in r.stderr, r.stderr
   lines = [l for l in r.stderr.strip().splitlines() if l.startswith("openmoe-train")]
-  assert len(lines) == 1 and needle in lines[0]
+  assert len(lines) == 1 and needle in lines[0] and lines[0].startswith("openmoe-train: error: ")
+  assert not (tmp_path / "bad").exists()  # nothing written before the checks
+
+
+def test_missing_required_macros_are_named_together(capsys):
+  from openmoe_jax import main
+  assert main.main(["--gin_file=models/tiny.gin", "--gin_file=runs/pretrain.gin"]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert err == ["openmoe-train: error: required macros not set: MODEL_DIR, MIXTURE_OR_TASK_NAME, "
+                 "TASK_FEATURE_LENGTHS, TRAIN_STEPS, BATCH_SIZE (e.g. --gin.MODEL_DIR=...)"]
+
+
+def _snapshot(d):
+  return {str(p.relative_to(d)): p.stat().st_mtime_ns for p in d.rglob("*")}
 
 
 def test_incompatible_model_dir_is_refused_and_untouched(tmp_path):
   d = tmp_path / "run"
   assert _run(d, "--gin.TRAIN_STEPS=1", "--gin.CHECKPOINT_PERIOD=1").returncode == 0
-  before = sorted(p.name for p in (d / "checkpoints").iterdir())
+  before = _snapshot(d)
   r = _run(d, "--gin.TRAIN_STEPS=2", "--gin.EMBED_DIM=64")
   assert r.returncode == 2 and "different model" in r.stderr and "emb_dim" in r.stderr
-  assert sorted(p.name for p in (d / "checkpoints").iterdir()) == before
+  assert _snapshot(d) == before
+  # Other data settings: the saved data position does not match (one line, nothing changed).
+  r = _run(d, "--gin.TRAIN_STEPS=2", "--gin.BATCH_SIZE=4")
+  assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+  lines = [l for l in r.stderr.strip().splitlines() if l.startswith("openmoe-train")]
+  assert lines == ["openmoe-train: error: data state does not match this iterator (saved, "
+                   "current): {'batch_size': (8, 4)}"]
+  assert _snapshot(d) == before
+
+
+def test_finetuning_continues_the_schedule_and_writes_config_gin(tmp_path):
+  import jax
+  from openmoe_jax import checkpoint
+  from openmoe_jax.optimizer import make_schedule
+  base, tuned = tmp_path / "base", tmp_path / "tuned"
+  assert _run(base, "--gin.TRAIN_STEPS=2", "--gin.CHECKPOINT_PERIOD=2").returncode == 0
+  r = _run(tuned, "--gin.TRAIN_STEPS=3", "--gin.CHECKPOINT_PERIOD=3",
+           f"--gin.train.initial_checkpoint_dir='{base}'")
+  assert r.returncode == 0, r.stderr[-2000:]
+  m = _metrics(tuned)
+  assert sorted(m) == [3]
+  # TINY's AdamW schedule warms up from lr 0 over 2 steps: step 3 applies lr(2) = the peak. A
+  # schedule restarted at the fresh update count would apply lr(0) = 0 and change nothing.
+  lr = make_schedule("cosine", base_learning_rate=3e-3, warmup_steps=2, decay_steps=1000)
+  assert m[3]["learning_rate"] == pytest.approx(float(lr(2)), rel=1e-6) == pytest.approx(3e-3)
+  before = jax.tree.leaves(checkpoint.restore_params(base, 2))
+  after = jax.tree.leaves(checkpoint.restore_params(tuned, 3))
+  assert any(not np.array_equal(a, b) for a, b in zip(before, after))
+  assert "train.initial_checkpoint_dir" in (tuned / "config.gin").read_text()
+
+
+def test_step_offset_of_a_finetuning_run_drives_the_applied_learning_rate():
+  # pylint: disable=protected-access
+  import jax.numpy as jnp
+  from openmoe_jax import train
+  params, grads = {"w": jnp.ones((4, 4))}, {"w": jnp.full((4, 4), 0.5)}
+  for name in ("adafactor", "adamw"):
+    tx, _ = train._make_optimizer(name, {"decay_steps": 10_000})
+    _, opt_state = tx.update(grads, tx.init(params), params)
+    # A resumed fine-tuning run recovers its offset as step - update count.
+    assert train._update_count(opt_state, default=-1) == 1
+  assert train._update_count({}, default=7) == 7
+  # The first update of an offset optimizer applies the schedule at the offset.
+  kwargs = {"base_learning_rate": 1.0, "warmup_steps": 10, "decay_steps": 100}
+  shifted, schedule = train._make_optimizer("adamw", kwargs, step_offset=5)
+  fixed, _ = train._make_optimizer("adamw", {"learning_rate_schedule": "constant",
+                                             "base_learning_rate": float(schedule(5))})
+  got, _ = shifted.update(grads, shifted.init(params), params)
+  want, _ = fixed.update(grads, fixed.init(params), params)
+  assert float(schedule(5)) == pytest.approx(0.5)
+  np.testing.assert_allclose(np.asarray(got["w"]), np.asarray(want["w"]), rtol=1e-6)
+  assert not np.allclose(np.asarray(got["w"]), 0.0)
 
 
 def test_resume_onto_a_different_mesh(tmp_path):
