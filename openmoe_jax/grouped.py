@@ -7,8 +7,8 @@ sum(group_sizes) are padding and come back as zeros. Two implementations of the 
 
   * 'ragged_dot': three `jax.lax.ragged_dot` grouped matmuls (XLA's grouped GEMM; GPU/TPU);
   * 'blocked': a loop over experts and, inside, over tiles of `block_rows` rows of the expert's
-    segment (the last tile runs past the segment's end and is masked), one dense [b, D] x [D, F]
-    matmul per projection and tile. Both loops have dynamic trip counts, so padding rows and
+    segment, then over quarter-height tiles for the rest (the last one runs past the segment's
+    end and is masked), one dense [b, D] x [D, F] matmul per projection and tile. Both loops have dynamic trip counts, so padding rows and
     worst-case buffers cost memory, not FLOPs; an expert's weights are read, and its weight
     gradients written, once per expert rather than once per tile. The backward pass is the same
     double loop (per-tile VJP, weight gradients accumulated in the inner loop's carry), so nothing
@@ -34,12 +34,12 @@ def resolve(impl: str) -> str:
 
 
 def block_rows_for(num_rows: int, num_experts: int) -> int:
-  """Tile height: a power of two near a quarter of the average segment, in [16, 256].
+  """Tile height: the largest power of two <= the average segment, in [16, 256].
 
-  Smaller tiles waste less on each segment's last, partial tile (about b/2 rows per expert);
-  larger ones run closer to the matmul peak.
+  Large tiles run closest to the matmul peak; each segment's remainder goes through tiles a
+  quarter as high (`tail_rows`), so the waste stays under b/4 rows per expert.
   """
-  target = max(num_rows // (4 * max(num_experts, 1)), 1)
+  target = max(num_rows // max(num_experts, 1), 1)
   b = 16
   while b * 2 <= min(target, 256):
     b *= 2
@@ -74,10 +74,25 @@ def _padded(x, b):
   return jnp.concatenate([x, jnp.zeros((b,) + x.shape[1:], x.dtype)], axis=0)
 
 
-def _segments(group_sizes, b: int):
-  """First row, row count and tile count of every expert's segment."""
-  starts = (jnp.cumsum(group_sizes) - group_sizes).astype(jnp.int32)
-  return starts, group_sizes, (group_sizes + b - 1) // b
+def tail_rows(b: int) -> int:
+  """Height of the tiles that cover what is left of a segment after its full b-row tiles."""
+  return max(b // 4, min(b, 8))  # never taller than b: the input is padded by b rows
+
+
+def _segment_loop(start, size, b: int, tile, carry):
+  """Runs `tile(height)(first_row, carry)` over one segment: full b-row tiles, then the rest in
+  `tail_rows(b)`-row tiles, so at most tail_rows(b) - 1 rows per segment are wasted."""
+  full = size // b
+  carry = jax.lax.fori_loop(0, full, lambda j, c: tile(b)(start + j * b, c), carry)
+  t = tail_rows(b)
+  tail_start = start + full * b
+  tails = (size - full * b + t - 1) // t
+  return jax.lax.fori_loop(0, tails, lambda j, c: tile(t)(tail_start + j * t, c), carry)
+
+
+def _segments(group_sizes):
+  """First row and row count of every expert's segment."""
+  return (jnp.cumsum(group_sizes) - group_sizes).astype(jnp.int32), group_sizes
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
@@ -87,26 +102,26 @@ def _blocked(x, group_sizes, w0, w1, wo, keep, b):
 
 def _blocked_fwd(x, group_sizes, w0, w1, wo, keep, b):
   n, d = x.shape
-  starts, sizes, tiles = _segments(group_sizes, b)
+  starts, sizes = _segments(group_sizes)
   xp = _padded(x, b)
   kp = None if keep is None else _padded(keep, b)
-  rows = jnp.arange(b)
 
   def expert_body(e, out):
     we = (w0[e], w1[e], wo[e])  # read once per expert, not once per tile
     end = starts[e] + sizes[e]
 
-    def tile_body(j, out):
-      s = starts[e] + j * b
-      xt = jax.lax.dynamic_slice_in_dim(xp, s, b)
-      kt = None if kp is None else jax.lax.dynamic_slice_in_dim(kp, s, b)
-      yt = _tile_ffn(xt, *we, kt)
-      # Rows past the segment belong to later experts (written by their own, later tiles) or
-      # are padding: zero them so padding reads back as zeros.
-      yt = jnp.where((s + rows < end)[:, None], yt, 0).astype(out.dtype)
-      return jax.lax.dynamic_update_slice_in_dim(out, yt, s, axis=0)
+    def tile(size):
+      def body(s, out):
+        xt = jax.lax.dynamic_slice_in_dim(xp, s, size)
+        kt = None if kp is None else jax.lax.dynamic_slice_in_dim(kp, s, size)
+        yt = _tile_ffn(xt, *we, kt)
+        # Rows past the segment belong to later experts (written by their own, later tiles) or
+        # are padding: zero them so padding reads back as zeros.
+        yt = jnp.where((s + jnp.arange(size) < end)[:, None], yt, 0).astype(out.dtype)
+        return jax.lax.dynamic_update_slice_in_dim(out, yt, s, axis=0)
+      return body
 
-    return jax.lax.fori_loop(0, tiles[e], tile_body, out)
+    return _segment_loop(starts[e], sizes[e], b, tile, out)
 
   init = _varying_like(jnp.zeros((n + b, d), x.dtype), x, w0, w1, wo, keep, group_sizes)
   out = jax.lax.fori_loop(0, w0.shape[0], expert_body, init)
@@ -116,10 +131,9 @@ def _blocked_fwd(x, group_sizes, w0, w1, wo, keep, b):
 def _blocked_bwd(b, res, dy):
   x, group_sizes, w0, w1, wo, keep = res
   n, _ = x.shape
-  starts, sizes, tiles = _segments(group_sizes, b)
+  starts, sizes = _segments(group_sizes)
   xp, dyp = _padded(x, b), _padded(dy, b)
   kp = None if keep is None else _padded(keep, b)
-  rows = jnp.arange(b)
   acc_dtype = lambda w: jnp.promote_types(w.dtype, jnp.float32)
   refs = (x, dy, w0, w1, wo, keep, group_sizes)
 
@@ -130,20 +144,22 @@ def _blocked_bwd(b, res, dy):
     # devices; `sum_to` below does that once for the whole gradient.
     we = tuple(_varying_like(w[e], *refs) for w in (w0, w1, wo))
 
-    def tile_body(j, carry):
-      dx, acc = carry
-      s = starts[e] + j * b
-      xt = _varying_like(jax.lax.dynamic_slice_in_dim(xp, s, b), *refs)
-      kt = None if kp is None else jax.lax.dynamic_slice_in_dim(kp, s, b)
-      mine = (s + rows < end)[:, None]
-      dyt = jnp.where(mine, jax.lax.dynamic_slice_in_dim(dyp, s, b), 0)
-      _, vjp = jax.vjp(lambda a, p, q, r: _tile_ffn(a, p, q, r, kt), xt, *we)
-      dxt, *g = vjp(dyt.astype(x.dtype))
-      dx = jax.lax.dynamic_update_slice_in_dim(dx, jnp.where(mine, dxt, 0).astype(dx.dtype), s, 0)
-      return dx, tuple(a + gi.astype(a.dtype) for a, gi in zip(acc, g))
+    def tile(size):
+      def body(s, carry):
+        dx, acc = carry
+        xt = _varying_like(jax.lax.dynamic_slice_in_dim(xp, s, size), *refs)
+        kt = None if kp is None else jax.lax.dynamic_slice_in_dim(kp, s, size)
+        mine = (s + jnp.arange(size) < end)[:, None]
+        dyt = jnp.where(mine, jax.lax.dynamic_slice_in_dim(dyp, s, size), 0)
+        _, vjp = jax.vjp(lambda a, p, q, r: _tile_ffn(a, p, q, r, kt), xt, *we)
+        dxt, *g = vjp(dyt.astype(x.dtype))
+        dxt = jnp.where(mine, dxt, 0).astype(dx.dtype)
+        dx = jax.lax.dynamic_update_slice_in_dim(dx, dxt, s, 0)
+        return dx, tuple(a + gi.astype(a.dtype) for a, gi in zip(acc, g))
+      return body
 
     acc0 = tuple(_varying_like(jnp.zeros(w.shape, acc_dtype(w)), *refs) for w in we)
-    dx, acc = jax.lax.fori_loop(0, tiles[e], tile_body, (dx, acc0))
+    dx, acc = _segment_loop(starts[e], sizes[e], b, tile, (dx, acc0))
     dws = tuple(dw.at[e].set(a) for dw, a in zip(dws, acc))  # once per expert
     return dx, dws
 

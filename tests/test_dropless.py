@@ -41,7 +41,8 @@ def test_grouped_ffn_matches_loop_with_empty_experts_and_padding(impl, block):
   np.testing.assert_allclose(np.asarray(y), want, atol=1e-5, rtol=1e-5)  # float32 vs float64
 
 
-def test_blocked_gradients_equal_per_expert_autodiff():
+@pytest.mark.parametrize("block", [4, 16])  # 16: full tiles, then 8-row tail tiles
+def test_blocked_gradients_equal_per_expert_autodiff(block):
   sizes = jnp.array([9, 0, 1, 22])
   w = _weights(4, 8, 6, seed=3)
   x = jax.random.normal(jax.random.key(4), (36, 8))
@@ -57,7 +58,8 @@ def test_blocked_gradients_equal_per_expert_autodiff():
 
   grad = lambda fn: jax.grad(lambda *a: jnp.sum(fn(*a) * ct), argnums=(0, 1, 2, 3))(x, *w)
   want = grad(per_expert)
-  got = grad(lambda *a: grouped.expert_ffn(a[0], sizes, *a[1:], impl="blocked", block_rows=4))
+  got = grad(lambda *a: grouped.expert_ffn(a[0], sizes, *a[1:], impl="blocked",
+                                           block_rows=block))
   for g, h in zip(got, want):
     np.testing.assert_allclose(np.asarray(g), np.asarray(h), atol=1e-5, rtol=1e-5)
 
