@@ -109,6 +109,10 @@ def parse_gin(files: Sequence[str], bindings: Sequence[str], search_paths: Seque
   try:
     gin.parse_config_files_and_bindings(list(files), list(bindings), finalize_config=False,
                                         skip_unknown=False)
+    unused = unused_macros(bindings)
+    if unused:
+      raise UsageError("macros set but used by no gin file: " + ", ".join(unused)
+                       + " (a typo? macro names are case-sensitive)")
     if finalize:
       missing = missing_required()
       if missing:
@@ -137,6 +141,38 @@ def missing_required() -> List[str]:
         key = f"{scope}/{selector}" if scope else selector
         missing.append(scope if selector == "gin.macro" else f"{key}.{name}")
   return missing
+
+
+def _macro_references(value, found: set) -> None:
+  """Adds the names of the macros `value` refers to (`%NAME`), recursing into containers."""
+  if isinstance(value, gin.config.ConfigurableReference):
+    if value.configurable.wrapped is gin.config.macro:
+      found.add(value.scoped_selector.rsplit("/", 1)[0])
+  elif isinstance(value, dict):
+    for v in value.values():
+      _macro_references(v, found)
+  elif isinstance(value, (list, tuple, set)):
+    for v in value:
+      _macro_references(v, found)
+
+
+def unused_macros(bindings: Sequence[str]) -> List[str]:
+  """Macros the command-line `bindings` set (`NAME = value`) that no parsed binding uses.
+
+  gin accepts any macro name, so `--gin.CAPACITY_MOD='dropless'` would otherwise be a silent
+  no-op. Only macros set here are checked: a gin file may define macros for others to use.
+  """
+  # pylint: disable=protected-access  (gin has no public API for the parsed bindings)
+  set_here = []
+  for binding in bindings:
+    name = binding.split("=", 1)[0].strip()
+    if name and "." not in name and "/" not in name and name.isidentifier():
+      set_here.append(name)
+  used: set = set()
+  for params in gin.config._CONFIG.values():
+    for value in params.values():
+      _macro_references(value, used)
+  return [name for name in dict.fromkeys(set_here) if name not in used]
 
 
 def model_config() -> ModelConfig:

@@ -198,7 +198,9 @@ def expert_ffn(x, group_sizes, wi_0, wi_1, wo, *, keep=None, impl: str = "auto",
   Returns:
     [N, D] in x's dtype; zeros past sum(group_sizes).
   """
-  group_sizes = group_sizes.astype(jnp.int32)
+  group_sizes = jnp.asarray(group_sizes, jnp.int32)
+  # Parameters may arrive as numpy arrays (restored checkpoints): the loops index them by tracers.
+  x, wi_0, wi_1, wo = (jnp.asarray(a) for a in (x, wi_0, wi_1, wo))
   impl = resolve(impl)
   if impl == "ragged_dot":
     return _ragged(x, group_sizes, wi_0, wi_1, wo, keep)

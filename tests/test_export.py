@@ -98,11 +98,12 @@ def _log_probs_jax(cfg, params, ids):
   return np.asarray(jax.nn.log_softmax(logits, -1))
 
 
-@pytest.mark.parametrize("mode", ["no_drop", "eval_capacity", "colossalai_capacity"])
+@pytest.mark.parametrize("mode", ["no_drop", "eval_capacity", "colossalai_capacity", "dropless"])
 def test_log_probs_match_jax(run_dir, hf_dir, mode):
   params = _params(run_dir)
   overrides = {"no_drop": dict(no_drop=True), "eval_capacity": {},
-               "colossalai_capacity": dict(capacity_formula="colossalai")}[mode]
+               "colossalai_capacity": dict(capacity_formula="colossalai"),
+               "dropless": dict(capacity_mode="dropless")}[mode]
   cfg = CFG.replace(**overrides)
   rng = np.random.default_rng(0)
   ids = rng.integers(3, 8192, (2, 64))
@@ -110,8 +111,9 @@ def test_log_probs_match_jax(run_dir, hf_dir, mode):
   want = _log_probs_jax(cfg, params, ids)
   if mode == "eval_capacity":  # capacity must bind, else this equals the no-drop case
     assert np.abs(want - _log_probs_jax(CFG.replace(no_drop=True), params, ids)).max() > 1e-2
-  model = _torch_model(hf_dir, router_no_drop=cfg.no_drop,
-                       router_capacity_formula=cfg.capacity_formula)
+  exported = name_map.hf_config(cfg)  # what openmoe-export writes for this configuration
+  model = _torch_model(hf_dir, router_no_drop=exported["router_no_drop"],
+                       router_capacity_formula=exported["router_capacity_formula"])
   with torch.no_grad():
     got = torch.log_softmax(model(torch.tensor(ids)).logits, -1).numpy()
   np.testing.assert_allclose(got, want, atol=1e-4)

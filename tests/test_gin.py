@@ -31,17 +31,18 @@ def test_gin_files_found():
 @pytest.mark.parametrize("gin_file", GIN_FILES)
 def test_gin_file_parses_finalizes_and_initializes(gin_file):
   text = (GIN_DIR / gin_file).read_text()
-  bindings = list(TINY)
-  if "include 'runs/" in text or gin_file.startswith("runs/"):
-    bindings += RUN_REQUIRED
-  bindings += ["NUM_DECODER_LAYERS = 4", "NUM_DECODER_SPARSE_LAYERS = 2"]
+  bindings = list(TINY) + ["NUM_DECODER_LAYERS = 4", "NUM_DECODER_SPARSE_LAYERS = 2"]
   if gin_file == "runs/eval.gin":  # no model: it reads MODEL_DIR/model_config.json
     gin_utils.parse_gin([gin_file], ["MODEL_DIR = '/tmp/unused'"])
     return
-  if gin_file.startswith("runs/"):  # run settings only: combine with a model gin, as users do
-    gin_utils.parse_gin(["models/tiny.gin", gin_file], bindings)
-  else:
-    gin_utils.parse_gin([gin_file], bindings)
+  # run settings only: combine with a model gin, as users do
+  files = ["models/tiny.gin", gin_file] if gin_file.startswith("runs/") else [gin_file]
+  if "include 'runs/" in text or gin_file.startswith("runs/"):
+    # Bind exactly the macros this file leaves required: binding others is refused as unused.
+    gin_utils.parse_gin(files, bindings, finalize=False)
+    required = set(gin_utils.missing_required())
+    bindings += [b for b in RUN_REQUIRED if b.split(" =")[0] in required]
+  gin_utils.parse_gin(files, bindings)
   cfg = gin_utils.model_config()
   tokens = jnp.ones((2, 8), jnp.int32)
   params = Transformer(cfg).init(jax.random.key(0), tokens)
@@ -88,6 +89,14 @@ def test_info_cli_prints_json_and_fails_cleanly():
   assert missing.returncode == 2 and "nope.gin" in missing.stderr
   helptext = run("--help")
   assert helptext.returncode == 0 and "--gin_file" in helptext.stdout
+
+
+def test_a_macro_set_on_the_command_line_but_used_nowhere_is_refused():
+  with pytest.raises(gin_utils.UsageError, match="used by no gin file: CAPACITY_MOD, FOO"):
+    gin_utils.parse_gin(["models/tiny.gin"], ["CAPACITY_MOD = 'dropless'", "FOO = 1",
+                                              "CAPACITY_MODE = 'dropless'"])
+  gin_utils.parse_gin(["models/tiny.gin"], ["CAPACITY_MODE = 'dropless'"])  # used: fine
+  assert gin_utils.model_config().capacity_mode == "dropless"
 
 
 @pytest.mark.parametrize("gin_files", [["quickstart.gin"],
