@@ -329,3 +329,14 @@ def test_dropless_expert_mesh_exchanges_rows_by_all_to_all_not_all_gather():
   *_, hlo = _sharded(8, 1, PART_CFG.replace(capacity_mode="dropless"))
   assert len(re.findall(r"all-to-all(-start)?\(", hlo)) >= 4  # rows and expert ids, out and back
   assert not re.findall(r"all-gather(-start)?\(", hlo)
+
+
+def test_adaptive_on_an_expert_mesh_equals_adaptive_on_one_device():
+  cfg = MESH_CFG.replace(no_drop=False, capacity_mode="adaptive", num_expert_replicas=2,
+                         train_capacity_factor=1.0, min_expert_capacity=1)  # the budget binds
+  params, ((loss0, dropped0), grads0) = _model_loss(cfg)
+  assert float(jnp.max(dropped0)) > 0.0
+  _, ((loss1, dropped1), grads1) = _model_loss(cfg, part.make_mesh(4, 2), params)
+  np.testing.assert_allclose(float(jnp.max(dropped1)), float(jnp.max(dropped0)), atol=1e-6)
+  np.testing.assert_allclose(float(loss1), float(loss0), rtol=1e-5)
+  _assert_trees_close(grads1, grads0, 2e-5)
