@@ -15,7 +15,6 @@ counts in `dropped_fraction`). XLA:CPU has no ragged all-to-all, hence the fixed
 Legend: N tokens on this device, K experts per token, A = N*K assignments, D embed, E experts,
 ep expert shards, S chunk rows per (source, destination) pair.
 """
-import functools
 import math
 
 import flax.linen as nn
@@ -27,7 +26,7 @@ from openmoe_jax import grouped
 from openmoe_jax import partitioning as part
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=())
+@jax.custom_vjp
 def take_rows(x, idx, inv):
   """y[i] = x[idx[i]] (idx == len(x) reads a zero row).
 
@@ -190,7 +189,6 @@ def ragged_ffn(tokens, expert_index, kept, kernels, *, impl: str, buffer_factor:
   e, _, two_f = wi_0.shape
   # wi_0's output is split in halves a | b: keep both halves of a model shard's hidden units local.
   wi_0 = wi_0.reshape(e, d, 2, two_f // 2)
-  num_experts = e
 
   def body(tok, idx, kp, w0, w1, w2, key=None):
     gl, tl, _ = tok.shape
@@ -204,7 +202,7 @@ def ragged_ffn(tokens, expert_index, kept, kernels, *, impl: str, buffer_factor:
         out = jax.lax.psum(out, model_axis)
     else:
       out, kept_now = _exchange_ffn(*args, key, ep_axis=ep_axis, model_axis=model_axis,
-                                    num_experts=num_experts, buffer_factor=buffer_factor,
+                                    num_experts=e, buffer_factor=buffer_factor,
                                     impl=impl, rate=rate)
     return out.reshape(gl, tl, k, d), kept_now.reshape(gl, tl, k)
 

@@ -36,7 +36,7 @@ def evaluate_checkpoint(*, model_dir: str = gin.REQUIRED, mixture_or_task_name: 
   try:
     data_lib.get_provider(name)
   except ValueError as e:
-    raise gin_utils.UsageError(str(e).splitlines()[0]) from None
+    raise gin_utils.UsageError(gin_utils.error_line(e)) from None
   params, step = tools_common.load_params(model_dir, step)
   mesh = part.make_mesh()
   batch_sh = part.batch_sharding(mesh)

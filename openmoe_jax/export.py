@@ -229,7 +229,7 @@ def main(argv=None):
                  max_shard_size_mb=args.max_shard_size_mb, spm_path=args.spm_path,
                  overwrite=args.overwrite)
   except (gin_utils.UsageError, FileNotFoundError) as e:
-    print(f"openmoe-export: error: {str(e).splitlines()[0]}", file=sys.stderr)
+    print(f"openmoe-export: error: {gin_utils.error_line(e)}", file=sys.stderr)
     return 2
   print(json.dumps(out), file=sys.stderr)
   return 0

@@ -120,7 +120,7 @@ def parse_gin(files: Sequence[str], bindings: Sequence[str], search_paths: Seque
                          + f" (e.g. --gin.{missing[0]}=...)")
       gin.finalize()
   except (ValueError, KeyError, NameError, SyntaxError, IOError) as e:
-    raise UsageError(f"gin: {str(e).splitlines()[0]}") from None
+    raise UsageError(f"gin: {error_line(e)}") from None
   finally:
     logging.disable(logging.NOTSET)
 
@@ -181,4 +181,4 @@ def model_config() -> ModelConfig:
   try:
     return gin.get_configurable("openmoe_jax.ModelConfig")()
   except (ValueError, TypeError) as e:
-    raise UsageError(str(e).splitlines()[0]) from None
+    raise UsageError(error_line(e)) from None

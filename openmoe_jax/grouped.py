@@ -21,9 +21,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from openmoe_jax.config import GROUPED_MATMULS
 from openmoe_jax.layers import gated_activation
-
-IMPLEMENTATIONS = ("auto", "blocked", "ragged_dot")
 
 
 def resolve(impl: str) -> str:
@@ -205,6 +204,6 @@ def expert_ffn(x, group_sizes, wi_0, wi_1, wo, *, keep=None, impl: str = "auto",
   if impl == "ragged_dot":
     return _ragged(x, group_sizes, wi_0, wi_1, wo, keep)
   if impl != "blocked":
-    raise ValueError(f"unknown grouped matmul {impl!r}; choose from {IMPLEMENTATIONS}")
+    raise ValueError(f"unknown grouped matmul {impl!r}; choose from {GROUPED_MATMULS}")
   b = block_rows or block_rows_for(x.shape[0], wi_0.shape[0])
   return _blocked(x, group_sizes, wi_0, wi_1, wo, keep, b)

@@ -210,7 +210,7 @@ def main(argv=None):
                             gin_bindings=args.gin_bindings + bindings, step=args.step,
                             param_dtype=args.param_dtype)
   except (gin_utils.UsageError, ValueError) as e:
-    print(f"openmoe-import: error: {str(e).splitlines()[0]}", file=sys.stderr)
+    print(f"openmoe-import: error: {gin_utils.error_line(e)}", file=sys.stderr)
     return 2
   print(json.dumps(out), file=sys.stderr)
   return 0

@@ -104,7 +104,7 @@ def main(argv=None):
     if args.compile:
       out.update(_compile(cfg, args))
   except (gin_utils.UsageError, ValueError) as e:
-    print(f"openmoe-info: error: {str(e).splitlines()[0]}", file=sys.stderr)
+    print(f"openmoe-info: error: {gin_utils.error_line(e)}", file=sys.stderr)
     return 2
   print(json.dumps(out, indent=2))
   budget = args.memory_budget_gib

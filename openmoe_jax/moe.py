@@ -184,27 +184,31 @@ class MoeLayer(nn.Module):
                               renormalize_gates=cfg.renormalize_gates, order=cfg.capacity_order,
                               rng=order_rng, adaptive=mode == "adaptive")
     experts = Experts(cfg, name="expert")
-    if mode != "fixed":
+    if mode == "fixed":
+      y = _capacity_ffn(experts, tokens, r, cfg, deterministic)
+    else:
       picked, kept = experts.ragged(tokens, r, deterministic=deterministic)
       r = r.replace(kept=kept, combine_weights=jnp.where(kept, r.combine_weights, 0.0))
       y = jnp.einsum("gtkd,gtk->gtd", picked, r.combine_weights.astype(picked.dtype))
-      y = p.constrain(y.astype(cfg.dtype), (p.BATCH, p.LENGTH, p.EMBED)).reshape(b, length, d)
-      metrics = _metrics(r, token_mask, cfg)
-      return (y, metrics, r) if return_routing else (y, metrics)
-    if resolve_dispatch(cfg.dispatch) == "gather":
-      buffers, slot = _gather_dispatch(tokens, r, cfg.num_experts)
-      combine = lambda out: _gather_combine(out, slot, r)
-    else:
-      dispatch_mask, combine_mask = _one_hot_masks(r, cfg.num_experts, cfg.dtype)
-      buffers = jnp.einsum("gtd,gtec->egcd", tokens.astype(cfg.dtype), dispatch_mask)
-      combine = lambda out: jnp.einsum("egcd,gtec->gtd", out, combine_mask)
-    # Group-major -> expert-major and back: the two relayouts that become all-to-alls.
-    buffers = p.constrain(buffers, (p.EXPERT, p.EXPERT_REPLICAS, p.LENGTH, p.EMBED))
-    out = experts(buffers, deterministic=deterministic)
-    y = combine(p.constrain(out, (p.UNMODELED, p.BATCH, p.LENGTH, p.EMBED)))
     y = p.constrain(y.astype(cfg.dtype), (p.BATCH, p.LENGTH, p.EMBED)).reshape(b, length, d)
     metrics = _metrics(r, token_mask, cfg)
     return (y, metrics, r) if return_routing else (y, metrics)
+
+
+def _capacity_ffn(experts: Experts, tokens, r: routing.Routing, cfg: ModelConfig,
+                  deterministic: bool):
+  """Fixed capacity: tokens [G, T, D] -> expert buffers [E, G, C, D] -> experts -> [G, T, D]."""
+  if resolve_dispatch(cfg.dispatch) == "gather":
+    buffers, slot = _gather_dispatch(tokens, r, cfg.num_experts)
+    combine = lambda out: _gather_combine(out, slot, r)
+  else:
+    dispatch_mask, combine_mask = _one_hot_masks(r, cfg.num_experts, cfg.dtype)
+    buffers = jnp.einsum("gtd,gtec->egcd", tokens.astype(cfg.dtype), dispatch_mask)
+    combine = lambda out: jnp.einsum("egcd,gtec->gtd", out, combine_mask)
+  # Group-major -> expert-major and back: the two relayouts that become all-to-alls.
+  buffers = p.constrain(buffers, (p.EXPERT, p.EXPERT_REPLICAS, p.LENGTH, p.EMBED))
+  out = experts(buffers, deterministic=deterministic)
+  return combine(p.constrain(out, (p.UNMODELED, p.BATCH, p.LENGTH, p.EMBED)))
 
 
 class _RouterKernel(nn.Module):

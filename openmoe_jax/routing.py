@@ -12,7 +12,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-CAPACITY_ORDERS = ("openmoe", "random", "confidence")
+from openmoe_jax.config import CAPACITY_ORDERS
 
 
 def num_groups(num_tokens: int, group_size: int, num_experts: int, num_expert_replicas: int = 1) -> int:

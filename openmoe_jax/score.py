@@ -25,7 +25,7 @@ def _vocabulary(model_dir: str, task: str):
   try:
     return data.get_provider(name).output_features["targets"].vocabulary
   except ValueError as e:
-    raise gin_utils.UsageError(str(e).splitlines()[0]) from None
+    raise gin_utils.UsageError(gin_utils.error_line(e)) from None
 
 
 def score_lines(cfg, params, vocabulary, lines):

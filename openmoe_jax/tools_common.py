@@ -9,7 +9,7 @@ from typing import Optional, Sequence
 from openmoe_jax import checkpoint as ckpt_lib
 from openmoe_jax import fs
 from openmoe_jax.config import ModelConfig
-from openmoe_jax.gin_utils import UsageError
+from openmoe_jax.gin_utils import UsageError, error_line
 
 
 def load_model_config(model_dir: str, overrides: Sequence[str] = ()) -> ModelConfig:
@@ -27,7 +27,7 @@ def load_model_config(model_dir: str, overrides: Sequence[str] = ()) -> ModelCon
   try:
     return ModelConfig(**fields)
   except (TypeError, ValueError) as e:
-    raise UsageError(str(e).splitlines()[0]) from None
+    raise UsageError(error_line(e)) from None
 
 
 def load_params(model_dir: str, step: Optional[int]):

@@ -26,7 +26,7 @@ from openmoe_jax import partitioning as part
 from openmoe_jax import routing
 from openmoe_jax import steps
 from openmoe_jax.config import ModelConfig
-from openmoe_jax.gin_utils import UsageError
+from openmoe_jax.gin_utils import UsageError, error_line
 from openmoe_jax.metrics_writer import MetricsWriter
 from openmoe_jax.optimizer import make_optimizer
 
@@ -180,7 +180,7 @@ def train(model_config: ModelConfig, *, model_dir: str = gin.REQUIRED,
     mesh = part.make_mesh(num_expert_partitions, num_model_partitions)
     part.check_experts_divisible(cfg.num_experts, mesh)
   except ValueError as e:
-    raise UsageError(str(e).splitlines()[0]) from None
+    raise UsageError(error_line(e)) from None
   # flaxformer: groups are a multiple of experts x replicas, so they split over (data, expert).
   cfg = cfg.replace(num_expert_replicas=mesh.shape["data"])
   if batch_size % (mesh.shape["data"] * mesh.shape["expert"] * num_microbatches):
@@ -338,7 +338,7 @@ def _make_optimizer(name: str, kwargs: dict, step_offset: int = 0):
       shifted = lambda count: schedule(count + step_offset)
       tx, _ = make_optimizer(name, **dict(kwargs, learning_rate_schedule=shifted))
   except (ValueError, TypeError) as e:  # make_optimizer only validates its arguments here
-    raise UsageError(f"OPTIMIZER / OPTIMIZER_KWARGS: {str(e).splitlines()[0]}") from None
+    raise UsageError(f"OPTIMIZER / OPTIMIZER_KWARGS: {error_line(e)}") from None
   return tx, schedule
 
 

@@ -88,10 +88,15 @@ def test_overloaded_expert_drops_rise_with_position_and_vanish_without_capacity_
   assert d["dropped_fraction"] == 0.0 and set(d["by_position_bin"]) == {0.0}
 
 
-def test_captured_routing_matches_the_model_and_identical_checkpoints_agree():
+@pytest.mark.parametrize("mode,order", [("fixed", "openmoe"), ("dropless", "openmoe"),
+                                        ("adaptive", "confidence")])
+def test_captured_routing_matches_the_model_and_identical_checkpoints_agree(mode, order):
+  """The analysis re-routes with the model's own capacity mode and order, so its drops are the
+  model's drops (none for dropless)."""
   cfg = ModelConfig(vocab_size=V, emb_dim=16, num_heads=2, head_dim=8, mlp_dim=24,
                     expert_mlp_dim=24, num_layers=2, num_experts=4, num_sparse_layers=1,
-                    eval_capacity_factor=1.0, group_size=64)
+                    eval_capacity_factor=1.0, group_size=64, capacity_mode=mode,
+                    capacity_order=order)
   ids, pos, _ = _tokens(5)
   batch = {"decoder_input_tokens": np.pad(ids[:, 1:], ((0, 0), (1, 0))),
            "decoder_target_tokens": ids, "decoder_positions": np.asarray(pos)}
