@@ -29,7 +29,11 @@ setuptools.setup(
     install_requires=_requirements("requirements.txt"),
     extras_require={
         "export": ["torch==2.13.0", "safetensors==0.8.0", "transformers==5.24.0"],
-        "test": ["pytest==9.2.0", "torch==2.13.0", "safetensors==0.8.0", "transformers==5.24.0"],
+        "test": ["pytest==9.2.0", "torch==2.13.0", "safetensors==0.8.0", "transformers==5.24.0",
+                 "libtpu==0.0.42.*"],
+        # XLA:TPU for TPU runs and for compile-only TPU plans on any machine (openmoe-info
+        # --tpu, openmoe-train --compile_only): the libtpu that jax[tpu]==0.10.2 pins.
+        "tpu": ["libtpu==0.0.42.*"],
     },
     entry_points={
         "console_scripts": [
@@ -40,6 +44,7 @@ setuptools.setup(
             "openmoe-analyze=openmoe_jax.analyze:main",
             "openmoe-export=openmoe_jax.export:main",
             "openmoe-import=openmoe_jax.hf_import:main",
+            "openmoe-infer=openmoe_jax.infer:main",
         ],
     },
 )

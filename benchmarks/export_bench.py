@@ -27,7 +27,7 @@ def build(model_dir):
   import jax
   from openmoe_jax import checkpoint as ckpt_lib
   from openmoe_jax.config import ModelConfig
-  from openmoe_jax.info import abstract_params
+  from openmoe_jax.counts import abstract_params
   cfg = ModelConfig(**CFG)
   rng = np.random.default_rng(0)
   params = jax.tree.map(lambda s: rng.standard_normal(s.shape, np.float32) * 0.02,
@@ -67,8 +67,8 @@ def main():
   n_params, largest = build(model_dir)
   spm = os.path.join(os.path.dirname(__file__), "..", "openmoe_jax", "assets",
                      "stdlib_unigram_7892.model")
-  _, base_rss = child(f"from openmoe_jax import export; "
-                      f"export.CheckpointReader({model_dir!r}, 1).close()")
+  _, base_rss = child(f"from openmoe_jax import checkpoint, export; "
+                      f"checkpoint.ParamReader({model_dir!r}, 1).close()")
   wall, rss = child(f"import sys; from openmoe_jax import export; sys.exit(export.main(["
                     f"'--model_dir={model_dir}', '--output_dir={out}', '--dtype={args.dtype}', "
                     f"'--spm_path={spm}']))")

@@ -30,7 +30,7 @@ def main():
   import numpy as np
   from flax import linen as nn
   import tasks  # noqa: F401
-  from openmoe_jax import checkpoint, data, gin_utils, info, partitioning as part, steps, train
+  from openmoe_jax import checkpoint, counts, data, gin_utils, partitioning as part, steps, train
   import gin
   gin_utils.parse_gin([args.gin_file], args.gin_bindings)
   cfg = gin_utils.model_config()
@@ -86,7 +86,7 @@ def main():
     shutil.rmtree(d)
   step_time = statistics.median(device_times)
   tokens = bs * length
-  flops_tok = info.summarize(cfg, seq_len=length)["train_flops_per_token"]
+  flops_tok = counts.summarize(cfg, seq_len=length)["train_flops_per_token"]
   peak = train.matmul_peak_flops(2048, 10)
   out = {
       "gin_file": args.gin_file, "backend": jax.default_backend(), "devices": jax.device_count(),

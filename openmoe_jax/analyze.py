@@ -12,7 +12,6 @@ position bin at each capacity factor, and top-1 agreement of every checkpoint wi
 Load, specialisation and agreement use the routing at the model's eval capacity factor.
 """
 import argparse
-import ast
 import functools
 import json
 import os
@@ -21,7 +20,7 @@ import sys
 
 import numpy as np
 
-from openmoe_jax import analysis, fs, gin_utils, tools_common
+from openmoe_jax import analysis, cli, fs, gin_utils, run_dir
 
 REPORT = "routing_report.json"
 
@@ -162,7 +161,7 @@ def analyze(cfg, model_dir, steps, tasks, lengths, batch_size, num_tokens, capac
                   file=sys.stderr)
   token_counts = {}
   for step in steps:
-    params, _ = tools_common.load_params(model_dir, step)
+    params, _ = run_dir.load_params(model_dir, step)
     per_task = {}
     for task in tasks:
       bar.set_description(f"step {step} {task}")
@@ -263,27 +262,10 @@ def write_figures(report: dict, output_dir: str) -> list:
   return names
 
 
-def _gin_overrides(bindings):
-  """`ModelConfig.FIELD = VALUE` gin bindings -> FIELD=VALUE model overrides."""
-  out = []
-  for b in bindings:
-    m = re.fullmatch(r"\s*(?:openmoe_jax\.)?ModelConfig\.(\w+)\s*=\s*(.+?)\s*", b)
-    if not m:
-      raise gin_utils.UsageError(f"unsupported gin binding {b!r}: openmoe-analyze takes "
-                                 "ModelConfig.FIELD = VALUE bindings only")
-    try:
-      value = json.dumps(ast.literal_eval(m.group(2)))
-    except (ValueError, SyntaxError):
-      value = m.group(2).strip("'\"")
-    out.append(f"{m.group(1)}={value}")
-  return out
-
-
 def build_parser():
   parser = argparse.ArgumentParser(prog="openmoe-analyze", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   a = parser.add_argument
-  a("--model_dir", required=True, help="a MODEL_DIR written by openmoe-train")
   a("--steps", help="comma-separated checkpoint steps, the last one is the reference for early "
                     "routing agreement (default: every checkpoint in MODEL_DIR)")
   a("--mixture_or_task_name", help="comma-separated tasks or mixtures to analyse "
@@ -304,10 +286,7 @@ def build_parser():
     help="bins of the drop-by-position curves (default 16)")
   a("--top_tokens", type=int, default=10, help="top token IDs listed per expert (default 10)")
   a("--output_dir", required=True, help="where routing_report.json and the figures go")
-  a("--model_override", action="append", default=[],
-    help="ModelConfig FIELD=VALUE override, e.g. capacity_formula=colossalai (repeatable)")
-  a("--gin_bindings", action="append", default=[],
-    help="gin binding 'ModelConfig.FIELD = VALUE' (repeatable; --gin.ModelConfig.FIELD=VALUE too)")
+  cli.add_model_dir_flags(parser, step=False)
   a("--no_progress", action="store_true", help="hide the progress bar")
   return parser
 
@@ -322,18 +301,16 @@ def _run_batch_size(model_dir):
 
 
 def main(argv=None):
-  argv = list(sys.argv[1:] if argv is None else argv)
+  cli.quiet_libraries()
   try:
-    dot_bindings, argv = gin_utils.split_gin_dot_flags(argv)
+    args, overrides = cli.parse_tool_args(build_parser(), argv)
   except gin_utils.UsageError as e:
-    print(f"openmoe-analyze: error: {e}", file=sys.stderr)
+    print(f"openmoe-analyze: error: {gin_utils.error_line(e)}", file=sys.stderr)
     return 2
-  args = build_parser().parse_args(argv)
   out = os.path.join(args.output_dir, REPORT)
   tmp = out + ".tmp"
   try:
-    overrides = _gin_overrides(args.gin_bindings + dot_bindings) + args.model_override
-    cfg = tools_common.load_model_config(args.model_dir, overrides)
+    cfg = run_dir.load_model_config(args.model_dir, overrides)
     if not cfg.moe_layers:
       raise gin_utils.UsageError("the model has no MoE layer: nothing to analyse")
     from openmoe_jax import checkpoint
@@ -347,7 +324,7 @@ def main(argv=None):
                                  f"{args.model_dir} (have {have})")
     import tasks  # noqa: F401  registers tasks (slow: TensorFlow), so after the cheap checks
     from openmoe_jax import data
-    info = tools_common.run_info(args.model_dir)
+    info = run_dir.run_info(args.model_dir)
     names = (args.mixture_or_task_name or info.get("mixture_or_task_name") or "").split(",")
     names = [n for n in names if n]
     if not names:
@@ -369,8 +346,13 @@ def main(argv=None):
     cfs = ([float(x) for x in args.capacity_factors.split(",") if x] if args.capacity_factors
            else [cfg.train_capacity_factor, cfg.eval_capacity_factor])
     batch_size = args.batch_size or _run_batch_size(args.model_dir)
-    if args.num_tokens < 1 or batch_size < 1 or args.position_bins < 1 or not cfs:
-      raise gin_utils.UsageError("--num_tokens, --batch_size, --position_bins must be positive")
+    for flag, value in (("--num_tokens", args.num_tokens), ("--batch_size", batch_size),
+                        ("--position_bins", args.position_bins)):
+      if value < 1:
+        raise gin_utils.UsageError(f"{flag}={value}: must be a positive integer")
+    if not cfs or min(cfs) <= 0:
+      raise gin_utils.UsageError(f"--capacity_factors={args.capacity_factors}: must be positive "
+                                 "numbers, comma-separated")
     group_settings(cfg, batch_size, sum(lengths.values()), cfs)  # fails early on a bad shape
     os.makedirs(args.output_dir, exist_ok=True)
     report = analyze(cfg, args.model_dir, sorted(steps), names, lengths, batch_size,

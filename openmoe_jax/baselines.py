@@ -10,21 +10,7 @@ import argparse
 import json
 import sys
 
-import numpy as np
-
-
-def token_counts(batches, vocab_size: int) -> np.ndarray:
-  counts = np.zeros(vocab_size, np.float64)
-  for b in batches:
-    w = b["decoder_loss_weights"] > 0
-    np.add.at(counts, b["decoder_target_tokens"][w], 1.0)
-  return counts
-
-
-def unigram_cross_entropy(train_counts: np.ndarray, eval_counts: np.ndarray) -> float:
-  """Cross-entropy (nats/token) of eval tokens under the add-one-smoothed train unigram model."""
-  p = (train_counts + 1.0) / (train_counts.sum() + len(train_counts))
-  return float(-(eval_counts * np.log(p)).sum() / eval_counts.sum())
+from openmoe_jax.unigram import token_counts, unigram_cross_entropy
 
 
 def unigram_entropy(mixture_or_task_name: str, task_feature_lengths, *, batch_size: int = 16,

@@ -18,6 +18,7 @@ from openmoe_jax import fs
 
 STATE, DATA = 'state', 'data'
 _STEP_METADATA = '_CHECKPOINT_METADATA'
+SET_ASIDE_DIR = 'checkpoints_set_aside'
 
 
 def checkpoint_dir(model_dir) -> epath.Path:
@@ -43,6 +44,28 @@ def list_steps(model_dir) -> list[int]:
     return []
   return sorted(int(p.name) for p in directory.iterdir()
                 if p.name.isdigit() and _is_complete(p))
+
+
+def incomplete_steps(model_dir) -> list[int]:
+  """Steps whose folder has a final (integer) name but is not a complete checkpoint."""
+  directory = checkpoint_dir(model_dir)
+  if not directory.exists():
+    return []
+  return sorted(int(p.name) for p in directory.iterdir()
+                if p.name.isdigit() and not _is_complete(p))
+
+
+def set_aside(model_dir, step: int, reason: str) -> str:
+  """Moves checkpoint `step` to MODEL_DIR/checkpoints_set_aside/<step>-<reason>[-k]; returns the
+  new location. Nothing is deleted: the folder is kept for the user."""
+  src = str(checkpoint_dir(model_dir) / str(step))
+  base = fs.join(fs.abspath(model_dir), SET_ASIDE_DIR, f'{step}-{reason}')
+  dst, k = base, 1
+  while fs.exists(dst):
+    dst, k = f'{base}-{k}', k + 1
+  fs.makedirs(fs.join(fs.abspath(model_dir), SET_ASIDE_DIR))
+  fs.move_dir(src, dst)
+  return dst
 
 
 def allgather_json(obj: Any) -> list:
@@ -149,11 +172,76 @@ class Checkpointer:
     self.close()
 
 
-def restore_params(model_dir, step: Optional[int] = None, params_key: str = 'params') -> Any:
-  """Reads only the parameters of a checkpoint, as host numpy arrays (for export / eval tools).
+class ParamReader:
+  """Reads the parameters of one checkpoint as host numpy arrays, one at a time or all at once.
 
-  The structure comes from the checkpoint's own metadata, so neither the model nor the optimizer
-  state needs to be built; only the parameter arrays are read.
+  The structure comes from the checkpoint's own metadata (orbax partial restore), so neither the
+  model nor the optimizer state is built; only the arrays asked for are read. Used by the tools
+  (openmoe-eval, -score, -export, fine-tuning starts).
+  """
+
+  def __init__(self, model_dir, step: Optional[int] = None, params_key: str = 'params'):
+    steps = list_steps(model_dir)
+    step = (steps[-1] if steps else None) if step is None else step
+    if step is None or step not in steps:
+      raise FileNotFoundError(f'No complete checkpoint for step {step} in {model_dir}.')
+    self.step = step
+    self._path = checkpoint_dir(model_dir) / str(step) / STATE
+    self._keys = tuple(params_key.split('/'))
+    self._ckptr = ocp.PyTreeCheckpointer()
+    tree = self._ckptr.metadata(self._path).item_metadata.tree
+    for key in self._keys:
+      if not isinstance(tree, dict) or key not in tree:
+        raise KeyError(f'{params_key!r} not in the state saved at {self._path}.')
+      tree = tree[key]
+    self.meta = tree
+
+  def spec(self, path: tuple):
+    """(shape, numpy dtype) of the parameter at `path` (a tuple of names)."""
+    node = self.meta
+    for key in path:
+      if not isinstance(node, dict) or key not in node:
+        raise KeyError(f"checkpoint has no parameter {'/'.join(path)}")
+      node = node[key]
+    return tuple(node.shape), np.dtype(node.dtype)
+
+  def _restore(self, target):
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
+    for key in reversed(self._keys):
+      target, restore_args = {key: target}, {key: restore_args}
+    out = self._ckptr.restore(self._path, args=ocp.args.PyTreeRestore(
+        item=target, restore_args=restore_args, partial_restore=True))
+    for key in self._keys:
+      out = out[key]
+    return out
+
+  def read(self, path: tuple) -> np.ndarray:
+    """One parameter, with its saved dtype (bfloat16 kept)."""
+    target = jax.ShapeDtypeStruct(*self.spec(path))
+    for key in reversed(path):
+      target = {key: target}
+    out = self._restore(target)
+    for key in path:
+      out = out[key]
+    return out
+
+  def read_all(self) -> Any:
+    """The whole parameter tree (nested dicts of numpy arrays)."""
+    return self._restore(jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype),
+                                      self.meta))
+
+  def close(self) -> None:
+    self._ckptr.close()
+
+  def __enter__(self) -> 'ParamReader':
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+
+def restore_params(model_dir, step: Optional[int] = None, params_key: str = 'params') -> Any:
+  """The parameters of checkpoint `step` (None: the latest complete one) as numpy arrays.
 
   Args:
     model_dir: run directory holding `checkpoints/`.
@@ -163,24 +251,5 @@ def restore_params(model_dir, step: Optional[int] = None, params_key: str = 'par
   Returns:
     The params subtree (nested dicts) of numpy arrays with their saved dtypes (bf16 kept).
   """
-  steps = list_steps(model_dir)
-  step = (steps[-1] if steps else None) if step is None else step
-  if step is None or step not in steps:
-    raise FileNotFoundError(f'No complete checkpoint for step {step} in {model_dir}.')
-  path = checkpoint_dir(model_dir) / str(step) / STATE
-  keys = params_key.split('/')
-  with ocp.PyTreeCheckpointer() as ckptr:
-    subtree = ckptr.metadata(path).item_metadata.tree
-    for key in keys:
-      if not isinstance(subtree, dict) or key not in subtree:
-        raise KeyError(f'{params_key!r} not in the state saved at {path}.')
-      subtree = subtree[key]
-    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), subtree)
-    for key in reversed(keys):
-      target = {key: target}
-    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
-    restored = ckptr.restore(path, args=ocp.args.PyTreeRestore(
-        item=target, restore_args=restore_args, partial_restore=True))
-  for key in keys:
-    restored = restored[key]
-  return restored
+  with ParamReader(model_dir, step, params_key) as reader:
+    return reader.read_all()

@@ -14,7 +14,7 @@ REMAT_POLICIES = ("none", "full", "dots")
 CAPACITY_FORMULAS = ("flaxformer", "colossalai")
 CAPACITY_MODES = ("fixed", "adaptive", "dropless")
 CAPACITY_ORDERS = ("openmoe", "random", "confidence")
-GROUPED_MATMULS = ("auto", "blocked", "ragged_dot")
+GROUPED_MATMULS = ("auto", "blocked", "ragged_dot", "pallas")
 
 
 def as_dtype(name_or_dtype):
@@ -49,8 +49,8 @@ class ModelConfig:
     no_drop: capacity = group size * k, so no assignment is ever dropped (parity checks).
     capacity_formula: 'flaxformer' (round(cf*G/E), ours) or 'colossalai' (floor(k*cf*G/E), the
       released PyTorch port's, twice as large).
-    dispatch: 'gather' (index-based, fast on CPU/GPU), 'einsum' (one-hot, flaxformer's, good on
-      TPU) or 'auto' (einsum on TPU, gather elsewhere).
+    dispatch: 'gather' (index-based), 'einsum' (one-hot, flaxformer's) or 'auto' (gather: the
+      faster on CPU, measured, and on TPU, by XLA:TPU's compiled estimates).
     capacity_mode: 'fixed' (OpenMoE: C slots per expert and group), 'adaptive' (the group's E*C
       slots shared between experts by load, so drops only when the whole group is over budget)
       or 'dropless' (every assignment is computed; sort by expert + grouped matmul).
@@ -58,7 +58,8 @@ class ModelConfig:
       first choices, then second, each left to right: drop-towards-the-end), 'random' or
       'confidence' (highest gate first), both position-independent.
     grouped_matmul: expert FFN of the 'adaptive'/'dropless' modes: 'blocked' (row tiles, fast on
-      CPU), 'ragged_dot' (XLA grouped GEMM) or 'auto' (blocked on CPU, ragged_dot elsewhere).
+      CPU), 'ragged_dot' (XLA grouped GEMM), 'pallas' (Pallas TPU grouped matmul, megablox) or
+      'auto' (blocked on CPU, pallas on TPU, ragged_dot on GPU).
     ep_buffer_factor: dropless/adaptive with experts sharded: rows a device reserves per expert
       shard, as a multiple of the balanced share; 0 reserves the worst case (never drops).
       Rows that do not fit are dropped and counted in dropped_fraction.

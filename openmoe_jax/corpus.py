@@ -72,6 +72,19 @@ class DocumentStats:
       self._counts.clear()
 
 
+# Per-source counters, filled by the sources that read documents (tasks/sources.py), read by the
+# training loop at each evaluation.
+SOURCE_STATS: dict = {}
+
+
+def skipped_document_counts() -> dict:
+  """{"empty": n, "invalid_utf8": n, "truncated": n} summed over every source read so far."""
+  total = collections.Counter()
+  for stats in list(SOURCE_STATS.values()):
+    total.update(stats.snapshot())
+  return {k: int(total.get(k, 0)) for k in ("empty", "invalid_utf8", "truncated")}
+
+
 def clean_document(raw, stats: Optional[DocumentStats] = None,
                    max_chars: int = MAX_DOCUMENT_CHARS) -> Optional[str]:
   """Decodes and checks one raw document; None means skip it.

@@ -20,7 +20,7 @@ from typing import Any, Dict, Iterator, Mapping, Optional
 
 import numpy as np
 
-from openmoe_jax.gin_utils import UsageValueError
+from openmoe_jax.errors import UsageError, UsageValueError, error_line
 
 BATCH_KEYS = ("decoder_target_tokens", "decoder_input_tokens", "decoder_loss_weights",
               "decoder_segment_ids", "decoder_positions")
@@ -99,6 +99,31 @@ def check_sources(name: str, split: str = "train") -> None:
     task.source.list_shards(split)
     for feature in task.output_features.values():
       _ = feature.vocabulary.vocab_size  # loads the SentencePiece model
+
+
+def check_features(name: str, task_feature_lengths: Mapping[str, int], vocab_size: int) -> None:
+  """Checks, before any pipeline runs, that the lengths and the embedding fit the task.
+
+  Raises:
+    ValueError: a required feature of the task without a length, a length that is not a positive integer, or a vocabulary with more ids than
+      the model's embedding rows (ids past the table would train into NaN or garbage).
+  """
+  provider = get_provider(name)
+  features = provider.output_features
+  missing = [k for k, f in features.items() if f.required and k not in task_feature_lengths]
+  if missing:
+    example = ", ".join(f"'{k}': {task_feature_lengths.get(k, 1024)}" for k in features)
+    raise ValueError(f"TASK_FEATURE_LENGTHS has no length for {', '.join(map(repr, missing))}, "
+                     f"which {name} produces (e.g. {{{example}}})")
+  for k, v in task_feature_lengths.items():
+    if not isinstance(v, int) or v <= 0:
+      raise ValueError(f"TASK_FEATURE_LENGTHS[{k!r}] = {v!r}: must be a positive integer")
+  for k, feature in features.items():
+    n = feature.vocabulary.vocab_size
+    if n > vocab_size:
+      raise ValueError(f"the vocabulary of {name}'s {k!r} has {n} ids but the model has "
+                       f"NUM_EMBEDDINGS = {vocab_size} rows; set NUM_EMBEDDINGS >= {n} "
+                       "(OpenMoE pads to a multiple of 128)")
 
 
 def build_dataset(config: DataConfig, shard_index: int = 0, num_shards: int = 1):
@@ -227,3 +252,64 @@ def to_global_arrays(batch: Mapping[str, np.ndarray], sharding) -> Dict[str, Any
   """
   import jax  # pylint: disable=g-import-not-at-top
   return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+
+
+class ShardedIterator:
+  """This process's share of `num_data_shards` seqio shards, rows concatenated in shard order.
+
+  With one shard per process this is the plain per-host iterator. A single process reading
+  all shards of a multi-host run sees the same global batches, which is how multi-host runs
+  are checked against single-host ones.
+  """
+
+  def __init__(self, num_data_shards: Optional[int], **kwargs):
+    import jax  # pylint: disable=g-import-not-at-top
+    n, p, i = num_data_shards or jax.process_count(), jax.process_count(), jax.process_index()
+    if n % p:
+      raise UsageError(f"num_data_shards={n} must be a multiple of the process count {p}")
+    per = n // p
+    batch = kwargs.pop("batch_size")
+    self._first = None
+    self._its = [make_iterator(batch_size=batch, shard_index=i * per + j, num_shards=n,
+                                        **kwargs) for j in range(per)]
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    if self._first is not None:
+      batch, self._first = self._first, None
+      return batch
+    parts = [next(it) for it in self._its]
+    return {k: np.concatenate([b[k] for b in parts]) for k in parts[0]}
+
+  def check_first_batch(self, name: str, lengths) -> None:
+    """Makes the first batch now, so a task / length mismatch fails before anything is written
+    (it becomes the next batch; `set_state` drops it)."""
+    try:
+      self._first = next(self)
+    except KeyError as e:
+      raise UsageError(f"TASK_FEATURE_LENGTHS {dict(lengths)} has no length for {e}, which "
+                       f"{name} produces (a UL2 task needs 'inputs' and 'targets')") from None
+    except Exception as e:  # pylint: disable=broad-except  (the data pipeline's own errors)
+      raise UsageError(f"the first batch of {name} could not be made: {type(e).__name__}: "
+                       f"{error_line(e)}") from None
+
+  def get_state(self):
+    """The position of every shard of every process, `{"shards": [...]}` in shard order.
+
+    Collective in multi-process runs (every process calls it), because the checkpoint's data
+    item is written by process 0 alone.
+    """
+    from openmoe_jax.checkpoint import allgather_json  # pylint: disable=g-import-not-at-top
+    mine = [it.get_state() for it in self._its]
+    shards = [s for part in allgather_json(mine) for s in part]
+    return {"shards": sorted(shards, key=lambda s: s["shard_index"])}
+
+  def set_state(self, state):
+    """Continues each of this process's shards from the saved shard with its index."""
+    self._first = None
+    saved = {s.get("shard_index"): s for s in state["shards"]}
+    for it in self._its:
+      # No saved shard with this index: the shard count changed, which set_state reports.
+      it.set_state(saved.get(it.shard_index, state["shards"][0]))

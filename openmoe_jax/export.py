@@ -25,47 +25,12 @@ import tempfile
 
 import numpy as np
 
-from openmoe_jax import fs, gin_utils, tools_common
+from openmoe_jax import fs, gin_utils, run_dir
+from openmoe_jax.errors import error_line
 from openmoe_jax.hf import name_map
 
 _ST_DTYPES = {"float32": "F32", "bfloat16": "BF16"}
 _HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-class CheckpointReader:
-  """Reads single parameters of one checkpoint (orbax partial restore), never the whole tree."""
-
-  def __init__(self, model_dir: str, step: int):
-    import orbax.checkpoint as ocp
-    from openmoe_jax import checkpoint as ckpt_lib
-    self._ocp = ocp
-    self._path = ckpt_lib.checkpoint_dir(model_dir) / str(step) / ckpt_lib.STATE
-    self._ckptr = ocp.PyTreeCheckpointer()
-    self.meta = self._ckptr.metadata(self._path).item_metadata.tree["params"]
-
-  def spec(self, path: tuple):
-    node = self.meta
-    for key in path:
-      if not isinstance(node, dict) or key not in node:
-        raise gin_utils.UsageError(f"checkpoint has no parameter {'/'.join(path)}")
-      node = node[key]
-    return tuple(node.shape), np.dtype(node.dtype)
-
-  def read(self, path: tuple) -> np.ndarray:
-    import jax
-    shape, dtype = self.spec(path)
-    target = jax.ShapeDtypeStruct(shape, dtype)
-    args = self._ocp.RestoreArgs(restore_type=np.ndarray)
-    for key in reversed(("params",) + path):
-      target, args = {key: target}, {key: args}
-    out = self._ckptr.restore(self._path, args=self._ocp.args.PyTreeRestore(
-        item=target, restore_args=args, partial_restore=True))
-    for key in ("params",) + path:
-      out = out[key]
-    return out
-
-  def close(self):
-    self._ckptr.close()
 
 
 def _chunks(array: np.ndarray, transpose: bool, dtype: str, chunk_bytes: int = 64 * 2**20):
@@ -121,7 +86,7 @@ def _spm_path(model_dir: str, explicit) -> str:
     if not fs.isfile(explicit):
       raise gin_utils.UsageError(f"SentencePiece model not found: {explicit}")
     return explicit
-  task = tools_common.run_info(model_dir).get("mixture_or_task_name", "")
+  task = run_dir.run_info(model_dir).get("mixture_or_task_name", "")
   if task.startswith("builtin"):
     from openmoe_jax import corpus
     return str(corpus.SPM_PATH)
@@ -146,6 +111,39 @@ def _write_tokenizer(out_dir: str, spm: str) -> None:
     json.dump(config, f, indent=1)
 
 
+# Written into every exported folder: --overwrite only ever replaces a folder that has it.
+EXPORT_MARKER = ".openmoe_export.json"
+
+
+def _umask() -> int:
+  mask = os.umask(0)
+  os.umask(mask)
+  return mask
+
+
+def check_output_dir(model_dir: str, output_dir: str, overwrite: bool) -> None:
+  """Refuses an output folder that would put the run (or anything but an earlier export) at risk.
+
+  The output may not be the model dir, contain it or be inside it; an existing non-empty output
+  is replaced only with `overwrite`, and only when an earlier `openmoe-export` wrote it.
+  """
+  out = os.path.realpath(output_dir)
+  if not fs.is_url(model_dir):
+    run = os.path.realpath(model_dir)
+    if out == run or run.startswith(out + os.sep) or out.startswith(run + os.sep):
+      where = ("is" if out == run else "contains" if run.startswith(out + os.sep)
+               else "is inside")
+      raise gin_utils.UsageError(f"--output_dir {output_dir} {where} the model dir "
+                                 f"{model_dir}; choose a folder outside it")
+  if os.path.exists(output_dir) and (not os.path.isdir(output_dir) or os.listdir(output_dir)):
+    if not overwrite:
+      raise gin_utils.UsageError(f"output {output_dir} exists and is not empty (use --overwrite)")
+    if not os.path.isfile(os.path.join(output_dir, EXPORT_MARKER)):
+      raise gin_utils.UsageError(f"--overwrite replaces only a folder openmoe-export wrote; "
+                                 f"{output_dir} is not one (no {EXPORT_MARKER}): choose "
+                                 "another --output_dir or remove it yourself")
+
+
 def export(model_dir: str, output_dir: str, *, step=None, dtype: str = "float32",
            max_shard_size_mb: float = 5000, spm_path=None, overwrite: bool = False) -> dict:
   """Exports MODEL_DIR's checkpoint to OUTPUT_DIR; returns a summary dict.
@@ -156,10 +154,8 @@ def export(model_dir: str, output_dir: str, *, step=None, dtype: str = "float32"
   from openmoe_jax import checkpoint as ckpt_lib
   if dtype not in _ST_DTYPES:
     raise gin_utils.UsageError(f"--dtype={dtype}: use float32 or bfloat16")
-  if os.path.exists(output_dir) and (not os.path.isdir(output_dir) or os.listdir(output_dir)):
-    if not overwrite:
-      raise gin_utils.UsageError(f"output {output_dir} exists and is not empty (use --overwrite)")
-  cfg = tools_common.load_model_config(model_dir)
+  check_output_dir(model_dir, output_dir, overwrite)
+  cfg = run_dir.load_model_config(model_dir)
   steps = ckpt_lib.list_steps(model_dir)
   if not steps:
     raise gin_utils.UsageError(f"no complete checkpoint in {model_dir}")
@@ -167,7 +163,7 @@ def export(model_dir: str, output_dir: str, *, step=None, dtype: str = "float32"
     raise gin_utils.UsageError(f"no checkpoint for step {step} in {model_dir} (have {steps})")
   step = steps[-1] if step is None else step
   spm = _spm_path(model_dir, spm_path)
-  reader = CheckpointReader(model_dir, step)
+  reader = ckpt_lib.ParamReader(model_dir, step)
   parent = os.path.dirname(os.path.abspath(output_dir))
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=os.path.basename(os.path.abspath(output_dir)) + ".tmp-",
@@ -177,7 +173,10 @@ def export(model_dir: str, output_dir: str, *, step=None, dtype: str = "float32"
     table = {}
     items = []
     for e in name_map.entries(cfg.num_layers, cfg.is_moe_layer):
-      shape, _ = reader.spec(e.flax_path)
+      try:
+        shape, _ = reader.spec(e.flax_path)
+      except KeyError as err:
+        raise gin_utils.UsageError(error_line(err).strip('"')) from None
       hf_shape = name_map.hf_shape(shape, e.transpose)
       table[e.hf_key] = e
       items.append((e.hf_key, hf_shape, int(np.prod(hf_shape)) * width))
@@ -201,6 +200,9 @@ def export(model_dir: str, output_dir: str, *, step=None, dtype: str = "float32"
     _write_tokenizer(tmp, spm)
     shutil.copyfile(os.path.join(_HERE, "hf", "modeling_openmoe.py"),
                     os.path.join(tmp, "modeling_openmoe.py"))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; the folder gets the user's umask
+    with open(os.path.join(tmp, EXPORT_MARKER), "w") as f:
+      json.dump({"model_dir": os.path.abspath(model_dir), "step": step}, f)
     if os.path.exists(output_dir):
       shutil.rmtree(output_dir) if os.path.isdir(output_dir) else os.remove(output_dir)
     os.replace(tmp, output_dir)
@@ -222,7 +224,9 @@ def main(argv=None):
   parser.add_argument("--max_shard_size_mb", type=float, default=5000,
                       help="start a new safetensors shard above this size (default 5000)")
   parser.add_argument("--spm_path", help="SentencePiece model (default: the run's vocabulary)")
-  parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output_dir")
+  parser.add_argument("--overwrite", action="store_true",
+                      help="replace an output_dir that an earlier openmoe-export wrote (any "
+                           "other non-empty folder, and the model dir, are refused)")
   args = parser.parse_args(argv)
   try:
     out = export(args.model_dir, args.output_dir, step=args.step, dtype=args.dtype,

@@ -121,3 +121,57 @@ def copy(src, dst) -> None:
     gfile().copy(src, dst, overwrite=True)
   else:
     shutil.copyfile(src, dst)
+
+
+def remove(path) -> None:
+  """Deletes file `path` (nothing if it is already gone)."""
+  path = str(path)
+  try:
+    if is_url(path):
+      gfile().remove(path)
+    else:
+      os.remove(path)
+  except (FileNotFoundError, OSError) as e:
+    if exists(path):
+      raise e
+
+
+def move_dir(src, dst) -> None:
+  """Moves directory `src` to `dst` (which must not exist).
+
+  Local: one rename. Object stores have no directory rename: every file is copied, then the
+  source is removed, only once the whole copy exists.
+  """
+  src, dst = str(src), str(dst)
+  if not (is_url(src) or is_url(dst)):
+    os.makedirs(os.path.dirname(dst), exist_ok=True)
+    os.rename(src, dst)
+    return
+  g = gfile()
+  for root, _, files in g.walk(src):
+    rel = root[len(src):].lstrip("/")
+    g.makedirs(join(dst, rel) if rel else dst)
+    for name in files:
+      g.copy(join(root, name), join(dst, rel, name) if rel else join(dst, name), overwrite=False)
+  g.rmtree(src)
+
+
+def check_writable_dir(path) -> None:
+  """Raises ValueError when `path` cannot become a writable directory (a file is in the way,
+  or a local parent is not writable). URLs are not probed: their permissions show on write."""
+  path = str(path)
+  if is_url(path):
+    if exists(path) and not isdir(path):
+      raise ValueError(f"{path} is a file, not a directory")
+    return
+  probe = os.path.abspath(path)
+  while not os.path.exists(probe):
+    parent = os.path.dirname(probe)
+    if parent == probe:
+      break
+    probe = parent
+  if not os.path.isdir(probe):
+    raise ValueError(f"{probe} is a file, not a directory" if probe == os.path.abspath(path)
+                     else f"{path} cannot be created: {probe} is a file")
+  if not os.access(probe, os.W_OK | os.X_OK):
+    raise ValueError(f"{path} is not writable (no write permission on {probe})")

@@ -9,29 +9,15 @@ import importlib.resources
 import logging
 import os
 import pathlib
+import re
 from typing import List, Sequence
 
 import gin
+from gin import config_parser
 
 from openmoe_jax.config import ModelConfig
-
-
-class UsageError(Exception):
-  """A user error: the command prints one line and exits with code 2."""
-
-
-class UsageValueError(UsageError, ValueError):
-  """A user error that is also a ValueError (a bad setting, a mismatched saved state)."""
-
-
-class UsageFileNotFoundError(UsageError, FileNotFoundError):
-  """A user error that is also a FileNotFoundError (data or a model file not where configured)."""
-
-
-def error_line(e: BaseException) -> str:
-  """The first line of an error's message, without the `In call to configurable` lines gin
-  appends to errors raised inside configurables."""
-  return (str(e).splitlines() or [type(e).__name__])[0]
+from openmoe_jax.errors import (UsageError, UsageFileNotFoundError,  # noqa: F401  re-exported
+                                UsageValueError, error_line)
 
 
 @functools.lru_cache(maxsize=None)
@@ -119,10 +105,92 @@ def parse_gin(files: Sequence[str], bindings: Sequence[str], search_paths: Seque
         raise UsageError("required macros not set: " + ", ".join(missing)
                          + f" (e.g. --gin.{missing[0]}=...)")
       gin.finalize()
-  except (ValueError, KeyError, NameError, SyntaxError, IOError) as e:
+  except SyntaxError as e:
+    raise UsageError(f"gin: {_syntax_error_line(e, files, paths)}") from None
+  except (ValueError, KeyError, NameError, IOError) as e:
     raise UsageError(f"gin: {error_line(e)}") from None
   finally:
     logging.disable(logging.NOTSET)
+  user_unused = unused_user_macros(files, paths)
+  if user_unused:
+    raise UsageError("macros set but used by no gin file: " + ", ".join(user_unused)
+                     + " (a typo? macro names are case-sensitive)")
+
+
+class _Statements(config_parser.ParserDelegate):
+  """Reads a gin file's statements without evaluating references (no configurables needed)."""
+
+  def configurable_reference(self, scoped_name, evaluate):
+    return scoped_name
+
+  def macro(self, name):
+    return name
+
+
+def _resolve(name: str, paths: Sequence[str], relative_to: str = "") -> str:
+  """The file gin reads for `name` (as given, next to the including file, or on the paths)."""
+  for candidate in ([name, os.path.join(relative_to, name)] if relative_to else [name]):
+    if os.path.isfile(candidate):
+      return os.path.abspath(candidate)
+  for d in paths:
+    if os.path.isfile(os.path.join(d, name)):
+      return os.path.abspath(os.path.join(d, name))
+  return ""
+
+
+def _user_files(files: Sequence[str], paths: Sequence[str]) -> List[str]:
+  """The given gin files and what they include, outside the package's own gin/ folder."""
+  ours = str(package_gin_dir().resolve()) + os.sep
+  seen: List[str] = []
+  todo = [_resolve(f, paths) for f in files]
+  while todo:
+    path = todo.pop(0)
+    if not path or path in seen or os.path.realpath(path).startswith(ours):
+      continue
+    seen.append(path)
+    try:
+      statements = list(config_parser.ConfigParser(pathlib.Path(path).read_text(), _Statements()))
+    except SyntaxError:
+      continue  # reported by gin's own parse
+    todo += [_resolve(st.filename, paths, os.path.dirname(path)) for st in statements
+             if isinstance(st, config_parser.IncludeStatement)]
+  return seen
+
+
+def unused_user_macros(files: Sequence[str], paths: Sequence[str]) -> List[str]:
+  """`NAME (file:line)` for each macro a user's own gin file sets that no parsed binding uses.
+
+  The project's gin files may define macros for others to use, so only files outside the
+  package's gin/ folder are checked (the command line is checked by `unused_macros`).
+  """
+  used: set = set()
+  for params in gin.config._CONFIG.values():  # pylint: disable=protected-access
+    for value in params.values():
+      _macro_references(value, used)
+  out = []
+  for path in _user_files(files, paths):
+    for st in config_parser.ConfigParser(pathlib.Path(path).read_text(), _Statements()):
+      if (isinstance(st, config_parser.BindingStatement) and not st.arg_name and not st.scope
+          and "." not in st.selector and st.selector not in used):
+        out.append(f"{st.selector} ({os.path.basename(path)}:{st.location.line_num})")
+  return out
+
+
+def _syntax_error_line(e: SyntaxError, files: Sequence[str], paths: Sequence[str]) -> str:
+  """`file:line: what` for a gin syntax error: gin names neither the file nor, for an unclosed
+  bracket, the right line (it reports where the parse gave up)."""
+  for path in [p for p in (_resolve(f, paths) for f in files) if p] + _user_files(files, paths):
+    try:
+      list(config_parser.ConfigParser(pathlib.Path(path).read_text(), _Statements()))
+    except SyntaxError as err:
+      where = f"{path}:{err.lineno}" if err.lineno else path
+      text = " ".join(str(err).split())
+      hint = (" (an unclosed bracket or quote before this line?)"
+              if any(w in text for w in ("malformed node", "EOF", "Expected")) else "")
+      token = re.search(r"Failed to parse token '([^']*)'", text)
+      what = f"cannot parse {token.group(1)!r}" if token else error_line(err)
+      return f"{where}: syntax error, {what}{hint}"
+  return error_line(e)
 
 
 def missing_required() -> List[str]:
@@ -173,6 +241,43 @@ def unused_macros(bindings: Sequence[str]) -> List[str]:
     for value in params.values():
       _macro_references(value, used)
   return [name for name in dict.fromkeys(set_here) if name not in used]
+
+
+def _macro_fields() -> dict:
+  """{model macro: ModelConfig field} as gin/models/architecture.gin binds them."""
+  text = (package_gin_dir() / "models" / "architecture.gin").read_text()
+  out = {}
+  for st in config_parser.ConfigParser(text, _Statements()):
+    if (isinstance(st, config_parser.BindingStatement) and st.selector == "ModelConfig"
+        and isinstance(st.value, str)):
+      out[st.value.lstrip("%")] = st.arg_name
+  return out
+
+
+def model_overrides(bindings: Sequence[str]) -> List[str]:
+  """Gin bindings of a saved model's settings -> `FIELD=VALUE` ModelConfig overrides.
+
+  Accepts what a t5x user writes for a model: a model macro (`EVAL_EXPERT_CAPACITY_FACTOR =
+  2.0`, the names of gin/models/*.gin) or `ModelConfig.FIELD = VALUE`. The tools that read a
+  trained MODEL_DIR (openmoe-score, -analyze, -infer) take these as `--gin.NAME=VALUE`.
+  """
+  fields = _macro_fields()
+  out = []
+  for b in bindings:
+    m = re.fullmatch(r"\s*(?:openmoe_jax\.)?(?:ModelConfig\.)?(\w+)\s*=\s*(.+?)\s*", b,
+                     re.S)
+    name = m and (fields.get(m.group(1)) or (m.group(1) if "ModelConfig" in b else None))
+    if not name:
+      raise UsageError(f"unsupported gin binding {b!r}: use a model macro (e.g. "
+                       "EVAL_EXPERT_CAPACITY_FACTOR = 2.0) or ModelConfig.FIELD = VALUE")
+    try:
+      import ast  # pylint: disable=g-import-not-at-top
+      import json  # pylint: disable=g-import-not-at-top
+      value = json.dumps(ast.literal_eval(m.group(2)))
+    except (ValueError, SyntaxError):
+      value = m.group(2).strip("'\"")
+    out.append(f"{name}={value}")
+  return out
 
 
 def model_config() -> ModelConfig:

@@ -5,7 +5,8 @@
 Rows are sorted by expert and `group_sizes[e]` counts expert e's rows; rows past
 sum(group_sizes) are padding and come back as zeros. Two implementations of the same function:
 
-  * 'ragged_dot': three `jax.lax.ragged_dot` grouped matmuls (XLA's grouped GEMM; GPU/TPU);
+  * 'ragged_dot': three `jax.lax.ragged_dot` grouped matmuls (XLA's grouped GEMM; GPU);
+  * 'pallas': the Pallas TPU grouped matmul (megablox gmm, `pallas_grouped.py`);
   * 'blocked': a loop over experts and, inside, over tiles of `block_rows` rows of the expert's
     segment, then over quarter-height tiles for the rest (the last one runs past the segment's
     end and is masked), one dense [b, D] x [D, F] matmul per projection and tile. Both loops have dynamic trip counts, so padding rows and
@@ -21,15 +22,17 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from openmoe_jax import target
 from openmoe_jax.config import GROUPED_MATMULS
 from openmoe_jax.layers import gated_activation
 
 
 def resolve(impl: str) -> str:
-  """'auto': blocked on CPU (measured), ragged_dot where XLA has a real grouped GEMM."""
+  """'auto': blocked on CPU (measured), pallas on TPU (XLA:TPU's compiled estimates,
+  benchmarks/RESULTS.md), ragged_dot on GPU."""
   if impl != "auto":
     return impl
-  return "blocked" if jax.default_backend() == "cpu" else "ragged_dot"
+  return {"cpu": "blocked", "tpu": "pallas"}.get(target.platform(), "ragged_dot")
 
 
 def block_rows_for(num_rows: int, num_experts: int) -> int:
@@ -192,7 +195,7 @@ def expert_ffn(x, group_sizes, wi_0, wi_1, wo, *, keep=None, impl: str = "auto",
     group_sizes: int32[E] rows per expert.
     wi_0: [E, D, 2F]; wi_1: [E, D, F]; wo: [E, F, D] (already in the compute dtype).
     keep: optional [N, F] dropout scale on the hidden activations (0 or 1/(1-rate)).
-    impl: 'blocked', 'ragged_dot' or 'auto' (see `resolve`).
+    impl: 'blocked', 'ragged_dot', 'pallas' or 'auto' (see `resolve`).
     block_rows: tile height for 'blocked'; 0 picks `block_rows_for(N, E)`.
   Returns:
     [N, D] in x's dtype; zeros past sum(group_sizes).
@@ -203,6 +206,9 @@ def expert_ffn(x, group_sizes, wi_0, wi_1, wo, *, keep=None, impl: str = "auto",
   impl = resolve(impl)
   if impl == "ragged_dot":
     return _ragged(x, group_sizes, wi_0, wi_1, wo, keep)
+  if impl == "pallas":
+    from openmoe_jax import pallas_grouped  # pylint: disable=g-import-not-at-top
+    return pallas_grouped.expert_ffn(x, group_sizes, wi_0, wi_1, wo, keep=keep)
   if impl != "blocked":
     raise ValueError(f"unknown grouped matmul {impl!r}; choose from {GROUPED_MATMULS}")
   b = block_rows or block_rows_for(x.shape[0], wi_0.shape[0])

@@ -103,7 +103,7 @@ def _to_numpy(tensor) -> np.ndarray:
 def load_params(hf_dir: str, cfg: ModelConfig) -> dict:
   """Our params tree (numpy, cfg.param_dtype) from the folder's safetensors; checks every shape."""
   from flax import traverse_util
-  from openmoe_jax.info import abstract_params
+  from openmoe_jax.counts import abstract_params
   want = traverse_util.flatten_dict(abstract_params(cfg))
   files = weight_files(hf_dir)
   entries = list(name_map.entries(cfg.num_layers, cfg.is_moe_layer))
@@ -167,6 +167,9 @@ def import_checkpoint(hf_dir: str, model_dir: str, *, gin_files=(), gin_bindings
   tmp = tempfile.mkdtemp(prefix=os.path.basename(os.path.abspath(model_dir)) + ".tmp-", dir=parent)
   try:
     _write_model_dir(tmp, cfg, state, step, hf_dir)
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(tmp, 0o777 & ~mask)  # mkdtemp makes 0700; the model dir gets the user's umask
     if os.path.isdir(model_dir):
       os.rmdir(model_dir)  # checked empty above
     os.replace(tmp, model_dir)

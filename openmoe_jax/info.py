@@ -6,6 +6,8 @@
     openmoe-info --gin_file=models/openmoe_8b.gin --compile --num_devices=256 \
         --num_expert_partitions=32 --num_model_partitions=8 --batch_size=1024 \
         --num_microbatches=8 --memory_budget_gib=16
+    openmoe-info --gin_file=models/openmoe_8b.gin --compile --tpu=v3-256 \
+        --num_expert_partitions=32 --num_model_partitions=8 --batch_size=1024 --num_microbatches=8
 
 Prints one JSON object. Counts come from the parameter shapes of the Flax model itself. Run gins
 (quickstart.gin, runs/*.gin, openmoe/*.gin) are accepted: only their model is read (the mesh and
@@ -14,61 +16,20 @@ With --compile it also lowers and compiles the full training step (OpenMoE's Ada
 (data, expert, model) mesh on N fake CPU devices, from abstract shapes only, and adds the
 per-device memory (argument, output, temporary) and FLOPs of the compiled program; it exits
 with code 3 when the per-device peak exceeds --memory_budget_gib.
+With --tpu=TYPE (a Cloud TPU type such as v3-256, or a topology such as v4:4x4x4) it compiles
+with XLA:TPU (libtpu: pip install 'openmoe_jax[tpu]') for that slice instead, and adds the TPU
+plan (`tpu_plan.py`): memory against the chip's HBM (the default budget), the compiler's
+estimate of the whole step's time, tokens/s and MFU, and the collectives per step.
 """
 import argparse
 import json
-import math
 import sys
 
 import jax
-import jax.numpy as jnp
-from flax import traverse_util
 
 from openmoe_jax import gin_utils
 from openmoe_jax.config import ModelConfig
-from openmoe_jax.model import Transformer
-
-
-def abstract_params(cfg: ModelConfig):
-  """Parameter ShapeDtypeStructs of the model, without allocating them."""
-  tokens = max(cfg.num_experts, 1) * cfg.num_expert_replicas * 2
-  dummy = jax.ShapeDtypeStruct((1, tokens), jnp.int32)
-  model = Transformer(cfg)
-  variables = jax.eval_shape(lambda t: model.init(jax.random.key(0), t), dummy)
-  return jax.tree.map(lambda x: getattr(x, "value", x), variables["params"],
-                      is_leaf=lambda x: hasattr(x, "value"))
-
-
-def summarize(cfg: ModelConfig, seq_len: int = 2048) -> dict:
-  """Parameter and FLOP counts. FLOPs per trained token = 6 x activated matmul weights (the
-  output head included, the embedding lookup not) + attention 12 * layers * N*H * seq_len."""
-  flat = traverse_util.flatten_dict(abstract_params(cfg), sep="/")
-  sizes = {k: math.prod(v.shape) for k, v in flat.items()}
-  total = sum(sizes.values())
-  token_emb = sizes["token_embedder/embedding"]
-  head = sizes["decoder/logits_dense/kernel"]
-  expert = sum(v for k, v in sizes.items() if "/mlp/expert/" in k)
-  k, e = cfg.num_selected_experts, max(cfg.num_experts, 1)
-  inactive_expert = expert * (e - k) // e if cfg.num_sparse_layers else 0
-  activated = total - inactive_expert
-  norms = sum(v for key, v in sizes.items() if key.endswith("/scale"))
-  matmul_activated = activated - token_emb - norms
-  attn = 12 * cfg.num_layers * cfg.num_heads * cfg.head_dim * seq_len
-  return {
-      "total_params": total,
-      "activated_params": activated,
-      "activated_params_without_embeddings": activated - token_emb - head,
-      "embedding_params": token_emb + head,
-      "token_embedding_params": token_emb,
-      "lm_head_params": head,
-      "expert_params": expert,
-      "moe_layers": list(cfg.moe_layers),
-      "num_layers": cfg.num_layers,
-      "num_experts": cfg.num_experts,
-      "num_selected_experts": cfg.num_selected_experts,
-      "seq_len_for_flops": seq_len,
-      "train_flops_per_token": 6 * matmul_activated + attn,
-  }
+from openmoe_jax.counts import summarize
 
 
 def main(argv=None):
@@ -86,10 +47,20 @@ def main(argv=None):
   aot.add_argument("--batch_size", type=int, default=8, help="global batch in sequences")
   aot.add_argument("--num_microbatches", type=int, default=1, help="gradient accumulation steps")
   aot.add_argument("--memory_budget_gib", type=float,
-                   help="fail (exit 3) when the per-device peak exceeds this (TPU v3: 16)")
+                   help="fail (exit 3) when the per-device peak exceeds this (TPU v3: 16; with "
+                        "--tpu the default is the chip's HBM)")
+  from openmoe_jax import tpu_plan
+  tpu_plan.add_flags(parser, compile_only=False)
   try:
     dot_bindings, rest = gin_utils.split_gin_dot_flags(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(rest)
+    if args.tpu and args.num_devices:
+      raise gin_utils.UsageError("--tpu and --num_devices exclude each other: the slice sets "
+                                 "the devices")
+    if args.tpu:
+      from openmoe_jax import tpu
+      args.compile = True
+      tpu.compile_host(tpu.parse_slice(args.tpu))
     if args.num_devices:  # before any backend starts: fake CPU devices
       jax.config.update("jax_platforms", "cpu")
       jax.config.update("jax_num_cpu_devices", args.num_devices)
@@ -101,11 +72,19 @@ def main(argv=None):
                         finalize=False)
     cfg = gin_utils.model_config()
     out = summarize(cfg, args.seq_len)
-    if args.compile:
+    if args.tpu:
+      out.update(tpu_plan.plan(
+          cfg, args.tpu, num_expert_partitions=args.num_expert_partitions,
+          num_model_partitions=args.num_model_partitions, batch_size=args.batch_size,
+          seq_len=args.seq_len, num_microbatches=args.num_microbatches,
+          memory_budget_gib=args.memory_budget_gib))
+    elif args.compile:
       out.update(_compile(cfg, args))
   except (gin_utils.UsageError, ValueError) as e:
     print(f"openmoe-info: error: {gin_utils.error_line(e)}", file=sys.stderr)
     return 2
+  if args.tpu:
+    return tpu_plan.report(out, "openmoe-info")
   print(json.dumps(out, indent=2))
   budget = args.memory_budget_gib
   if budget and out.get("peak_bytes_per_device", 0) > budget * 2**30:

@@ -44,14 +44,29 @@ class Dense(nn.Module):
   distribution: str
   cfg: ModelConfig
   out_dtype: Optional[jnp.dtype] = None
+  halves: bool = False
 
   @nn.compact
   def __call__(self, x):
+    """[..., in] -> [..., out]; with `halves`, [..., 2, out / 2] (see `halves_kernel`)."""
     kernel = self.param("kernel",
                         p.param_init(kernel_init(self.init_scale, self.distribution), self.axes),
                         (x.shape[-1], self.features), self.cfg.weight_dtype)
     dtype = self.out_dtype or self.cfg.dtype
+    if self.halves:
+      return jnp.einsum("...d,dhf->...hf", x.astype(dtype),
+                        halves_kernel(kernel.astype(dtype), self.axes))
     return jnp.einsum("...d,df->...f", x.astype(dtype), kernel.astype(dtype))
+
+
+def halves_kernel(kernel, axes):
+  """A gated projection's kernel [..., D, 2F] as [..., D, 2, F], its F axis sharded as the
+  stored 2F axis was. The gate's halves a = [:F] and b = [F:] then sit on the same model shard:
+  split along a sharded 2F axis, they live on different shards, and XLA:TPU moved every layer's
+  activations between them (collective-permutes; benchmarks/RESULTS.md). This moves the
+  (smaller) weights once instead; the stored layout stays flaxformer's [D, 2F]."""
+  split = kernel.reshape(*kernel.shape[:-1], 2, kernel.shape[-1] // 2)
+  return p.constrain(split, tuple(axes[:-1]) + (None, axes[-1]))
 
 
 class Embed(nn.Module):
@@ -96,7 +111,13 @@ class Attention(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x, positions, mask, *, deterministic: bool):
+  def __call__(self, x, positions, mask, *, deterministic: bool, cache=None, cache_index=None):
+    """x: [B, T, D]; positions: int[B, T]; mask: bool[B, 1, T, T] (or [B, 1, T, S] with a cache).
+
+    cache: None (training, scoring) or (key, value) [B, S, N, H] preallocated for cached
+      decoding: this call's keys and values are written at columns cache_index..+T and the
+      queries attend over all S columns (mask decides which). Returns (out, new cache) then.
+    """
     cfg = self.cfg
     joined = cfg.num_heads * cfg.head_dim
     def proj(name, scale):
@@ -109,18 +130,29 @@ class Attention(nn.Module):
     k = apply_rope(k, positions, cfg.rope_max_timescale)
     q = p.constrain(q, (p.BATCH, p.LENGTH, p.HEADS, p.KV))
     k = p.constrain(k, (p.BATCH, p.LENGTH, p.HEADS, p.KV))
+    if cache is not None:
+      k, v = (p.constrain(jax.lax.dynamic_update_slice(c, y.astype(c.dtype), (0, cache_index, 0, 0)),
+                          (p.BATCH, p.LENGTH, p.HEADS, p.KV)) for c, y in zip(cache, (k, v)))
+      cache = (k, v)
     logits = jnp.einsum("bqnh,bknh->bnqk", q, k).astype(jnp.float32)
     logits = jnp.where(mask, logits, MASK_BIAS)
     weights = jax.nn.softmax(logits, axis=-1).astype(cfg.dtype)
     out = jnp.einsum("bnqk,bknh->bqnh", weights, v)
     out = out.reshape(*out.shape[:2], joined)
     out = Dense(cfg.emb_dim, (p.JOINED_KV, p.EMBED), cfg.scale, "normal", cfg, name="out")(out)
-    return nn.Dropout(cfg.dropout_rate)(out, deterministic=deterministic)
+    out = nn.Dropout(cfg.dropout_rate)(out, deterministic=deterministic)
+    return out if cache is None else (out, cache)
 
 
 def gated_activation(h0, h1):
-  """OpenMoE's ('swiglu', 'linear'): wi_0 output split in halves a, b -> a * silu(b) * wi_1 out."""
-  a, b = jnp.split(h0, 2, axis=-1)
+  """OpenMoE's ('swiglu', 'linear'): wi_0 output split in halves a, b -> a * silu(b) * wi_1 out.
+
+  h0: [..., 2F], or [..., 2, F] from a `halves` projection; h1: [..., F].
+  """
+  if h0.ndim == h1.ndim + 1:
+    a, b = h0[..., 0, :], h0[..., 1, :]
+  else:
+    a, b = jnp.split(h0, 2, axis=-1)
   return a * jax.nn.silu(b) * h1
 
 
@@ -132,7 +164,8 @@ class MlpBlock(nn.Module):
   @nn.compact
   def __call__(self, x, *, deterministic: bool):
     cfg = self.cfg
-    h0 = Dense(2 * self.hidden, (p.EMBED, p.MLP), cfg.scale, "truncated_normal", cfg, name="wi_0")(x)
+    h0 = Dense(2 * self.hidden, (p.EMBED, p.MLP), cfg.scale, "truncated_normal", cfg,
+               halves=True, name="wi_0")(x)
     h1 = Dense(self.hidden, (p.EMBED, p.MLP), cfg.scale, "truncated_normal", cfg, name="wi_1")(x)
     h = gated_activation(h0, h1)
     h = nn.Dropout(cfg.dropout_rate)(h, deterministic=deterministic)

@@ -11,6 +11,7 @@ Legend: B batch, L length, D embed, V vocab, E experts. Parameter paths mirror f
 from typing import Optional
 
 import flax.linen as nn
+import flax.struct
 import jax
 import jax.numpy as jnp
 
@@ -27,45 +28,70 @@ def logit_mask(decoder_input_tokens):
   return (decoder_input_tokens > 0) | (shifted > 0) | first
 
 
+@flax.struct.dataclass
+class DecodeCache:
+  """Preallocated key/value cache of every layer for cached decoding (t5x `decode=True`).
+
+  keys, values: per layer [B, S, N, H] (logical axes batch, length, heads, kv);
+  index: int32[] the column the next call writes at; start: int32[B] each row's first real
+  column (prompts are left-padded, so a row's positions are column - start).
+  """
+  keys: tuple
+  values: tuple
+  index: jax.Array
+  start: jax.Array
+
+
 class DecoderLayer(nn.Module):
   cfg: ModelConfig
   sparse: bool
 
   @nn.compact
-  def __call__(self, h, positions, mask, token_mask, deterministic: bool):
+  def __call__(self, h, positions, mask, token_mask, deterministic: bool, cache=None,
+               cache_index=None):
     cfg = self.cfg
     keep = token_mask[..., None].astype(cfg.dtype)
     drop = lambda y: nn.Dropout(cfg.dropout_rate)(y, deterministic=deterministic)
     x = RMSNorm(cfg, name="pre_self_attention_layer_norm")(h) * keep
-    h = h + Attention(cfg, name="self_attention")(x, positions, mask, deterministic=deterministic)
+    attn = Attention(cfg, name="self_attention")(x, positions, mask, deterministic=deterministic,
+                                                 cache=cache, cache_index=cache_index)
+    attn, cache = attn if cache is not None else (attn, None)
+    h = h + attn
     h = p.constrain(h, (p.BATCH, p.LENGTH, p.EMBED))
     x = RMSNorm(cfg, name="pre_mlp_layer_norm")(h) * keep
     metrics = None
     if self.sparse:
-      y, metrics = MoeLayer(cfg, name="mlp")(x, token_mask, deterministic=deterministic)
+      y, metrics = MoeLayer(cfg, name="mlp")(x, token_mask, deterministic=deterministic,
+                                             decode=cache is not None)
       h = h + drop(y)
       x = RMSNorm(cfg, name="pre_extra_mlp_layer_norm")(h) * keep
       h = h + drop(MlpBlock(cfg, cfg.mlp_dim, name="extra_mlp")(x, deterministic=deterministic))
     else:
       h = h + drop(MlpBlock(cfg, cfg.mlp_dim, name="mlp")(x, deterministic=deterministic))
-    return p.constrain(h, (p.BATCH, p.LENGTH, p.EMBED)), metrics
+    h = p.constrain(h, (p.BATCH, p.LENGTH, p.EMBED))
+    return (h, metrics) if cache is None else (h, metrics, cache)
 
 
 class Decoder(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, h, positions, mask, token_mask, *, deterministic: bool):
+  def __call__(self, h, positions, mask, token_mask, *, deterministic: bool, cache=None):
     cfg = self.cfg
-    all_metrics = []
+    all_metrics, new_kv = [], []
     layer_cls = DecoderLayer
-    if cfg.remat_policy != "none":
+    if cfg.remat_policy != "none" and cache is None:
       policy = (None if cfg.remat_policy == "full"
                 else jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
       layer_cls = nn.remat(DecoderLayer, policy=policy, static_argnums=(5,))
     for i in range(cfg.num_layers):
-      h, metrics = layer_cls(cfg, cfg.is_moe_layer(i), name=f"layers_{i}")(
-          h, positions, mask, token_mask, deterministic)
+      layer = layer_cls(cfg, cfg.is_moe_layer(i), name=f"layers_{i}")
+      if cache is None:
+        h, metrics = layer(h, positions, mask, token_mask, deterministic)
+      else:
+        h, metrics, kv = layer(h, positions, mask, token_mask, deterministic,
+                               (cache.keys[i], cache.values[i]), cache.index)
+        new_kv.append(kv)
       if metrics is not None:
         all_metrics.append(metrics)
     h = RMSNorm(cfg, name="decoder_norm")(h)
@@ -73,7 +99,11 @@ class Decoder(nn.Module):
                    out_dtype=jnp.float32, name="logits_dense")(h)
     logits = p.constrain(logits, (p.BATCH, p.LENGTH, p.VOCAB))
     stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *all_metrics) if all_metrics else None
-    return logits, stacked
+    if cache is None:
+      return logits, stacked
+    keys, values = (tuple(kv[j] for kv in new_kv) for j in (0, 1))
+    return logits, stacked, cache.replace(keys=keys, values=values,
+                                          index=cache.index + h.shape[1])
 
 
 class Transformer(nn.Module):
@@ -83,14 +113,20 @@ class Transformer(nn.Module):
 
   @nn.compact
   def __call__(self, decoder_input_tokens, decoder_target_tokens=None, decoder_segment_ids=None,
-               decoder_positions=None, *, deterministic: bool = True):
+               decoder_positions=None, *, deterministic: bool = True,
+               cache: Optional[DecodeCache] = None):
     """Args:
       decoder_input_tokens: int32[B, L] (targets shifted right, BOS = 0).
       decoder_target_tokens: int32[B, L] or None; > 0 marks real tokens for the attention mask.
       decoder_segment_ids: int32[B, L] packed-sequence ids (0 = padding) or None.
       decoder_positions: int32[B, L] or None (then 0..L-1).
       deterministic: eval mode (no dropout, eval capacity factor).
+      cache: cached decoding (`decoding.py`): decoder_input_tokens [B, T] are written at columns
+        cache.index..+T; positions and masks come from the cache (the other arguments are
+        ignored) and the updated cache is returned as a third output.
     """
+    if cache is not None:
+      return self._decode(decoder_input_tokens, cache)
     b, length = decoder_input_tokens.shape
     if decoder_positions is None:
       decoder_positions = jnp.broadcast_to(jnp.arange(length), (b, length))
@@ -104,6 +140,18 @@ class Transformer(nn.Module):
     h = p.constrain(h, (p.BATCH, p.LENGTH, p.EMBED))
     return Decoder(self.cfg, name="decoder")(h, decoder_positions, mask, token_mask,
                                              deterministic=deterministic)
+
+  def _decode(self, tokens, cache: DecodeCache):
+    t, s = tokens.shape[1], cache.keys[0].shape[1]
+    cols = cache.index + jnp.arange(t)
+    positions = cols[None, :] - cache.start[:, None]
+    token_mask = positions >= 0
+    key_cols = jnp.arange(s)[None, None, :]
+    mask = (key_cols <= cols[None, :, None]) & (key_cols >= cache.start[:, None, None])
+    h = Embed(self.cfg, name="token_embedder")(tokens)
+    h = p.constrain(h, (p.BATCH, p.LENGTH, p.EMBED))
+    return Decoder(self.cfg, name="decoder")(h, jnp.maximum(positions, 0), mask[:, None],
+                                             token_mask, deterministic=True, cache=cache)
 
 
 def cross_entropy_with_z_loss(logits, targets, weights, z_loss: float):

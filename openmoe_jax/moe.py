@@ -5,7 +5,8 @@ token, C expert capacity, F expert hidden. The routing math lives in `routing.py
 moves tokens. With `capacity_mode='fixed'` (OpenMoE) two dispatch implementations compute the
 same function:
   * 'gather': slot -> token indices, gathered per group (fast on CPU/GPU);
-  * 'einsum': flaxformer's one-hot dispatch/combine tensors [G, T, E, C] (good on TPU).
+  * 'einsum': flaxformer's one-hot dispatch/combine tensors [G, T, E, C] (XLA:TPU all-gathers the
+    groups over the expert axis for it: 'auto' picks gather on TPU too, benchmarks/RESULTS.md).
 With experts sharded, the [G, ...] -> [E, G, ...] relayout under the sharding constraints below
 is where the compiler places the all-to-all (flaxformer notation G_ed -> E_ed).
 The 'adaptive' and 'dropless' modes give experts variable token counts: sort by expert, grouped
@@ -20,13 +21,16 @@ from openmoe_jax import dropless
 from openmoe_jax import partitioning as p
 from openmoe_jax import routing
 from openmoe_jax.config import ModelConfig
-from openmoe_jax.layers import gated_activation, kernel_init
+from openmoe_jax.layers import gated_activation, halves_kernel, kernel_init
 
 
 def resolve_dispatch(mode: str) -> str:
+  """'auto': gather on every platform: fastest on CPU (measured) and on TPU (XLA:TPU's compiled
+  estimates at OpenMoE-8B's shapes: einsum's one-hot dispatch all-gathers the token groups over
+  the expert axis and is 11% slower; benchmarks/RESULTS.md)."""
   if mode != "auto":
     return mode
-  return "einsum" if jax.default_backend() == "tpu" else "gather"
+  return "gather"
 
 
 class _Kernel(nn.Module):
@@ -65,7 +69,9 @@ class Experts(nn.Module):
     cfg = self.cfg
     wi_0, wi_1, wo = self._kernels()
     x = x.astype(cfg.dtype)
-    h = gated_activation(jnp.einsum("egcd,edf->egcf", x, wi_0), jnp.einsum("egcd,edf->egcf", x, wi_1))
+    wi_0 = halves_kernel(wi_0, (p.EXPERT, p.MLP_EMBED, p.EXPERT_MLP))
+    h = gated_activation(jnp.einsum("egcd,edhf->egchf", x, wi_0),
+                         jnp.einsum("egcd,edf->egcf", x, wi_1))
     h = self.dropout(h, deterministic=deterministic)
     h = p.constrain(h, (p.EXPERT, p.EXPERT_REPLICAS, p.LENGTH, p.EXPERT_MLP))
     return jnp.einsum("egcf,efd->egcd", h, wo)
@@ -162,12 +168,18 @@ class MoeLayer(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x, token_mask, *, deterministic: bool, return_routing: bool = False):
-    """x: [B, L, D]; token_mask: bool[B, L] real tokens (metrics only: padding is routed too)."""
+  def __call__(self, x, token_mask, *, deterministic: bool, return_routing: bool = False,
+               decode: bool = False):
+    """x: [B, L, D]; token_mask: bool[B, L] real tokens (metrics only: padding is routed too).
+
+    decode: cached decoding, where a call holds few tokens (B for one step): when they cannot
+      be split into groups by the flaxformer rule, they form one group (as the exported PyTorch
+      model does) instead of raising.
+    """
     cfg = self.cfg
     b, length, d = x.shape
     n_groups = routing.num_groups(b * length, cfg.group_size, cfg.num_experts,
-                                  cfg.num_expert_replicas)
+                                  cfg.num_expert_replicas, fallback=1 if decode else None)
     group = b * length // n_groups
     mode = cfg.capacity_mode
     capacity = routing.expert_capacity(

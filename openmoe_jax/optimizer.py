@@ -306,7 +306,9 @@ def make_schedule(name: str = 'rsqrt', *, base_learning_rate: Optional[float] = 
   if name == 'constant':
     return optax.constant_schedule(lr)
   if decay_steps is None or decay_steps <= warmup:
-    raise ValueError(f'cosine needs decay_steps > warmup_steps ({warmup}): {decay_steps}')
+    raise ValueError(f'cosine needs decay_steps ({decay_steps}, usually TRAIN_STEPS) > '
+                     f'warmup_steps ({warmup}): lower warmup_steps in OPTIMIZER_KWARGS '
+                     '(quickstart.gin: --gin.WARMUP_STEPS=N) or raise decay_steps')
   return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, decay_steps,
                                             end_value=lr * end_learning_rate_fraction)
 

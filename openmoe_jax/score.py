@@ -13,13 +13,27 @@ import json
 import os
 import sys
 
-from openmoe_jax import gin_utils, tools_common
+from openmoe_jax import cli, gin_utils, run_dir
+
+
+def read_text_lines(path: str) -> list:
+  """The file's lines without line ends; UsageError naming the file, line and byte offset of
+  the first line that is not UTF-8."""
+  lines = []
+  with open(path, "rb") as f:
+    for number, raw in enumerate(f, 1):
+      try:
+        lines.append(raw.decode("utf-8").rstrip("\r\n"))
+      except UnicodeDecodeError as e:
+        raise gin_utils.UsageError(f"{path}:{number}: not valid UTF-8 (byte {raw[e.start]:#04x} "
+                                   f"at column {e.start + 1})") from None
+  return lines
 
 
 def _vocabulary(model_dir: str, task: str):
   import tasks  # noqa: F401  registers tasks
   from openmoe_jax import data
-  name = task or tools_common.run_info(model_dir).get("mixture_or_task_name")
+  name = task or run_dir.run_info(model_dir).get("mixture_or_task_name")
   if not name:
     raise gin_utils.UsageError("cannot tell the vocabulary: pass --mixture_or_task_name")
   try:
@@ -53,32 +67,33 @@ def score_lines(cfg, params, vocabulary, lines):
 
 
 def main(argv=None):
+  cli.quiet_libraries()
   parser = argparse.ArgumentParser(prog="openmoe-score", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--model_dir", required=True, help="a MODEL_DIR written by openmoe-train")
-  parser.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
+  cli.add_model_dir_flags(parser)
   parser.add_argument("--input_file", required=True, help="UTF-8 text, one input per line")
   parser.add_argument("--output_file", required=True, help="JSON lines to write")
   parser.add_argument("--mixture_or_task_name",
                       help="task whose vocabulary to use (default: the one the run trained on)")
-  parser.add_argument("--model_override", action="append", default=[],
-                      help="ModelConfig FIELD=VALUE override, e.g. no_drop=true (repeatable)")
-  args = parser.parse_args(argv)
+  try:
+    args, overrides = cli.parse_tool_args(parser, argv)
+  except gin_utils.UsageError as e:
+    print(f"openmoe-score: error: {gin_utils.error_line(e)}", file=sys.stderr)
+    return 2
   tmp = args.output_file + ".tmp"
   try:
     if not os.path.isfile(args.input_file):
       raise gin_utils.UsageError(f"input file not found: {args.input_file}")
-    cfg = tools_common.load_model_config(args.model_dir, args.model_override)
-    params, step = tools_common.load_params(args.model_dir, args.step)
+    cfg = run_dir.load_model_config(args.model_dir, overrides)
+    params, step = run_dir.load_params(args.model_dir, args.step)
     vocabulary = _vocabulary(args.model_dir, args.mixture_or_task_name)
-    with open(args.input_file, encoding="utf-8") as f:
-      lines = [l.rstrip("\n") for l in f]
+    lines = read_text_lines(args.input_file)
     with open(tmp, "w") as out:
       for line, (ids, logp) in zip(lines, score_lines(cfg, params, vocabulary, lines)):
         out.write(json.dumps({"text": line, "token_ids": ids, "log_probs": logp}) + "\n")
     os.replace(tmp, args.output_file)
-  except (gin_utils.UsageError, UnicodeDecodeError) as e:
-    print(f"openmoe-score: error: {e}", file=sys.stderr)
+  except gin_utils.UsageError as e:
+    print(f"openmoe-score: error: {gin_utils.error_line(e)}", file=sys.stderr)
     return 2
   finally:
     if os.path.exists(tmp):

@@ -14,6 +14,9 @@ from openmoe_jax import partitioning as p
 from openmoe_jax.config import ModelConfig
 from openmoe_jax.model import Transformer, compute_loss
 
+# Key of the train step's metrics that is 1.0 when the updated state is all finite; the loop
+# reads it before saving and does not log it.
+STATE_FINITE = "state_is_finite"
 
 
 def init_state(cfg: ModelConfig, tx: optax.GradientTransformation, rng, batch_size: int,
@@ -91,8 +94,18 @@ def train_step(state, batch, *, cfg: ModelConfig, tx, schedule, num_microbatches
                  # asarray: optax's constant schedule returns a Python float.
                  learning_rate=jnp.asarray(schedule(state["step"]), jnp.float32))
   metrics["num_tokens"] = metrics["num_tokens"] * num_microbatches
+  # Checked on the host before any checkpoint is written: the loss above is the one from before
+  # this update, so only the updated state itself can say whether it is safe to save.
+  metrics[STATE_FINITE] = all_finite((params, opt_state))
   new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state}
   return new_state, jax.tree.map(lambda x: x.astype(jnp.float32), metrics)
+
+
+def all_finite(tree) -> jax.Array:
+  """bool[]: every floating-point leaf of `tree` is finite (no NaN, no inf)."""
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
 
 
 def eval_step(params, batch, *, cfg: ModelConfig):

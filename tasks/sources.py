@@ -30,7 +30,7 @@ import tensorflow as tf
 from openmoe_jax import corpus
 from openmoe_jax.gin_utils import UsageFileNotFoundError
 
-SOURCE_STATS: dict = {}
+SOURCE_STATS = corpus.SOURCE_STATS  # one registry: the training loop reports these counts
 _ENV = {"tfds_data_dir": "OPENMOE_TFDS_DATA_DIR", "redpajama_dir": "OPENMOE_REDPAJAMA_DIR",
         "the_stack_dir": "OPENMOE_THE_STACK_DIR", "wikipedia_dir": "OPENMOE_WIKIPEDIA_DIR"}
 

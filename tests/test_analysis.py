@@ -161,8 +161,11 @@ def test_cli_writes_report_and_png_figures(model_dir, tmp_path):
 
 
 def test_cli_usage_errors(model_dir, tmp_path):
-  for args in (["--steps=7"], ["--model_override=bogus=1"]):
+  for args, needle in ((["--steps=7"], "7"), (["--model_override=bogus=1"], "bogus"),
+                       (["--num_tokens=0"], "--num_tokens=0: must be a positive integer"),
+                       (["--position_bins=-1"], "--position_bins=-1")):
     r = _analyze(f"--model_dir={model_dir}", f"--output_dir={tmp_path}", *args)
     assert r.returncode == 2, (args, r.stderr[-2000:])
-    assert r.stderr.strip().splitlines()[-1].startswith("openmoe-analyze: error:")
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("openmoe-analyze: error:") and needle in last, last
   assert not (tmp_path / "routing_report.json").exists()

@@ -27,12 +27,12 @@ COMMANDS = {
     "openmoe-train": "openmoe_jax.main", "openmoe-eval": "openmoe_jax.evaluate",
     "openmoe-info": "openmoe_jax.info", "openmoe-score": "openmoe_jax.score",
     "openmoe-analyze": "openmoe_jax.analyze", "openmoe-export": "openmoe_jax.export",
-    "openmoe-import": "openmoe_jax.hf_import",
+    "openmoe-import": "openmoe_jax.hf_import", "openmoe-infer": "openmoe_jax.infer",
 }
 for _name in ("main", "evaluate", "info", "score", "analyze", "export", "hf_import",
               "inspect_data", "baselines", "corpus"):
   COMMANDS[f"openmoe_jax.{_name}"] = f"openmoe_jax.{_name}"
-_COMMAND_RE = re.compile(r"(?<![\w./-])(openmoe-(?:train|eval|info|score|analyze|export|import))"
+_COMMAND_RE = re.compile(r"(?<![\w./-])(openmoe-(?:train|eval|info|score|analyze|export|import|infer))"
                          r"(?![\w-])|-m\s+(openmoe_jax\.\w+)")
 # `--gin.X=` in the docs that name nothing on purpose: placeholders, and the typos that
 # troubleshooting.md / configuration.md show as examples.

@@ -17,7 +17,7 @@ from openmoe_jax import checkpoint as ckpt_lib  # noqa: E402
 from openmoe_jax import export, gin_utils, hf_import  # noqa: E402
 from openmoe_jax.config import ModelConfig  # noqa: E402
 from openmoe_jax.hf import name_map  # noqa: E402
-from openmoe_jax.info import abstract_params  # noqa: E402
+from openmoe_jax.counts import abstract_params  # noqa: E402
 from openmoe_jax.model import Transformer  # noqa: E402
 
 # models/tiny.gin with NUM_EMBEDDINGS=8192 (the built-in corpus vocabulary); larger init scales
@@ -298,9 +298,33 @@ def test_export_bad_input(run_dir, tmp_path, capsys):
   assert export.main([f"--model_dir={run_dir}", f"--output_dir={out}"]) == 2
   assert "--overwrite" in _last_error(capsys, "openmoe-export")
   assert os.listdir(out) == ["keep.txt"]
-  assert export.main([f"--model_dir={run_dir}", f"--output_dir={out}", "--overwrite"]) == 0
-  assert (out / "model.safetensors").is_file() and not (out / "keep.txt").exists()
-  assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no tmp folders left
+  # --overwrite replaces only what openmoe-export wrote: a user's folder is refused, kept.
+  assert export.main([f"--model_dir={run_dir}", f"--output_dir={out}", "--overwrite"]) == 2
+  assert "not one" in _last_error(capsys, "openmoe-export")
+  assert os.listdir(out) == ["keep.txt"]
+  done = tmp_path / "done"
+  old_umask = os.umask(0o022)
+  try:
+    assert export.main([f"--model_dir={run_dir}", f"--output_dir={done}"]) == 0
+    assert export.main([f"--model_dir={run_dir}", f"--output_dir={done}", "--overwrite"]) == 0
+  finally:
+    os.umask(old_umask)
+  assert (done / "model.safetensors").is_file()
+  assert (done.stat().st_mode & 0o777) == 0o755  # the umask's mode, not mkdtemp's 0700
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["done", "out"]  # no tmp folders left
+
+
+def test_export_never_touches_the_model_dir(run_dir, capsys):
+  """The model dir, a folder holding it (its parent) and a folder inside it are refused, even
+  with --overwrite, and nothing in or around the run changes."""
+  run_dir = pathlib.Path(run_dir)
+  before = sorted(str(p) for p in run_dir.parent.rglob("*"))
+  for out, word in ((run_dir, "is the model dir"), (run_dir.parent, "contains the model dir"),
+                    (run_dir / "hf", "is inside the model dir")):
+    for extra in ([], ["--overwrite"]):
+      assert export.main([f"--model_dir={run_dir}", f"--output_dir={out}", *extra]) == 2
+      assert word in _last_error(capsys, "openmoe-export")
+  assert sorted(str(p) for p in run_dir.parent.rglob("*")) == before
 
 
 def test_import_bad_input(hf_dir, tmp_path, capsys):

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from openmoe_jax import gin_utils, info
+from openmoe_jax import counts, gin_utils
 from openmoe_jax import train  # noqa: F401  registers the `train` configurable run gins bind
 from openmoe_jax.model import Transformer
 
@@ -58,7 +58,7 @@ def test_gin_file_parses_finalizes_and_initializes(gin_file):
 def test_openmoe_sizes_match_the_layer_shapes(gin_file, total, moe_layers):
   gin_utils.parse_gin([gin_file], [])
   cfg = gin_utils.model_config()
-  s = info.summarize(cfg)
+  s = counts.summarize(cfg)
   # Independent count from the formulas of spec §1.8.
   d, a, f, e = cfg.emb_dim, cfg.num_heads * cfg.head_dim, cfg.mlp_dim, cfg.num_experts
   n_moe = len(moe_layers)

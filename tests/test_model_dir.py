@@ -13,7 +13,7 @@ import uuid
 import pytest
 import tensorflow as tf
 
-from openmoe_jax import analyze, fs, tools_common, train
+from openmoe_jax import analyze, fs, run_dir, train
 from openmoe_jax.config import ModelConfig
 from openmoe_jax.metrics_writer import MetricsWriter
 
@@ -40,8 +40,8 @@ def _rows(text):
 
 
 def _write_run(model_dir, cfg, steps):
-  train._check_model_dir(model_dir, cfg)  # pylint: disable=protected-access
-  train.write_run_files(model_dir, "builtin_corpus_full_lm", {"targets": 16},
+  run_dir.check_model_dir(model_dir, cfg)
+  run_dir.write_run_files(model_dir, "builtin_corpus_full_lm", {"targets": 16},
                         operative_config="BATCH_SIZE = 8\n", model_config=cfg)
   w = MetricsWriter(model_dir)
   for s in steps:
@@ -70,8 +70,8 @@ def test_run_files_on_a_url(url, cwd):
   assert gfile.GFile(f"{url}/config.gin").read() == "BATCH_SIZE = 8\n"
   assert gfile.glob(f"{url}/tensorboard/train/events.out.tfevents.*")
   # The readers of a model dir (openmoe-eval, -score, -analyze, -export) find them there.
-  assert tools_common.load_model_config(url) == cfg
-  assert tools_common.run_info(url) == {"mixture_or_task_name": "builtin_corpus_full_lm",
+  assert run_dir.load_model_config(url) == cfg
+  assert run_dir.run_info(url) == {"mixture_or_task_name": "builtin_corpus_full_lm",
                                         "task_feature_lengths": {"targets": 16}}
   assert analyze._run_batch_size(url) == 8  # pylint: disable=protected-access
   assert not os.listdir(cwd)
@@ -144,7 +144,7 @@ def test_local_model_dir_keeps_its_files(tmp_path, cwd):
   w.write(20, {"loss": 0.5})
   assert [r["step"] for r in _rows((local / "metrics.jsonl").read_text())] == [10, 20]
   w.close()
-  assert tools_common.load_model_config(str(local)) == cfg
+  assert run_dir.load_model_config(str(local)) == cfg
   assert not os.listdir(cwd)
 
 

@@ -38,9 +38,9 @@ def test_score_matches_the_model_log_softmax(model_dir, tmp_path):
   assert r.returncode == 0, r.stderr[-2000:]
   rows = [json.loads(l) for l in out.read_text().splitlines()]
   assert [r["text"] for r in rows] == lines
-  from openmoe_jax import checkpoint, tools_common, vocab
+  from openmoe_jax import checkpoint, run_dir, vocab
   from openmoe_jax.model import Transformer
-  cfg = tools_common.load_model_config(str(model_dir), ["no_drop=true"])
+  cfg = run_dir.load_model_config(str(model_dir), ["no_drop=true"])
   params = checkpoint.restore_params(str(model_dir), 2)
   voc = vocab.builtin_vocabulary()
   for row in rows:
@@ -57,6 +57,25 @@ def test_score_matches_the_model_log_softmax(model_dir, tmp_path):
     np.testing.assert_allclose(row["log_probs"], want, atol=2e-4)
 
 
+def test_score_takes_model_settings_as_gin_flags(model_dir, tmp_path):
+  """--gin.NO_DROP=True (a model macro) and --gin.ModelConfig.no_drop=True are the t5x spellings
+  of --model_override=no_drop=true: the same scores."""
+  inp = tmp_path / "in.txt"
+  inp.write_text("def add(a, b):\n    return a + b\n")
+  outs = []
+  for flag in ("--model_override=no_drop=true", "--gin.NO_DROP=True",
+               "--gin.ModelConfig.no_drop=True"):
+    out = tmp_path / f"{len(outs)}.jsonl"
+    r = _tool("openmoe_jax.score", f"--model_dir={model_dir}", f"--input_file={inp}",
+              f"--output_file={out}", flag, "--gin.MIN_EXPERT_CAPACITY=1")
+    assert r.returncode == 0, r.stderr[-2000:]
+    outs.append(out.read_text())
+  assert outs[0] == outs[1] == outs[2]
+  r = _tool("openmoe_jax.score", f"--model_dir={model_dir}", f"--input_file={inp}",
+            f"--output_file={tmp_path / 'x.jsonl'}", "--gin.NO_SUCH_MACRO=1")
+  assert r.returncode == 2 and "unsupported gin binding" in r.stderr.strip().splitlines()[-1]
+
+
 def test_score_bad_input(model_dir, tmp_path):
   r = _tool("openmoe_jax.score", f"--model_dir={model_dir}", "--input_file=/nope.txt",
             f"--output_file={tmp_path / 'o.jsonl'}")
@@ -67,6 +86,14 @@ def test_score_bad_input(model_dir, tmp_path):
   r = _tool("openmoe_jax.score", f"--model_dir={model_dir}", "--step=99",
             f"--input_file={__file__}", f"--output_file={tmp_path / 'o.jsonl'}")
   assert r.returncode == 2 and "step 99" in r.stderr
+  assert not (tmp_path / "o.jsonl").exists() and not (tmp_path / "o.jsonl.tmp").exists()
+  bad = tmp_path / "bad.txt"
+  bad.write_bytes(b"def f():\n  return '\xff'\n")
+  r = _tool("openmoe_jax.score", f"--model_dir={model_dir}", f"--input_file={bad}",
+            f"--output_file={tmp_path / 'o.jsonl'}")
+  assert r.returncode == 2
+  assert r.stderr.strip().splitlines()[-1] == (
+      f"openmoe-score: error: {bad}:2: not valid UTF-8 (byte 0xff at column 11)")
   assert not (tmp_path / "o.jsonl").exists() and not (tmp_path / "o.jsonl.tmp").exists()
 
 

@@ -107,7 +107,7 @@ def test_nan_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
     (["--gin.TASK_FEATURE_LENGTHS={'targets': 31}"], "cannot split 248 tokens"),
     (["--gin.NUM_MODEL_PARTITIONS=2", "--gin.MLP_DIM=63"], "(63) is not divisible by its 2"),
     (["--gin.OPTIMIZER_KWARGS={'warmup_steps': 30, 'decay_steps': 20}"],
-     "cosine needs decay_steps > warmup_steps (30): 20"),
+     "cosine needs decay_steps (20, usually TRAIN_STEPS) > warmup_steps (30)"),
     (["--gin.MIXTURE_OR_TASK_NAME='redpajama_c4_full_lm'"], "no data for redpajama_c4"),
     (["--gin.MIXTURE_OR_TASK_NAME='redpajama_c4_full_lm'",
       "--gin.tasks.sources.data_dirs.redpajama_dir='{data}'"], "no umT5 SentencePiece model"),
@@ -178,14 +178,14 @@ def test_finetuning_continues_the_schedule_and_writes_config_gin(tmp_path):
 def test_step_offset_of_a_finetuning_run_drives_the_applied_learning_rate():
   # pylint: disable=protected-access
   import jax.numpy as jnp
-  from openmoe_jax import train
+  from openmoe_jax import resume, train
   params, grads = {"w": jnp.ones((4, 4))}, {"w": jnp.full((4, 4), 0.5)}
   for name in ("adafactor", "adamw"):
     tx, _ = train._make_optimizer(name, {"decay_steps": 10_000})
     _, opt_state = tx.update(grads, tx.init(params), params)
     # A resumed fine-tuning run recovers its offset as step - update count.
-    assert train._update_count(opt_state, default=-1) == 1
-  assert train._update_count({}, default=7) == 7
+    assert resume.update_count(opt_state, default=-1) == 1
+  assert resume.update_count({}, default=7) == 7
   # The first update of an offset optimizer applies the schedule at the offset.
   kwargs = {"base_learning_rate": 1.0, "warmup_steps": 10, "decay_steps": 100}
   shifted, schedule = train._make_optimizer("adamw", kwargs, step_offset=5)

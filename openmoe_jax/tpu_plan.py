@@ -1,0 +1,234 @@
+"""Plan a TPU run on any machine: compile the training step with XLA:TPU for a slice.
+
+`openmoe-info --tpu=v3-256 ...` and `openmoe-train ... --compile_only --tpu=v3-256` call `plan`,
+which compiles, from abstract shapes only, exactly the step `train()` jits (model, mesh,
+batch, microbatches, remat, optimizer) for the compile-only devices of the slice (`tpu.py`),
+and reports the compiler's view of it:
+
+* memory per device (XLA:TPU's buffer assignment): arguments, outputs, temporaries, peak;
+  `fits` against the budget (the chip's HBM unless given) and the headroom;
+* the compiler's time estimate of the *whole* step. XLA's cost analysis counts a loop body
+  once, so the microbatch loop is handled explicitly: the optimizer update (which runs once per
+  step) is compiled on its own, and
+      whole step = update + num_microbatches x (compiled step - update)
+  where "compiled step" is the step's `optimal_seconds` (one microbatch's forward and backward,
+  the accumulation, and the update). Tokens/s and MFU follow (MFU against the generation's peak
+  bf16 FLOP/s, with the analytic 6N + attention FLOPs of `openmoe-info`). These are **compiler
+  estimates**: nothing here has run on a TPU;
+* the collectives of the optimized HLO per kind, executions and bytes per step (`hlo_stats`).
+"""
+import json
+import math
+import sys
+import time
+
+from openmoe_jax.gin_utils import UsageError
+
+ESTIMATE_NOTE = ("compiler estimate: XLA:TPU cost analysis (optimal_seconds), whole step = "
+                 "update + microbatches x (step - update); nothing ran on a TPU")
+
+
+def add_flags(parser, *, compile_only: bool) -> None:
+  """--tpu and --memory_budget_gib (and openmoe-train's --compile_only)."""
+  g = parser.add_argument_group("TPU plan (XLA:TPU compiler from libtpu; no TPU needed)")
+  if compile_only:
+    g.add_argument("--compile_only", action="store_true",
+                   help="compile the run's training step and print its plan as JSON, then exit "
+                        "without reading data or touching MODEL_DIR (needs --tpu)")
+  g.add_argument("--tpu", metavar="TYPE",
+                 help="compile for this TPU slice: a Cloud TPU type (v2/v3/v4/v5p-N with N "
+                      "TensorCores, v5litepod-N and v6e-N with N chips, e.g. v3-256) or a "
+                      "topology such as v4:4x4x4 (needs: pip install 'openmoe_jax[tpu]')"
+                      + ("" if compile_only else "; implies --compile"))
+  if compile_only:  # openmoe-info defines its own --memory_budget_gib
+    g.add_argument("--memory_budget_gib", type=float,
+                   help="per-device budget for the plan (default: the chip's HBM); exit 3 over it")
+
+
+def _resolve_auto(cfg):
+  """'auto' choices as a TPU run makes them (the trace happens on a CPU host)."""
+  from openmoe_jax import grouped, moe, target
+  with target.compiling_for("tpu"):
+    return cfg.replace(dispatch=moe.resolve_dispatch(cfg.dispatch),
+                       grouped_matmul=grouped.resolve(cfg.grouped_matmul))
+
+
+def shapes_digest(abstract_state) -> str:
+  """A short hash of every state leaf's path, shape, dtype and partition spec."""
+  import hashlib
+  import jax
+  leaves = jax.tree_util.tree_flatten_with_path(abstract_state)[0]
+  text = ";".join(f"{jax.tree_util.keystr(p)}:{a.shape}:{a.dtype}:{a.sharding.spec}"
+                  for p, a in leaves)
+  return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def plan(cfg, slice_name: str, *, num_expert_partitions: int, num_model_partitions: int,
+         batch_size: int, seq_len: int, num_microbatches: int = 1, optimizer: str = "adafactor",
+         optimizer_kwargs=None, memory_budget_gib=None, seed: int = 0,
+         with_hlo: bool = False) -> dict:
+  """Compiles the train step for the slice; returns the plan (see the module docstring), with
+  the optimized HLO text under "hlo" when `with_hlo`.
+
+  Configuration errors (unknown slice, mesh, experts, batch, groups) raise UsageError.
+  """
+  import jax
+  from openmoe_jax import counts, hlo_stats, layout, partitioning, routing, target, tpu
+  from openmoe_jax.optimizer import make_optimizer
+  s = tpu.parse_slice(slice_name)
+  tpu.compile_host(s)
+  devices = tpu.slice_devices(s)
+  try:
+    mesh = partitioning.make_mesh(num_expert_partitions, num_model_partitions, devices=devices)
+    partitioning.check_experts_divisible(cfg.num_experts, mesh)
+  except ValueError as e:
+    raise UsageError(f"{e} on {slice_name} ({s.num_devices} devices)") from None
+  shards = mesh.shape["data"] * mesh.shape["expert"] * num_microbatches
+  if batch_size % shards:
+    raise UsageError(f"batch size {batch_size} must divide by data*expert partitions x "
+                     f"microbatches = {shards} on {slice_name}")
+  cfg = _resolve_auto(cfg.replace(num_expert_replicas=mesh.shape["data"]))
+  if cfg.num_experts and cfg.moe_layers:
+    rows = batch_size // num_microbatches
+    try:
+      routing.num_groups(rows * seq_len, cfg.group_size, cfg.num_experts, cfg.num_expert_replicas)
+    except ValueError as e:
+      raise UsageError(f"{e} ({rows} rows x {seq_len} tokens per microbatch)") from None
+  tx, schedule = make_optimizer(optimizer, **dict(optimizer_kwargs or {}))
+  t = time.perf_counter()
+  budget = int(memory_budget_gib * 2**30) if memory_budget_gib else s.hbm_bytes_per_device
+  with target.compiling_for("tpu"):
+    lowered, abstract = layout.lower_train_step(
+        cfg, tx, schedule, mesh, batch_size=batch_size, length=seq_len,
+        num_microbatches=num_microbatches, seed=seed)
+    try:
+      step = lowered.compile()
+    except jax.errors.JaxRuntimeError as e:
+      if "RESOURCE_EXHAUSTED" not in str(e):
+        raise
+      return _over_hbm(e, s, devices, mesh, cfg, batch_size, seq_len, num_microbatches,
+                       optimizer, budget, time.perf_counter() - t)
+    update = layout.lower_update(tx, mesh, abstract).compile()
+  seconds = time.perf_counter() - t
+  step_cost, update_cost = layout.cost(step), layout.cost(update)
+  whole = lambda key: (update_cost.get(key, 0.0) + num_microbatches *
+                       max(step_cost.get(key, 0.0) - update_cost.get(key, 0.0), 0.0))
+  est = whole("optimal_seconds")
+  tokens = batch_size * seq_len
+  model_flops = counts.summarize(cfg, seq_len)["train_flops_per_token"] * tokens
+  mem = layout.memory(step)
+  device = devices[0]
+  out = {
+      "backend": "tpu", "accelerator_type": tpu.accelerator_type(s), "topology": s.topology,
+      "device_kind": device.device_kind, "num_devices": len(devices),
+      "hbm_bytes_per_device": s.hbm_bytes_per_device,
+      "peak_bf16_flops_per_device": s.peak_flops_per_device,
+      "mesh": dict(mesh.shape), "batch_size": batch_size, "seq_len": seq_len,
+      "num_microbatches": num_microbatches, "optimizer": optimizer,
+      "remat_policy": cfg.remat_policy, "dispatch": cfg.dispatch, "capacity_mode": cfg.capacity_mode,
+      "grouped_matmul": cfg.grouped_matmul, "compile_seconds": round(seconds, 1),
+      **mem,
+      "memory_budget_bytes": budget, "fits": mem["peak_bytes_per_device"] <= budget,
+      "headroom_bytes": budget - mem["peak_bytes_per_device"],
+      "headroom_fraction": 1 - mem["peak_bytes_per_device"] / budget,
+      "estimate_note": ESTIMATE_NOTE,
+      "estimated_step_seconds": est,
+      "estimated_tokens_per_second": tokens / est if est else 0.0,
+      "estimated_mfu": model_flops / (est * len(devices) * s.peak_flops_per_device) if est else 0.0,
+      "estimated_update_seconds": update_cost.get("optimal_seconds", 0.0),
+      "xla_flops_per_device": whole("flops"),
+      "model_flops_per_step": model_flops,
+      "collectives": hlo_stats.collectives(step.as_text()),
+      "num_params": sum(math.prod(a.shape) for a in jax.tree.leaves(abstract["params"])),
+      "state_shapes_digest": shapes_digest(abstract),
+  }
+  if with_hlo:
+    out["hlo"] = step.as_text()
+  return out
+
+
+def _over_hbm(err, s, devices, mesh, cfg, batch_size, seq_len, num_microbatches, optimizer,
+              budget, seconds) -> dict:
+  """XLA:TPU refuses to compile a program whose buffers exceed the HBM: the plan says so, with
+  the temporaries the compiler reported as a lower bound of the peak."""
+  import re
+  from openmoe_jax import tpu
+  m = re.search(r"HLO temporaries \(([0-9.]+)([KMGT])", str(err))
+  temp = int(float(m.group(1)) * 1024 ** " KMGT".index(m.group(2))) if m else 0
+  return {
+      "backend": "tpu", "accelerator_type": tpu.accelerator_type(s), "topology": s.topology,
+      "device_kind": devices[0].device_kind, "num_devices": len(devices),
+      "hbm_bytes_per_device": s.hbm_bytes_per_device,
+      "peak_bf16_flops_per_device": s.peak_flops_per_device, "mesh": dict(mesh.shape),
+      "batch_size": batch_size, "seq_len": seq_len, "num_microbatches": num_microbatches,
+      "optimizer": optimizer, "remat_policy": cfg.remat_policy, "dispatch": cfg.dispatch,
+      "capacity_mode": cfg.capacity_mode, "grouped_matmul": cfg.grouped_matmul,
+      "compile_seconds": round(seconds, 1), "temp_bytes_per_device": temp,
+      "peak_bytes_per_device": max(temp, s.hbm_bytes_per_device + 1),
+      "memory_budget_bytes": budget, "fits": False,
+      "headroom_bytes": budget - max(temp, s.hbm_bytes_per_device + 1),
+      "compile_error": str(err).splitlines()[0][:300],
+      "estimate_note": ESTIMATE_NOTE, "estimated_step_seconds": None,
+      "estimated_tokens_per_second": None, "estimated_mfu": None, "collectives": None,
+  }
+
+
+def report(out: dict, prog: str) -> int:
+  """Prints the plan; 3 (and one line on stderr) when the peak is over the budget."""
+  print(json.dumps(out, indent=2))
+  if not out["fits"]:
+    print(f"{prog}: error: per-device peak {out['peak_bytes_per_device'] / 2**30:.2f} GiB exceeds "
+          f"the budget of {out['memory_budget_bytes'] / 2**30:.2f} GiB on {out['accelerator_type']}",
+          file=sys.stderr)
+    return 3
+  return 0
+
+
+def train_settings() -> dict:
+  """`train()`'s arguments as the parsed gin files bind them (its defaults for the rest);
+  macros resolved, unset %gin.REQUIRED ones (MODEL_DIR, data) left as gin's sentinel."""
+  import inspect
+  import gin
+  from openmoe_jax import train
+  params = inspect.signature(train.train).parameters
+  out = {k: p.default for k, p in params.items() if p.default is not inspect.Parameter.empty}
+  out.update(gin.get_bindings("train"))
+  return out
+
+
+def compile_only(cfg, args, prog: str = "openmoe-train") -> int:
+  """The plan of exactly the step the parsed run gins describe."""
+  s = train_settings()
+  missing = [k for k in ("batch_size", "task_feature_lengths")
+             if not isinstance(s.get(k), (int, dict))]
+  if missing:
+    raise UsageError("--compile_only: the gin files do not set " + ", ".join(
+        f"train.{k}" for k in missing))
+  out = plan(cfg, args.tpu, num_expert_partitions=s["num_expert_partitions"],
+             num_model_partitions=s["num_model_partitions"], batch_size=s["batch_size"],
+             seq_len=sum(dict(s["task_feature_lengths"]).values()),
+             num_microbatches=s["num_microbatches"], optimizer=s["optimizer"],
+             optimizer_kwargs=s["optimizer_kwargs"], memory_budget_gib=args.memory_budget_gib,
+             seed=s["seed"])
+  return report(out, prog)
+
+
+def compile_only_command(args, dot_bindings, prog: str = "openmoe-train") -> int:
+  """openmoe-train's --compile_only: parse the run's gin files (run macros that only data and
+  MODEL_DIR use may stay unset), then plan its step. Reads no data, writes nothing."""
+  from openmoe_jax import gin_utils, tpu
+  if not args.compile_only:
+    raise UsageError("--tpu plans a run: add --compile_only (openmoe-train does not run on a "
+                     "compile-only slice)")
+  if not args.tpu:
+    raise UsageError("--compile_only needs --tpu=TYPE (e.g. --tpu=v3-256): the slice to plan for")
+  tpu.compile_host(tpu.parse_slice(args.tpu))
+  import tasks  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+  from openmoe_jax import train  # noqa: F401  registers `train` for the run gins
+  gin_utils.parse_gin(args.gin_file, args.gin_bindings + dot_bindings, args.gin_search_paths,
+                      finalize=False)
+  return compile_only(gin_utils.model_config(), args, prog)
+
+
+if __name__ == "__main__":
+  sys.exit("use openmoe-info --tpu=... or openmoe-train --compile_only --tpu=...")

@@ -1,0 +1,212 @@
+"""Cached decoding: equals full-prefix decoding without drops, routes each call's tokens with
+capacity like a float64 reference, samples like numpy, stops, shards, and does not recompile."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from openmoe_jax import decoding, routing
+from openmoe_jax import partitioning as part
+from openmoe_jax.config import ModelConfig
+from openmoe_jax.model import Transformer
+import reference
+
+CFG = ModelConfig(vocab_size=512, emb_dim=32, num_heads=2, head_dim=16, mlp_dim=64,
+                  expert_mlp_dim=64, num_layers=2, num_experts=8, num_sparse_layers=1,
+                  group_size=64, activation_dtype="float32", scale=1.0, router_init_stddev=1.0)
+PROMPTS = [[5, 6, 7], [9], [11, 12, 13, 14, 15, 16, 17, 18, 19, 20], [300, 301]]
+
+
+@pytest.fixture(scope="module")
+def params():
+  p = Transformer(CFG).init(jax.random.key(1), jnp.ones((1, 16), jnp.int32))["params"]
+  return part.unbox(p)
+
+
+def _full_prefix_greedy(cfg, params, prompt, steps):
+  """Re-runs the whole sequence for every new token (no cache), right-padded to a multiple of E."""
+  fn = jax.jit(lambda p, t: Transformer(cfg).apply({"params": p}, t)[0])
+  seq = [0] + list(prompt)
+  for _ in range(steps):
+    x = np.zeros((1, -(-len(seq) // 8) * 8), np.int32)
+    x[0, :len(seq)] = seq
+    seq.append(int(np.argmax(np.asarray(fn(params, x))[0, len(seq) - 1])))
+  return seq[len(prompt) + 1:]
+
+
+@pytest.mark.parametrize("routing_mode", [dict(no_drop=True), dict(capacity_mode="dropless")])
+def test_cached_greedy_equals_full_prefix_without_drops(params, routing_mode):
+  cfg = CFG.replace(**routing_mode)
+  got = decoding.generate(params, cfg, PROMPTS, max_new_tokens=12, eos_id=-1)
+  for prompt, g in zip(PROMPTS, got):
+    assert g.ids == _full_prefix_greedy(cfg, params, prompt, 12) and g.finish == "length"
+    assert len(g.log_probs) == 12 and all(lp <= 0 for lp in g.log_probs)
+  # Batching (and the batch's left padding) changes nothing; neither do batches of 3.
+  alone = [decoding.generate(params, cfg, [p], max_new_tokens=12, eos_id=-1)[0] for p in PROMPTS]
+  assert [g.ids for g in alone] == [g.ids for g in got]
+  np.testing.assert_allclose([g.log_probs for g in alone], [g.log_probs for g in got], atol=1e-5)
+  chunked = decoding.generate(params, cfg, PROMPTS, max_new_tokens=12, eos_id=-1, batch_size=3)
+  assert [g.ids for g in chunked] == [g.ids for g in got]
+
+
+def _reference_decode(params, cfg, prompts, steps, capacity):
+  """Float64 loops: per call, every layer on the call's new tokens with per-row K/V lists; the
+  MoE layer routes the call's B*T tokens in flaxformer groups, or as one group when the rule
+  cannot split them, with `capacity` slots. Returns greedy tokens and their log-probs per row."""
+  p = reference.jax_free(params)
+  b, n, hd = len(prompts), cfg.num_heads, cfg.head_dim
+  cache = [[([], []) for _ in range(b)] for _ in range(cfg.num_layers)]
+  new, out, logps = np.asarray([[0] + list(q) for q in prompts]), [[] for _ in range(b)], [[] for _ in range(b)]
+  for _ in range(steps + 1):
+    t = new.shape[1]
+    h = p["token_embedder"]["embedding"][new]
+    for i in range(cfg.num_layers):
+      lp = p["decoder"][f"layers_{i}"]
+      x = reference.rms_norm(h, lp["pre_self_attention_layer_norm"]["scale"])
+      att = np.zeros_like(h)
+      for r in range(b):
+        ks, vs = cache[i][r]
+        pos = len(ks) + np.arange(t)
+        proj = lambda name: (x[r] @ lp["self_attention"][name]["kernel"]).reshape(t, n, hd)
+        q, k, v = reference.rope(proj("query"), pos), reference.rope(proj("key"), pos), proj("value")
+        ks.extend(k)
+        vs.extend(v)
+        kk, vv = np.stack(ks), np.stack(vs)
+        ctx = np.zeros((t, n, hd))
+        for qi in range(t):
+          for hi in range(n):
+            w = reference.softmax(kk[:pos[qi] + 1, hi] @ q[qi, hi])
+            ctx[qi, hi] = w @ vv[:pos[qi] + 1, hi]
+        att[r] = ctx.reshape(t, n * hd) @ lp["self_attention"]["out"]["kernel"]
+      h = h + att
+      x = reference.rms_norm(h, lp["pre_mlp_layer_norm"]["scale"])
+      if cfg.is_moe_layer(i):
+        m = lp["mlp"]
+        groups = routing.num_groups(b * t, cfg.group_size, cfg.num_experts, fallback=1)
+        y, _ = reference.moe(x.reshape(groups, -1, x.shape[-1]), m["router"]["router_weights"]["w"]["kernel"],
+                             m["expert"]["wi_0"]["kernel"], m["expert"]["wi_1"]["kernel"],
+                             m["expert"]["wo"]["kernel"], cfg.num_selected_experts, capacity)
+        h = h + y.reshape(h.shape)
+        x = reference.rms_norm(h, lp["pre_extra_mlp_layer_norm"]["scale"])
+        e = lp["extra_mlp"]
+      else:
+        e = lp["mlp"]
+      h = h + reference.ffn(x, e["wi_0"]["kernel"], e["wi_1"]["kernel"], e["wo"]["kernel"])
+    h = reference.rms_norm(h[:, -1], p["decoder"]["decoder_norm"]["scale"])
+    logits = h @ p["decoder"]["logits_dense"]["kernel"]
+    logp = np.log(reference.softmax(logits))
+    tok = np.argmax(logits, -1)
+    for r in range(b):
+      out[r].append(int(tok[r]))
+      logps[r].append(float(logp[r, tok[r]]))
+    new = tok[:, None]
+  return [o[:steps] for o in out], [l[:steps] for l in logps]
+
+
+def test_decode_time_capacity_routing_matches_reference(params):
+  # 12 equal-length prompts: prefill routes 12 x 8 tokens in flaxformer groups; each step routes
+  # its 12 tokens as ONE group (12 cannot be split into a multiple of 8 groups), capacity
+  # max(round(1.0 * 12 / 8), 1) = 2 slots for 24 assignments: drops are certain.
+  cfg = CFG.replace(eval_capacity_factor=1.0, min_expert_capacity=1)
+  rng = np.random.default_rng(0)
+  prompts = [list(rng.integers(3, 512, 7)) for _ in range(12)]
+  got = decoding.generate(params, cfg, prompts, max_new_tokens=3, eos_id=-1)
+  want_ids, want_logp = _reference_decode(params, cfg, prompts, 3, capacity=2)
+  assert [g.ids for g in got] == want_ids
+  np.testing.assert_allclose([g.log_probs for g in got], want_logp, atol=1e-4)
+  no_drop = decoding.generate(params, cfg.replace(no_drop=True), prompts, max_new_tokens=3,
+                              eos_id=-1)
+  assert not np.allclose([g.log_probs for g in no_drop], want_logp, atol=1e-3)  # drops bite
+
+
+def _np_filter(logits, temperature, top_k, top_p):
+  x = np.asarray(logits, np.float64) / temperature
+  out = np.full_like(x, -np.inf)
+  for r in range(x.shape[0]):
+    order = np.argsort(-x[r], kind="stable")
+    keep = order[:top_k] if top_k else order
+    probs = reference.softmax(x[r, keep])
+    mass, chosen = 0.0, []
+    for j, pr in zip(keep, probs):
+      if mass >= top_p:
+        break
+      chosen.append(j)
+      mass += pr
+    out[r, chosen] = x[r, chosen]
+  return out
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.7, 5, 1.0),
+                                                     (1.3, 0, 0.6), (0.5, 20, 0.9)])
+def test_filter_logits_matches_numpy(temperature, top_k, top_p):
+  logits = jax.random.normal(jax.random.key(3), (4, 64)) * 3
+  got = decoding.filter_logits(logits, decoding.Sampling(temperature, top_k, top_p))
+  want = _np_filter(logits, temperature, top_k, top_p)
+  assert np.array_equal(np.isinf(np.asarray(got)), np.isinf(want))
+  np.testing.assert_allclose(np.where(np.isinf(want), 0, np.asarray(got)),
+                             np.where(np.isinf(want), 0, want), rtol=1e-5)
+
+
+def test_sampling_draws_from_the_filtered_distribution():
+  logits = jnp.asarray([[2.0, 1.5, 1.0, 0.0, -1.0, -3.0]])
+  sampling = decoding.Sampling(temperature=0.8, top_k=4, top_p=0.95)
+  keys = jax.random.split(jax.random.key(0), 20000)
+  draws = np.asarray(jax.vmap(lambda k: decoding.sample(logits, k, sampling))(keys))[:, 0]
+  want = reference.softmax(np.where(np.isinf(f := _np_filter(logits, 0.8, 4, 0.95)), -1e30, f))[0]
+  freq = np.bincount(draws, minlength=6) / len(draws)
+  np.testing.assert_allclose(freq, want, atol=0.012)
+  assert freq[4] == freq[5] == 0
+
+
+def test_sampled_generation_is_reproducible_per_key(params):
+  s = decoding.Sampling(temperature=1.0, top_k=50)
+  run = lambda seed: [g.ids for g in decoding.generate(
+      params, CFG, PROMPTS, max_new_tokens=8, sampling=s, rng=jax.random.key(seed), eos_id=-1)]
+  assert run(0) == run(0) and run(0) != run(1)
+
+
+def test_eos_and_stop_sequences_end_rows(params):
+  free = decoding.generate(params, CFG, PROMPTS, max_new_tokens=10, eos_id=-1)
+  row = free[0].ids
+  eos = decoding.generate(params, CFG, PROMPTS[:1], max_new_tokens=10, eos_id=row[3])[0]
+  assert eos.ids == row[:row.index(row[3])] and eos.finish == "eos"
+  stop = decoding.generate(params, CFG, PROMPTS[:1], max_new_tokens=10, eos_id=-1,
+                           stop_sequences=[[9999, 9998], row[4:6]])[0]
+  assert stop.finish == "stop" and stop.ids == row[:4]
+  np.testing.assert_allclose(stop.log_probs, free[0].log_probs[:4], atol=1e-5)
+  short = decoding.generate(params, CFG, PROMPTS, max_new_tokens=3, eos_id=-1)
+  assert [g.ids for g in short] == [g.ids[:3] for g in free]
+
+
+def test_sharded_decoding_equals_one_device_and_cache_is_sharded(params):
+  cfg = CFG.replace(no_drop=True)
+  mesh = part.make_mesh(num_expert_partitions=2, num_model_partitions=2)  # (2, 2, 2)
+  want = decoding.generate(params, cfg, PROMPTS, max_new_tokens=6, eos_id=-1)
+  got = decoding.generate(params, cfg, PROMPTS, max_new_tokens=6, eos_id=-1, mesh=mesh)
+  assert [g.ids for g in got] == [g.ids for g in want]
+  tokens, start = decoding.left_pad([[0, 5, 6]] * 4, 8, 4)
+  with decoding._mesh_context(mesh):  # pylint: disable=protected-access
+    placed = decoding._place(params, cfg, mesh)  # pylint: disable=protected-access
+    _, cache = jax.jit(lambda p, t, s: decoding.prefill(p, cfg, t, s, 8))(placed, tokens, start)
+  want = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "expert"), None,
+                                                                    "model", None))
+  for c in cache.keys + cache.values:  # [B, S, N, H]: batch and heads sharded
+    assert c.sharding.is_equivalent_to(want, 4), c.sharding
+
+
+def test_one_compilation_per_bucket(params):
+  cfg = CFG.replace(no_drop=True, eval_capacity_factor=3.0)  # a config no other test compiles
+  for prompts in ([[5, 6]], [[7, 8, 9, 10]], [[1] * 6]):  # all in the 8-column prompt bucket
+    decoding.generate(params, cfg, prompts, max_new_tokens=5, eos_id=-1)
+  fn = decoding._compiled(cfg, decoding.Sampling(), 8, -1)  # pylint: disable=protected-access
+  assert fn._cache_size() == 1  # pylint: disable=protected-access
+  decoding.generate(params, cfg, [[5] * 9], max_new_tokens=5, eos_id=-1)
+  assert fn._cache_size() == 2  # pylint: disable=protected-access
+
+
+def test_bad_arguments():
+  with pytest.raises(ValueError, match="top_p"):
+    decoding.Sampling(temperature=1.0, top_p=0.0)
+  with pytest.raises(ValueError, match="max_new_tokens"):
+    decoding.generate({}, CFG, [[1]], max_new_tokens=0)
+  assert decoding.bucket(1) == 8 and decoding.bucket(9) == 16 and decoding.bucket(16) == 16

@@ -1,0 +1,212 @@
+"""TPU plans with XLA:TPU from libtpu (compile only; no TPU needed): slices, the compiled step's
+collectives and memory, `openmoe-train --compile_only`, and one-line errors."""
+import json
+import math
+import os
+import pathlib
+
+import jax
+import pytest
+
+from openmoe_jax import hlo_stats, info, main as train_main, steps, tpu, tpu_plan
+from openmoe_jax.optimizer import make_optimizer
+
+needs_libtpu = pytest.mark.skipif(not tpu.libtpu_installed(),
+                                  reason="needs libtpu (pip install 'openmoe_jax[tpu]')")
+TINY = ["--gin_file=models/tiny.gin", "--seq_len=128"]
+
+
+@pytest.mark.parametrize("name, topology, devices, hbm_gib", [
+    ("v3-256", "v3:8x16", 256, 16), ("v3-512", "v3:16x16", 512, 16), ("v3-8", "v3:2x2", 8, 16),
+    ("v2-32", "v2:4x4", 32, 8), ("v4-8", "v4:2x2x1", 8, 16), ("v4-256", "v4:4x4x8", 256, 16),
+    ("v5p-256", "v5p:4x4x8", 128, 95), ("v5p-16", "v5p:2x2x2", 8, 95),
+    ("v5litepod-16", "v5e:4x4", 16, 16), ("v6e-128", "v6e:8x16", 128, 32),
+    ("v4:4x4x4", "v4:4x4x4", 128, 16), ("v6e:2x4", "v6e:2x4", 8, 32),
+])
+def test_parse_slice(name, topology, devices, hbm_gib):
+  s = tpu.parse_slice(name)
+  assert (s.topology, s.num_devices, s.hbm_bytes_per_device) == (topology, devices,
+                                                                  hbm_gib * 2**30)
+  assert tpu.parse_slice(tpu.accelerator_type(s)).topology == topology
+
+
+@pytest.mark.parametrize("bad", ["v9-8", "v3-12", "v3-2", "v5litepod-1", "v4:4x4", "tpu"])
+def test_parse_slice_rejects(bad):
+  with pytest.raises(Exception, match="--tpu="):
+    tpu.parse_slice(bad)
+
+
+def test_quiet_cpu_default_only_without_a_tpu(monkeypatch):
+  monkeypatch.setattr(tpu, "libtpu_installed", lambda: True)
+  monkeypatch.setattr(tpu, "tpu_attached", lambda: False)
+  env = {}
+  tpu.quiet_cpu_default(env)
+  assert env == {"JAX_PLATFORMS": "cpu"}
+  env = {"JAX_PLATFORMS": "tpu"}
+  tpu.quiet_cpu_default(env)
+  assert env == {"JAX_PLATFORMS": "tpu"}  # the user's choice wins
+  monkeypatch.setattr(tpu, "tpu_attached", lambda: True)
+  env = {}
+  tpu.quiet_cpu_default(env)
+  assert env == {}  # a TPU VM keeps JAX's own backend search
+
+
+def test_collectives_count_loop_bodies_by_trip_count():
+  hlo = """HloModule m
+
+%cond (p: (s32[])) -> pred[] {
+  %c = s32[] constant(4)
+  %p = (s32[]) parameter(0)
+  %i = s32[] get-tuple-element(%p), index=0
+  ROOT %lt = pred[] compare(%i, %c), direction=LT
+}
+
+%body (p: (s32[])) -> (s32[]) {
+  %a2a = bf16[8,128]{1,0} all-to-all(bf16[8,128]{1,0} %x), channel_id=1, replica_groups=mesh['axis_0'=2,'axis_1'=4] {'axis_1'}, dimensions={0}
+  ROOT %t = (s32[]) tuple(%i)
+}
+
+ENTRY %main (a: f32[16]) -> f32[16] {
+  %w = (s32[]) while(%init), condition=%cond, body=%body
+  %ars = f32[16]{0} all-reduce-start(f32[16]{0} %a), to_apply=%add
+  %ard = f32[16]{0} all-reduce-done(f32[16]{0} %ars)
+  ROOT %ag = (f32[16]{0}, bf16[4]{0}) all-gather(%a, %b), dimensions={0}
+}
+"""
+  stats = hlo_stats.collectives(hlo)
+  assert stats["all-to-all"] == {"count": 4, "bytes": 4 * 8 * 128 * 2}
+  assert stats["all-reduce"] == {"count": 1, "bytes": 64}  # the -done only
+  assert stats["all-gather"] == {"count": 1, "bytes": 64 + 8}
+  assert [op["group_size"] for op in hlo_stats.collective_ops(hlo) if op["kind"] == "all-to-all"
+          ] == [4]
+
+
+@pytest.fixture(scope="module")
+def tiny_plan():
+  """The tiny model's step on v4:2x2x1 (8 devices), mesh data 1 x expert 4 x model 2."""
+  from openmoe_jax import gin_utils, train  # noqa: F401
+  gin_utils.parse_gin(["models/tiny.gin"], [], finalize=False)
+  cfg = gin_utils.model_config()
+  plan = tpu_plan.plan(cfg, "v4:2x2x1", num_expert_partitions=4, num_model_partitions=2,
+                       batch_size=16, seq_len=128, num_microbatches=2, with_hlo=True)
+  return cfg, plan
+
+
+@needs_libtpu
+def test_tiny_step_compiles_for_a_v4_expert_by_model_mesh(tiny_plan):
+  cfg, plan = tiny_plan
+  assert plan["backend"] == "tpu" and plan["device_kind"] == "TPU v4"
+  assert plan["num_devices"] == 8 and plan["mesh"] == {"data": 1, "expert": 4, "model": 2}
+  for key in ("hbm_bytes_per_device", "peak_bytes_per_device", "argument_bytes_per_device",
+              "temp_bytes_per_device", "estimated_step_seconds", "estimated_tokens_per_second",
+              "estimated_mfu", "xla_flops_per_device", "headroom_bytes"):
+    assert plan[key] > 0, key
+  assert plan["fits"] and 0 < plan["headroom_fraction"] < 1
+  assert "compiler estimate" in plan["estimate_note"]
+  # The whole step: two microbatches' forward and backward plus one update.
+  assert plan["estimated_step_seconds"] > plan["estimated_update_seconds"] > 0
+  assert set(plan["collectives"]) == set(hlo_stats.KINDS)
+  ops = hlo_stats.collective_ops(plan["hlo"])
+  a2a = [op for op in ops if op["kind"] == "all-to-all"]
+  assert any(op["group_size"] == 4 for op in a2a), "no all-to-all over the expert axis"
+  assert plan["collectives"]["all-to-all"]["count"] == sum(op["runs"] for op in a2a) > 0
+  assert all(op["runs"] == 2 for op in a2a)  # in the microbatch loop, which runs twice
+  tokens = 16 // 2 * 128
+  for op in ops:
+    if op["kind"] == "all-gather":
+      dims = [math.prod(int(d) for d in dims.split(",") if d) for dims in
+              __import__("re").findall(r"\[([0-9,]*)\]", op["shape"])]
+      assert max(dims) < tokens * cfg.emb_dim, f"token batch all-gathered: {op['shape']}"
+      assert not op["shape"].split("[")[1].startswith(f"{cfg.num_experts},"), op["shape"]
+
+
+def _run_gin(tmp_path: pathlib.Path) -> pathlib.Path:
+  gin = tmp_path / "run.gin"
+  gin.write_text(f"""include 'models/tiny.gin'
+include 'runs/pretrain.gin'
+MODEL_DIR = '{tmp_path / "model_dir"}'
+MIXTURE_OR_TASK_NAME = 'builtin_mix_full_lm'
+TASK_FEATURE_LENGTHS = {{'targets': 64}}
+TRAIN_STEPS = 1
+BATCH_SIZE = 16
+NUM_MICROBATCHES = 2
+NUM_EXPERT_PARTITIONS = 4
+NUM_MODEL_PARTITIONS = 2
+OPTIMIZER = 'adafactor'
+""")
+  return gin
+
+
+@needs_libtpu
+def test_compile_only_plans_exactly_the_runs_step(tmp_path, capsys):
+  gin = _run_gin(tmp_path)
+  assert train_main.main([f"--gin_file={gin}", "--compile_only", "--tpu=v4:2x2x1"]) == 0
+  out = json.loads(capsys.readouterr().out)
+  assert not (tmp_path / "model_dir").exists()  # nothing written
+  assert (out["batch_size"], out["seq_len"], out["num_microbatches"]) == (16, 64, 2)
+  assert out["mesh"] == {"data": 1, "expert": 4, "model": 2} and out["optimizer"] == "adafactor"
+  # The state the CPU run builds (train.py: init_state at the microbatch size, Adafactor):
+  # its bytes, split over the 8 devices as the plan's mesh splits them, are the plan's arguments.
+  from openmoe_jax import gin_utils, layout, partitioning
+  cfg = gin_utils.model_config().replace(num_expert_replicas=1)
+  tx, _ = make_optimizer("adafactor")
+  mesh = partitioning.make_mesh(4, 2)  # the 8 fake CPU devices of conftest
+  _, abstract = layout.state_layout(lambda r: steps.init_state(cfg, tx, r, 8, 64), mesh,
+                                    jax.random.key(0))
+  n_params = sum(math.prod(a.shape) for a in jax.tree.leaves(abstract["params"]))
+  assert out["num_params"] == n_params
+  assert out["state_shapes_digest"] == tpu_plan.shapes_digest(abstract)
+
+
+def _error(capsys):
+  err = capsys.readouterr().err.strip().splitlines()
+  return err[-1] if err else ""
+
+
+@needs_libtpu
+@pytest.mark.parametrize("args, message", [
+    (["--tpu=v9-8"], "unknown accelerator type"),
+    (["--tpu=v4:2x2x1", "--num_model_partitions=3"], "cannot be split"),
+    (["--tpu=v4:2x2x1", "--num_expert_partitions=4", "--gin.NUM_EXPERTS=6"], "not divisible"),
+    (["--tpu=v4:2x2x1", "--num_expert_partitions=4", "--batch_size=6"], "must divide"),
+])
+def test_bad_input_is_one_line_exit_2(args, message, capsys):
+  assert info.main(TINY + args) == 2
+  line = _error(capsys)
+  assert line.startswith("openmoe-info: error:") and message in line, line
+
+
+@needs_libtpu
+def test_compile_only_bad_mesh_exit_2_nothing_written(tmp_path, capsys):
+  gin = _run_gin(tmp_path)
+  assert train_main.main([f"--gin_file={gin}", "--compile_only", "--tpu=v3-8",
+                          "--gin.NUM_MODEL_PARTITIONS=3"]) == 2
+  assert "cannot be split" in _error(capsys)
+  assert not (tmp_path / "model_dir").exists()
+
+
+def test_tpu_without_libtpu_names_the_extra(monkeypatch, capsys):
+  monkeypatch.setattr(tpu, "libtpu_installed", lambda: False)
+  assert info.main(TINY + ["--tpu=v4-8"]) == 2
+  line = _error(capsys)
+  assert "libtpu" in line and "openmoe_jax[tpu]" in line, line
+
+
+@needs_libtpu
+def test_a_step_that_does_not_fit_exits_3(capsys):
+  assert info.main(TINY + ["--tpu=v4:2x2x1", "--num_expert_partitions=4", "--batch_size=8",
+                           "--memory_budget_gib=0.001"]) == 3
+  captured = capsys.readouterr()
+  assert json.loads(captured.out)["fits"] is False
+  last = captured.err.strip().splitlines()[-1]
+  assert last.startswith("openmoe-info: error: per-device peak") and "budget" in last
+
+
+def test_plain_cpu_run_prints_no_tpu_start_up(tmp_path):
+  import subprocess
+  import sys
+  env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+  proc = subprocess.run([sys.executable, "-c", "import openmoe_jax, jax; print(jax.devices())"],
+                        capture_output=True, text=True, env=env, timeout=120, cwd=tmp_path)
+  assert proc.returncode == 0 and "CpuDevice" in proc.stdout
+  assert "TPU" not in proc.stderr and "libtpu" not in proc.stderr, proc.stderr
