@@ -65,7 +65,7 @@ def main(argv=None):
   if not args.model_dir:
     _random_run(model_dir)
   cfg = run_dir.load_model_config(model_dir, ["no_drop=true"])
-  params = checkpoint.restore_params(model_dir)
+  params = decoding.place_params(checkpoint.restore_params(model_dir), cfg)
   hf_dir = os.path.join(work, "hf")
   export.export(model_dir, hf_dir)
   from transformers import AutoModelForCausalLM

@@ -29,7 +29,7 @@ def main():
   cfg = ModelConfig(vocab_size=512, emb_dim=64, num_heads=4, head_dim=16, mlp_dim=128,
                     expert_mlp_dim=128, num_layers=4, num_experts=8, num_sparse_layers=2,
                     group_size=256, activation_dtype="float32")
-  tx, schedule = make_optimizer("adafactor")
+  tx, schedule = make_optimizer("adafactor", param_axes=steps.param_axes(cfg))
   rng = jax.random.key(0)
   tokens = jax.random.randint(rng, (args.batch_size, args.length), 1, cfg.vocab_size)
   batch = {"decoder_input_tokens": tokens, "decoder_target_tokens": tokens,

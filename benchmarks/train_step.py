@@ -41,7 +41,8 @@ def main():
                 if isinstance(v, gin.config.ConfigurableReference) else v)
             for k, v in gin.query_parameter("%OPTIMIZER_KWARGS").items()}
   from openmoe_jax.optimizer import make_optimizer
-  tx, schedule = make_optimizer(gin.query_parameter("%OPTIMIZER"), **kwargs)
+  tx, schedule = make_optimizer(gin.query_parameter("%OPTIMIZER"), param_axes=steps.param_axes(cfg),
+                                **kwargs)
   length = sum(lengths.values())
   mesh = part.make_mesh()
   with jax.set_mesh(mesh), nn.logical_axis_rules(part.axis_rules()):

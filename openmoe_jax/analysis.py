@@ -1,4 +1,4 @@
-"""Routing measurements behind the OpenMoE paper's findings (spec §5), as streaming counters.
+"""Routing measurements behind the OpenMoE paper's findings (paper §4, App. E-F), as streaming counters.
 
 A `RoutingCounters` per (checkpoint, task, MoE layer) absorbs router decisions batch by batch;
 its memory is fixed by the vocabulary, the sequence length and the expert count, never by the

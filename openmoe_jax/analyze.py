@@ -1,4 +1,4 @@
-"""`openmoe-analyze`: the OpenMoE paper's routing analyses (spec §5) on any checkpoint.
+"""`openmoe-analyze`: the OpenMoE paper's routing analyses (paper §4, App. E-F) on any checkpoint.
 
     openmoe-analyze --model_dir=runs/quickstart --steps=100,200,300 \
         --mixture_or_task_name=builtin_corpus_full_lm,builtin_docstrings_full_lm \
@@ -55,9 +55,7 @@ def make_routing_fn(cfg, capacity_factor: float):
         str(capacity_factor)]
     index, kept = [], []
     for _, lg in logits:
-      r = routing.top_k_routing(lg, cfg.num_selected_experts, capacity,
-                                renormalize_gates=cfg.renormalize_gates,
-                                order=cfg.capacity_order, adaptive=cfg.capacity_mode == "adaptive")
+      r = routing.route(cfg, lg, capacity)
       index.append(r.expert_index.reshape(b, length, -1))
       kept.append(r.kept.reshape(b, length, -1))
     return jax.numpy.stack(index), jax.numpy.stack(kept)
@@ -70,10 +68,7 @@ def group_settings(cfg, batch_size: int, length: int, capacity_factors) -> dict:
   from openmoe_jax import routing
   n = batch_size * length
   groups = routing.num_groups(n, cfg.group_size, cfg.num_experts, cfg.num_expert_replicas)
-  caps = {str(cf): routing.expert_capacity(
-      n // groups, cfg.num_experts, cf, num_selected_experts=cfg.num_selected_experts,
-      min_capacity=cfg.min_expert_capacity, formula=cfg.capacity_formula,
-      no_drop=cfg.no_drop or cfg.capacity_mode == "dropless") for cf in capacity_factors}
+  caps = {str(cf): routing.group_capacity(cfg, n // groups, cf) for cf in capacity_factors}
   return {"num_groups": groups, "tokens_per_group": n // groups, "expert_capacity": caps}
 
 

@@ -8,7 +8,7 @@ seqio's `DecoderFeatureConverter(pack=True)` (PrefixLM conversion when the task 
   int32[per_host_batch, targets_length] (full LM).
 
 Loss weights are 1 on targets only. `decoder_causal_attention` is dropped: OpenMoE attends
-causally everywhere (spec §3.1). Each host reads its own shard (`seqio.ShardInfo`, default
+causally everywhere (XueFuzhao/flaxformer `moe_decoder_only.gin`: no bidirectional prefix). Each host reads its own shard (`seqio.ShardInfo`, default
 jax.process_index() of jax.process_count()). For a seed the stream is fixed; `get_state()`
 returns `{seed, batches_consumed, ...}` (JSON), and `set_state` rebuilds the pipeline and
 replays it to that point, so a resumed run sees exactly the batches an uninterrupted run would.

@@ -149,7 +149,8 @@ def _decode(params, tokens, start, rng, max_new, stops, stop_valid, *, cfg, samp
 
 
 @functools.lru_cache(maxsize=32)
-def _compiled(cfg: ModelConfig, sampling: Sampling, num_new: int, eos_id: int):
+def _compiled(cfg: ModelConfig, sampling: Sampling, num_new: int, eos_id: int, mesh=None):
+  del mesh  # a key only: a trace under a mesh carries its sharding constraints
   return jax.jit(functools.partial(_decode, cfg=cfg, sampling=sampling, num_new=num_new,
                                    eos_id=eos_id))
 
@@ -210,10 +211,10 @@ def generate(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], *,
     rows = -(-rows // shards) * shards
   plen, num_new = bucket(max(len(p) for p in prompts)), bucket(max_new_tokens)
   stops, stop_valid = _stop_arrays(stop_sequences)
-  fn = _compiled(cfg, sampling, num_new, eos_id)
+  fn = _compiled(cfg, sampling, num_new, eos_id, mesh)
   results = []
   with _mesh_context(mesh):
-    params = _place(params, cfg, mesh)
+    params = place_params(params, cfg, mesh)
     for first in range(0, len(prompts), rows):
       chunk = prompts[first:first + rows]
       tokens, start = left_pad(chunk, plen, rows)
@@ -244,10 +245,11 @@ def _mesh_context(mesh) -> contextlib.ExitStack:
   return stack
 
 
-def _place(params, cfg: ModelConfig, mesh):
-  """Params onto the mesh with the training shardings (unchanged without a mesh)."""
+def place_params(params, cfg: ModelConfig, mesh=None):
+  """Params as device arrays: on the mesh with the training shardings, else on the default
+  device (so repeated calls do not copy host arrays again)."""
   if mesh is None:
-    return params
+    return jax.device_put(params)
   tokens = jax.ShapeDtypeStruct((1, max(cfg.num_experts, 1) * cfg.num_expert_replicas), jnp.int32)
   boxed = jax.eval_shape(lambda t: Transformer(cfg).init(jax.random.key(0), t), tokens)["params"]
   return jax.device_put(params, part.mesh_shardings(boxed, mesh))

@@ -153,7 +153,7 @@ def import_checkpoint(hf_dir: str, model_dir: str, *, gin_files=(), gin_bindings
     _fail(f"hf_dir not found: {hf_dir}")
   cfg = model_config(read_hf_config(hf_dir), gin_files, gin_bindings, param_dtype)
   params = load_params(hf_dir, cfg)
-  state = {"step": np.int32(step), "params": params, "opt_state": _fresh_opt_state(params)}
+  state = {"step": np.int32(step), "params": params, "opt_state": _fresh_opt_state(params, cfg)}
   summary = {"model_dir": model_dir, "step": step, "num_layers": cfg.num_layers,
              "num_experts": cfg.num_experts}
   if fs.is_url(model_dir):
@@ -189,12 +189,13 @@ def _write_model_dir(dest: str, cfg: ModelConfig, state, step: int, hf_dir: str)
   fs.write_text(fs.join(dest, "model_config.json"), json.dumps(dataclasses.asdict(cfg), indent=1))
 
 
-def _fresh_opt_state(params):
+def _fresh_opt_state(params, cfg: ModelConfig):
   """A fresh OpenMoE Adafactor state for `params` (the train loop's default optimizer)."""
   import jax
   import jax.numpy as jnp
+  from openmoe_jax import steps
   from openmoe_jax.optimizer import make_optimizer
-  tx, _ = make_optimizer("adafactor")
+  tx, _ = make_optimizer("adafactor", param_axes=steps.param_axes(cfg))
   return tx.init(jax.tree.map(jnp.asarray, params))
 
 

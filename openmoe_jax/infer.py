@@ -149,6 +149,7 @@ def run(args, overrides=()) -> tuple:
   prompts = encode_prompts(rows, vocabulary, args, budget)
   stops = chat.stop_sequences(vocabulary) if args.chat_template else ()
   mesh = partitioning.make_mesh()
+  params = decoding.place_params(params, cfg, mesh)  # once, not per batch
   key = jax.random.key(args.seed)
   from tqdm import tqdm
   bar = tqdm(total=len(prompts), desc="openmoe-infer", unit="prompt", file=sys.stderr,

@@ -99,12 +99,14 @@ def _compile(cfg: ModelConfig, args) -> dict:
   from openmoe_jax.optimizer import make_optimizer
   mesh = partitioning.make_mesh(args.num_expert_partitions, args.num_model_partitions)
   partitioning.check_experts_divisible(cfg.num_experts, mesh)
-  shards = mesh.shape["data"] * mesh.shape["expert"] * args.num_microbatches
-  if args.batch_size % shards:
-    raise gin_utils.UsageError(f"--batch_size={args.batch_size} must divide by data*expert*"
-                               f"microbatches = {shards}")
+  try:
+    partitioning.check_batch_divisible(args.batch_size, mesh, args.num_microbatches,
+                                       name="--batch_size")
+  except ValueError as e:
+    raise gin_utils.UsageError(gin_utils.error_line(e)) from None
   cfg = cfg.replace(num_expert_replicas=mesh.shape["data"])
-  tx, schedule = make_optimizer("adafactor")
+  from openmoe_jax import steps
+  tx, schedule = make_optimizer("adafactor", param_axes=steps.param_axes(cfg))
   res = layout.compile_train_step(cfg, tx, schedule, mesh, batch_size=args.batch_size,
                                   length=args.seq_len, num_microbatches=args.num_microbatches)
   res["mesh"] = dict(mesh.shape)

@@ -34,7 +34,7 @@ def sequence_log_probs(params, cfg, rows: Sequence[Tuple[List[int], List[int]]],
     batch_size = -(-batch_size // shards) * shards
   out = []
   with decoding._mesh_context(mesh):  # pylint: disable=protected-access
-    params = decoding._place(params, cfg, mesh)  # pylint: disable=protected-access
+    params = decoding.place_params(params, cfg, mesh)
     for first in range(0, len(rows), batch_size):
       chunk = rows[first:first + batch_size]
       longest = max(len(c) + len(x) for c, x in chunk)

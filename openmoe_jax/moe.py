@@ -10,14 +10,14 @@ same function:
 With experts sharded, the [G, ...] -> [E, G, ...] relayout under the sharding constraints below
 is where the compiler places the all-to-all (flaxformer notation G_ed -> E_ed).
 The 'adaptive' and 'dropless' modes give experts variable token counts: sort by expert, grouped
-matmul, unsort (`dropless.py`, `grouped.py`), with an explicit all-to-all under shard_map.
+matmul, unsort (`ragged_dispatch.py`, `grouped.py`), with an explicit all-to-all under shard_map.
 """
 import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
 
-from openmoe_jax import dropless
+from openmoe_jax import ragged_dispatch
 from openmoe_jax import partitioning as p
 from openmoe_jax import routing
 from openmoe_jax.config import ModelConfig
@@ -49,7 +49,7 @@ class Experts(nn.Module):
   """E independent three-projection FFNs (parameters .../expert/{wi_0,wi_1,wo}/kernel).
 
   `__call__` runs them on capacity buffers [E, G, C, D]; `ragged` on routed tokens of any count
-  per expert (the 'adaptive' and 'dropless' capacity modes, `dropless.py`).
+  per expert (the 'adaptive' and 'dropless' capacity modes, `ragged_dispatch.py`).
   """
   cfg: ModelConfig
 
@@ -81,7 +81,7 @@ class Experts(nn.Module):
     cfg = self.cfg
     rate = 0.0 if deterministic else cfg.dropout_rate
     rng = self.make_rng("dropout") if rate > 0 else None
-    return dropless.ragged_ffn(tokens.astype(cfg.dtype), r.expert_index, r.kept, self._kernels(),
+    return ragged_dispatch.ragged_ffn(tokens.astype(cfg.dtype), r.expert_index, r.kept, self._kernels(),
                                impl=cfg.grouped_matmul, buffer_factor=cfg.ep_buffer_factor,
                                dropout=(rng, rate))
 
@@ -181,22 +181,16 @@ class MoeLayer(nn.Module):
     n_groups = routing.num_groups(b * length, cfg.group_size, cfg.num_experts,
                                   cfg.num_expert_replicas, fallback=1 if decode else None)
     group = b * length // n_groups
-    mode = cfg.capacity_mode
-    capacity = routing.expert_capacity(
-        group, cfg.num_experts,
-        cfg.eval_capacity_factor if deterministic else cfg.train_capacity_factor,
-        num_selected_experts=cfg.num_selected_experts, min_capacity=cfg.min_expert_capacity,
-        formula=cfg.capacity_formula, no_drop=cfg.no_drop or mode == "dropless")
+    capacity = routing.group_capacity(
+        cfg, group, cfg.eval_capacity_factor if deterministic else cfg.train_capacity_factor)
     tokens = p.constrain(x.reshape(n_groups, group, d), (p.BATCH, p.LENGTH, p.EMBED))
     logits = Router(cfg, name="router")(tokens)
     order_rng = None
     if cfg.capacity_order == "random" and not deterministic and self.has_rng("dropout"):
       order_rng = self.make_rng("dropout")
-    r = routing.top_k_routing(logits, cfg.num_selected_experts, capacity,
-                              renormalize_gates=cfg.renormalize_gates, order=cfg.capacity_order,
-                              rng=order_rng, adaptive=mode == "adaptive")
+    r = routing.route(cfg, logits, capacity, rng=order_rng)
     experts = Experts(cfg, name="expert")
-    if mode == "fixed":
+    if not routing.uses_ragged_dispatch(cfg):
       y = _capacity_ffn(experts, tokens, r, cfg, deterministic)
     else:
       picked, kept = experts.ragged(tokens, r, deterministic=deterministic)

@@ -1,7 +1,7 @@
 """OpenMoE's optimizers as optax transformations: factored Adafactor (default) and AdamW.
 
 Adafactor (Shazeer & Stern 2018, arXiv:1804.04235) with the t5x settings OpenMoE trained with
-(spec §3.4): second-moment decay beta2_t = 1 - (t + 1)^-0.8, no momentum, update clipping at
+(XueFuzhao/t5x `t5x/adafactor.py` defaults, XueFuzhao/flaxformer `tokens_choose_decoder_only_*.gin`): second-moment decay beta2_t = 1 - (t + 1)^-0.8, no momentum, update clipping at
 RMS 1.0, updates scaled by max(RMS(param), 1e-3), no weight decay, and second moments factored
 by logical-axis rules, with expert kernels factored per expert. LR: 1 / sqrt(max(step, 10^4)).
 
@@ -27,23 +27,6 @@ FACTOR_RULES: Mapping[str, str] = {
     'kv': COLUMN, 'joined_kv': COLUMN, 'relpos_buckets': NONE, 'layers': BATCH, 'stack': BATCH,
     'expert': BATCH, 'expert_mlp': COLUMN, 'mlp_embed': ROW, 'unmodeled': NONE}
 
-# First match wins: the expert kernels precede the dense `mlp/` patterns.
-_PATH_AXES = (
-    (r'(^|/)token_embedder/embedding$', ('vocab', 'embed')),
-    (r'(^|/)(\w*layer_norm|decoder_norm)/scale$', ('embed',)),
-    (r'(^|/)self_attention/(query|key|value)/kernel$', ('embed', 'joined_kv')),
-    (r'(^|/)self_attention/out/kernel$', ('joined_kv', 'embed')),
-    (r'(^|/)router/router_weights/w/kernel$', ('embed', 'unmodeled')),
-    (r'(^|/)expert/wi(_\d+)?/kernel$', ('expert', 'mlp_embed', 'expert_mlp')),
-    (r'(^|/)expert/wo/kernel$', ('expert', 'expert_mlp', 'mlp_embed')),
-    (r'(^|/)(extra_)?mlp/wi(_\d+)?/kernel$', ('embed', 'mlp')),
-    (r'(^|/)(extra_)?mlp/wo/kernel$', ('mlp', 'embed')),
-    (r'(^|/)logits_dense/kernel$', ('embed', 'vocab')),
-)
-# flaxformer's split-head attention kernels ([D, heads, kv] instead of [D, heads * kv]).
-_SPLIT_HEADS = {('embed', 'joined_kv'): ('embed', 'heads', 'kv'),
-                ('joined_kv', 'embed'): ('heads', 'kv', 'embed')}
-
 LogicalAxesFn = Callable[[str, int], Optional[Sequence[Optional[str]]]]
 ScalarOrSchedule = Union[float, optax.Schedule]
 
@@ -55,26 +38,24 @@ def path_str(path) -> str:
   return jax.tree_util.keystr(tuple(path), simple=True, separator='/')
 
 
-def logical_axes_for_path(path, ndim: int) -> Optional[tuple[str, ...]]:
-  """Logical axis names of an OpenMoE parameter from its flaxformer path, or None if unknown.
-
-  A leading extra dim is read as a scanned `layers` axis, and 3-D attention kernels as
-  flaxformer's split-head layout. Unknown paths (biases, new modules) or ranks give None, so
-  `factor_plan` falls back to its two-largest-dims heuristic.
+def axes_from_params(param_axes: Mapping[str, Sequence[Optional[str]]]) -> LogicalAxesFn:
+  """A `logical_axes_fn` reading the logical axes the parameters carry.
 
   Args:
-    path: e.g. 'decoder/layers_3/mlp/expert/wi_0/kernel' (a 'params/' prefix is fine) or a
-      jax key path.
-    ndim: rank of the parameter.
+    param_axes: '/'-joined parameter path (as in the params tree, e.g.
+      'decoder/layers_1/mlp/expert/wi_0/kernel') -> its logical axis names, as the model's
+      `nn.with_logical_partitioning` annotations give them (`steps.param_axes(cfg)`).
+
+  Returns:
+    (path, ndim) -> axes; a path the table lacks is an error, never a silent guess.
   """
-  path = path_str(path)
-  for pattern, axes in _PATH_AXES:
-    if re.search(pattern, path):
-      candidates = [axes] + ([_SPLIT_HEADS[axes]] if axes in _SPLIT_HEADS else [])
-      matches = [lead + c for lead in ((), ('layers',)) for c in candidates
-                 if ndim == len(lead) + len(c)]
-      return matches[0] if matches else None
-  return None
+  def fn(path: str, ndim: int):
+    key = path[len('params/'):] if path.startswith('params/') else path
+    if key not in param_axes:
+      raise ValueError(f'Parameter {key} carries no logical axes (every parameter must be '
+                       'created with partitioning.param_init).')
+    return tuple(param_axes[key])
+  return fn
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,7 +84,7 @@ def _heuristic_plan(shape, min_dim_size_to_factor: int, factored: bool) -> Facto
 
 
 def factor_plan(path, shape: Sequence[int], *,
-                logical_axes_fn: Optional[LogicalAxesFn] = logical_axes_for_path,
+                logical_axes_fn: Optional[LogicalAxesFn] = None,
                 factor_rules: Mapping[str, str] = FACTOR_RULES,
                 min_dim_size_to_factor: int = 128, factored: bool = True) -> FactorPlan:
   """Factoring decision for one parameter from its logical axes.
@@ -114,10 +95,11 @@ def factor_plan(path, shape: Sequence[int], *,
   keep exact second moments; at OpenMoE sizes (D, F >= 768) both agree.
 
   Args:
-    path: parameter path (see `logical_axes_for_path`).
+    path: parameter path, e.g. 'decoder/layers_1/mlp/expert/wi_0/kernel'.
     shape: parameter shape.
-    logical_axes_fn: (path, ndim) -> logical axis names, or None for the fallback (the two
-      largest dims are ROW / COLUMN if the smaller is >= min_dim_size_to_factor; others BATCH).
+    logical_axes_fn: (path, ndim) -> logical axis names (`axes_from_params`), or None for
+      optax's heuristic (the two largest dims are ROW / COLUMN if the smaller is >=
+      min_dim_size_to_factor; others BATCH), for parameters without annotations.
     factor_rules: logical name -> ROW / COLUMN / BATCH / NONE.
     min_dim_size_to_factor: smallest row / column size that is factored.
     factored: False disables factoring everywhere (batch dims are still honoured).
@@ -214,10 +196,10 @@ def adafactor(learning_rate: ScalarOrSchedule, *, decay_rate: float = 0.8, step_
               multiply_by_parameter_scale: bool = True, epsilon1: float = 1e-30,
               epsilon2: float = 1e-3, min_dim_size_to_factor: int = 128, factored: bool = True,
               weight_decay_rate: Optional[float] = None,
-              logical_axes_fn: Optional[LogicalAxesFn] = logical_axes_for_path,
+              logical_axes_fn: Optional[LogicalAxesFn] = None,
               factor_rules: Mapping[str, str] = FACTOR_RULES,
               momentum_dtype=jnp.float32) -> optax.GradientTransformation:
-  """t5x-semantics Adafactor; defaults are OpenMoE's (spec §3.4).
+  """t5x-semantics Adafactor; defaults are OpenMoE's (XueFuzhao/t5x `t5x/adafactor.py`).
 
   At update t (0 first): beta2 = 1 - (t - step_offset + 1)^-decay_rate; second moment v of
   grad^2 + epsilon1, factored per `factor_plan`; y = grad / sqrt(v); y /= max(1, RMS(y) /
@@ -325,6 +307,7 @@ def make_optimizer(name: str = 'adafactor',
                    base_learning_rate: Optional[float] = None, warmup_steps: Optional[int] = None,
                    decay_steps: Optional[int] = None, end_learning_rate_fraction: float = 0.1,
                    grad_clip_norm: Optional[float] = None,
+                   param_axes: Optional[Mapping[str, Sequence[Optional[str]]]] = None,
                    **hyper) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """Optimizer factory for the train loop (gin binds its keyword args).
 
@@ -339,6 +322,9 @@ def make_optimizer(name: str = 'adafactor',
     base_learning_rate, warmup_steps, decay_steps, end_learning_rate_fraction: see
       `make_schedule`.
     grad_clip_norm: clip gradients to this global norm first (a chain), or None (OpenMoE).
+    param_axes: Adafactor: path -> logical axes of every parameter (`steps.param_axes(cfg)`),
+      which decide the factored dims with `FACTOR_RULES` as in t5x; None uses optax's
+      two-largest-dims heuristic.
     **hyper: keyword args of `adafactor` or `adamw` (unknown names raise TypeError).
 
   Returns:
@@ -351,6 +337,8 @@ def make_optimizer(name: str = 'adafactor',
     schedule = make_schedule(schedule, base_learning_rate=base_learning_rate,
                              warmup_steps=warmup_steps, decay_steps=decay_steps,
                              end_learning_rate_fraction=end_learning_rate_fraction)
+  if name == 'adafactor' and param_axes is not None:
+    hyper.setdefault('logical_axes_fn', axes_from_params(param_axes))
   tx = (adafactor if name == 'adafactor' else adamw)(schedule, **hyper)
   if grad_clip_norm is not None:
     tx = optax.chain(optax.clip_by_global_norm(grad_clip_norm), tx)
@@ -358,14 +346,16 @@ def make_optimizer(name: str = 'adafactor',
 
 
 def state_partition_specs(opt_state, params, param_specs, *,
-                          logical_axes_fn: Optional[LogicalAxesFn] = logical_axes_for_path,
+                          logical_axes_fn: Optional[LogicalAxesFn] = None,
                           factor_rules: Mapping[str, str] = FACTOR_RULES):
   """PartitionSpecs for an optimizer state, derived from the parameters' specs.
 
   Works for `make_optimizer` states (Adafactor, AdamW, either in a clipping chain): leaves shaped
   like their parameter take its spec; Adafactor's v_row / v_col drop the spec entry of the
   reduced dims (so [E, D] stays sharded over E); scalars and placeholders are replicated. Pass
-  the same `logical_axes_fn` / `factor_rules` as to the optimizer.
+  the same `factor_rules` as to the optimizer; the factored dims come from `logical_axes_fn`,
+  by default from `param_specs` themselves when they hold logical axis names (the model's
+  annotations, as `layout.state_layout` passes them).
 
   Args:
     opt_state: the state or its `jax.eval_shape` abstraction.
@@ -380,6 +370,9 @@ def state_partition_specs(opt_state, params, param_specs, *,
   for (path, p), spec in zip(jax.tree_util.tree_flatten_with_path(params)[0],
                              jax.tree.leaves(param_specs, is_leaf=is_spec)):
     by_path[path_str(path)] = (p.shape, tuple(spec) + (None,) * (len(p.shape) - len(spec)))
+  if logical_axes_fn is None and all(
+      all(a is None or a in factor_rules for a in spec) for _, spec in by_path.values()):
+    logical_axes_fn = axes_from_params({k: spec for k, (_, spec) in by_path.items()})
 
   def leaf_spec(path, leaf):
     parts = path_str(path).split('/')

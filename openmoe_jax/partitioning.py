@@ -1,12 +1,14 @@
 """Logical axis names and the one table mapping them to the (data, expert, model) mesh.
 
 Layers name the axes of every parameter and constrained activation with the constants below;
-only this module knows how they map to mesh axes (t5x MoE rules, see PEERS.md).
+only this module knows how they map to mesh axes (t5x `t5x/contrib/moe/partitioning.py`'s MoE rules).
 """
+import math
 from typing import Optional, Sequence
 
 import flax.linen as nn
 import gin
+
 import jax
 
 MESH_AXES = ("data", "expert", "model")
@@ -114,7 +116,41 @@ def mesh_shardings(boxed_abstract_tree, mesh, rules=None):
   return nn.logical_to_mesh_sharding(specs, mesh, axis_rules() if rules is None else rules)
 
 
+def mesh_axes_of(logical: str, rules=None) -> tuple:
+  """The mesh axes a logical axis maps to under the rules (a tuple, empty when replicated)."""
+  axes = dict(axis_rules() if rules is None else rules).get(logical)
+  if axes is None:
+    return ()
+  return tuple(axes) if isinstance(axes, (tuple, list)) else (axes,)
+
+
+def batch_shards(mesh) -> int:
+  """How many ways the batch is split: the product of the mesh axes `batch` maps to."""
+  return math.prod(mesh.shape[a] for a in mesh_axes_of(BATCH))
+
+
+def check_batch_divisible(batch_size: int, mesh, num_microbatches: int = 1,
+                          name: str = "BATCH_SIZE") -> None:
+  """ValueError unless every microbatch splits evenly over the batch's mesh axes."""
+  shards = batch_shards(mesh)
+  if batch_size % (shards * num_microbatches):
+    axes = "*".join(mesh_axes_of(BATCH)) or "no"
+    raise ValueError(f"{name}={batch_size} must be divisible by the batch partitions "
+                     f"({axes} = {shards}) x num_microbatches ({num_microbatches})")
+
+
 def batch_sharding(mesh, ndim: int = 2) -> jax.sharding.NamedSharding:
-  """Batches are split over data and expert (t5x MoE rule batch -> (data, expert))."""
-  spec = jax.sharding.PartitionSpec(("data", "expert"), *([None] * (ndim - 1)))
+  """Batches split as the rules say `batch` splits (t5x MoE rule batch -> (data, expert))."""
+  spec = jax.sharding.PartitionSpec(mesh_axes_of(BATCH) or None, *([None] * (ndim - 1)))
   return jax.sharding.NamedSharding(mesh, spec)
+
+
+def logical_axis_size(logical: str) -> int:
+  """Devices a logical axis is split over in the current mesh and rules context (1 outside
+  a mesh), e.g. the expert-parallel size for `EXPERT`."""
+  mesh = jax.sharding.get_abstract_mesh()
+  axis = nn.logical_to_mesh_axes((logical,))[0]
+  if mesh.empty or axis is None:
+    return 1
+  names = axis if isinstance(axis, tuple) else (axis,)
+  return math.prod(mesh.shape[name] for name in names)

@@ -4,7 +4,6 @@ Everything here is a pure function of router logits; `moe.py` turns a `Routing` 
 inputs and outputs. Legend: G token groups, T tokens per group, E experts, K experts per token,
 C expert capacity.
 """
-import dataclasses
 import math
 from typing import Optional
 
@@ -195,6 +194,36 @@ def _top_k(probs: jax.Array, k: int):
     index.append(i.astype(jnp.int32))
     remaining = jnp.where(jax.nn.one_hot(i, probs.shape[-1], dtype=bool), -jnp.inf, remaining)
   return jnp.stack(gates, axis=-1), jnp.stack(index, axis=-1)
+
+
+# ------------------------------------------------------------------ the capacity modes, in one place
+# A new capacity mode changes config.CAPACITY_MODES and these three functions only.
+def never_drops(cfg) -> bool:
+  """True when every assignment is computed (no_drop, or the 'dropless' capacity mode)."""
+  return bool(cfg.no_drop or cfg.capacity_mode == "dropless")
+
+
+def uses_ragged_dispatch(cfg) -> bool:
+  """True for the modes whose experts take variable token counts ('adaptive', 'dropless'):
+  sort by expert, grouped FFN, unsort (`ragged_dispatch.py`); False for fixed expert buffers."""
+  return cfg.capacity_mode != "fixed"
+
+
+def group_capacity(cfg, tokens_per_group: int, capacity_factor: float) -> int:
+  """Slots per expert and group for `cfg`'s capacity formula and mode."""
+  return expert_capacity(tokens_per_group, cfg.num_experts, capacity_factor,
+                         num_selected_experts=cfg.num_selected_experts,
+                         min_capacity=cfg.min_expert_capacity, formula=cfg.capacity_formula,
+                         no_drop=never_drops(cfg))
+
+
+def route(cfg, router_logits: jax.Array, capacity: int,
+          rng: Optional[jax.Array] = None) -> "Routing":
+  """`cfg`'s routing of float32[G, T, E] logits: top-k, queue order, and which assignments each
+  capacity mode keeps. The MoE layer and openmoe-analyze both route through here."""
+  return top_k_routing(router_logits, cfg.num_selected_experts, capacity,
+                       renormalize_gates=cfg.renormalize_gates, order=cfg.capacity_order,
+                       rng=rng, adaptive=cfg.capacity_mode == "adaptive")
 
 
 def top_k_routing(router_logits: jax.Array, num_selected_experts: int, capacity: int, *,

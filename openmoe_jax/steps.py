@@ -29,6 +29,18 @@ def init_state(cfg: ModelConfig, tx: optax.GradientTransformation, rng, batch_si
   return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(unboxed)}
 
 
+def param_axes(cfg: ModelConfig) -> Dict[str, tuple]:
+  """'/'-joined parameter path -> the logical axis names the model annotates it with (from an
+  abstract init: nothing is allocated). The optimizer factors second moments by these."""
+  tokens = jax.ShapeDtypeStruct((1, max(cfg.num_experts, 1) * cfg.num_expert_replicas * 2),
+                                jnp.int32)
+  boxed = jax.eval_shape(lambda t: Transformer(cfg).init(jax.random.key(0), t), tokens)["params"]
+  specs = p.logical_axes(boxed)
+  flat = jax.tree_util.tree_flatten_with_path(
+      specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))[0]
+  return {jax.tree_util.keystr(k, simple=True, separator="/"): tuple(v) for k, v in flat}
+
+
 def _forward(cfg, params, batch, *, deterministic, rng=None):
   logits, moe = Transformer(cfg).apply(
       {"params": params}, batch["decoder_input_tokens"], batch["decoder_target_tokens"],

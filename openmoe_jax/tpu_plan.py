@@ -94,7 +94,9 @@ def plan(cfg, slice_name: str, *, num_expert_partitions: int, num_model_partitio
       routing.num_groups(rows * seq_len, cfg.group_size, cfg.num_experts, cfg.num_expert_replicas)
     except ValueError as e:
       raise UsageError(f"{e} ({rows} rows x {seq_len} tokens per microbatch)") from None
-  tx, schedule = make_optimizer(optimizer, **dict(optimizer_kwargs or {}))
+  from openmoe_jax import steps  # pylint: disable=g-import-not-at-top
+  tx, schedule = make_optimizer(optimizer, param_axes=steps.param_axes(cfg),
+                                **dict(optimizer_kwargs or {}))
   t = time.perf_counter()
   budget = int(memory_budget_gib * 2**30) if memory_budget_gib else s.hbm_bytes_per_device
   with target.compiling_for("tpu"):

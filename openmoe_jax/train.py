@@ -92,14 +92,15 @@ def train(model_config: ModelConfig, *, model_dir: str = gin.REQUIRED,
     raise UsageError(error_line(e)) from None
   # flaxformer: groups are a multiple of experts x replicas, so they split over (data, expert).
   cfg = cfg.replace(num_expert_replicas=mesh.shape["data"])
-  if batch_size % (mesh.shape["data"] * mesh.shape["expert"] * num_microbatches):
-    raise UsageError(f"BATCH_SIZE={batch_size} must be divisible by data*expert partitions "
-                     f"({mesh.shape['data'] * mesh.shape['expert']}) x num_microbatches "
-                     f"({num_microbatches})")
+  try:
+    part.check_batch_divisible(batch_size, mesh, num_microbatches)
+  except ValueError as e:
+    raise UsageError(error_line(e)) from None
   length = sum(task_feature_lengths.values())
   _check_routing_groups(cfg, batch_size, num_microbatches, length)
   optimizer_kwargs = dict(optimizer_kwargs or {})
-  tx, schedule = _make_optimizer(optimizer, optimizer_kwargs)
+  param_axes = steps.param_axes(cfg)  # Adafactor factors by the parameters' logical axes
+  tx, schedule = _make_optimizer(optimizer, optimizer_kwargs, param_axes=param_axes)
   run_dir.check_model_dir(model_dir, cfg)
   data_lib.check_sources(mixture_or_task_name, "train")  # missing data or tokenizer: UsageError
   try:
@@ -152,7 +153,8 @@ def _train_locked(*, cfg, model_config, model_dir, mixture_or_task_name, task_fe
   # while its step continues: the learning rate follows the step, as in t5x.
   step_offset = step - resume.update_count(state["opt_state"], default=step)
   if step_offset:
-    tx, _ = _make_optimizer(optimizer, optimizer_kwargs, step_offset=step_offset)
+    tx, _ = _make_optimizer(optimizer, optimizer_kwargs, step_offset=step_offset,
+                            param_axes=steps.param_axes(cfg))
   # --- jit ---
   batch_sh = part.batch_sharding(mesh)
   step_fn = jax.jit(
@@ -264,15 +266,16 @@ def _check_divisible(params, mesh) -> None:
             "(MLP_DIM, EXPERT_MLP_DIM, NUM_HEADS x HEAD_DIM, NUM_EMBEDDINGS) or fewer partitions")
 
 
-def _make_optimizer(name: str, kwargs: dict, step_offset: int = 0):
+def _make_optimizer(name: str, kwargs: dict, step_offset: int = 0, param_axes=None):
   """`make_optimizer(name, **kwargs)`; its errors (bad OPTIMIZER / OPTIMIZER_KWARGS) are
   UsageErrors. With `step_offset`, the transformation applies the schedule at update count
   + step_offset (the global step); the returned schedule is still the plain one, of the step."""
   try:
-    tx, schedule = make_optimizer(name, **kwargs)
+    tx, schedule = make_optimizer(name, param_axes=param_axes, **kwargs)
     if step_offset:
       shifted = lambda count: schedule(count + step_offset)
-      tx, _ = make_optimizer(name, **dict(kwargs, learning_rate_schedule=shifted))
+      tx, _ = make_optimizer(name, param_axes=param_axes,
+                             **dict(kwargs, learning_rate_schedule=shifted))
   except (ValueError, TypeError) as e:  # make_optimizer only validates its arguments here
     raise UsageError(f"OPTIMIZER / OPTIMIZER_KWARGS: {error_line(e)}") from None
   return tx, schedule

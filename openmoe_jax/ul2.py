@@ -1,7 +1,8 @@
 """UL2 mixture of denoisers and full-LM as seqio preprocessors (tf.data), OpenMoE settings.
 
-OpenMoE (spec §3.1) trains on six denoisers: span corruption with (mean span, noise density)
-= (3, .15), (8, .15) under mode "[NLU] ", (3, .5), (8, .5), (64, .5) under "[NLG] ", at 10% each,
+OpenMoE (arXiv:2402.01739 §3; XueFuzhao/text-to-text-transfer-transformer
+`t5/data/preprocessors.py::ul2_objective`) trains on six denoisers: span corruption with (mean
+span, noise density) = (3, .15), (8, .15) under mode "[NLU] ", (3, .5), (8, .5), (64, .5) under "[NLG] ", at 10% each,
 and prefix LM under "[S2S] " at 50%. Span corruption replaces each noise span of the inputs by a
 unique sentinel (vocab_size - 1, vocab_size - 2, ...) and the targets list each sentinel followed
 by its span. The mode prefix is text, tokenized and prepended to the inputs; inputs and targets

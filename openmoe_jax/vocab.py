@@ -1,4 +1,4 @@
-"""Vocabularies with OpenMoE's conventions (spec §1.7).
+"""Vocabularies with OpenMoE's conventions (umT5's SentencePiece model, XueFuzhao/text-to-text-transfer-transformer `t5/data/utils.py`).
 
 * ids: pad 0, eos 1, unk 2; BOS is the pad id 0 (decoder inputs are targets shifted right by 0);
 * sentinels: `extra_ids` (300 for OpenMoE) appended by seqio at the top of the vocabulary and

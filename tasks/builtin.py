@@ -10,7 +10,7 @@ from openmoe_jax import vocab
 from tasks import common
 from tasks import sources
 
-CODE_SHARE = 52.25  # mix_ul2's code percentage (Stack + GitHub), spec §3.2
+CODE_SHARE = 52.25  # mix_ul2's code percentage (Stack + GitHub): XueFuzhao/text-to-text-transfer-transformer `t5/data/mixtures.py`
 MIXTURES = {"builtin_mix": "ul2", "builtin_mix_full_lm": "full_lm"}
 
 

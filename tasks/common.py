@@ -18,7 +18,7 @@ def output_features(vocabulary: seqio.Vocabulary) -> dict:
 
 
 def preprocessors(objective: str, text_key: str = "text") -> list:
-  """Source `{text_key: str}` -> tokenized -> UL2 or full-LM examples (OpenMoE's order, §3.7)."""
+  """Source `{text_key: str}` -> tokenized -> UL2 or full-LM examples (OpenMoE's order: XueFuzhao/text-to-text-transfer-transformer `t5/data/tasks.py`)."""
   if objective not in OBJECTIVES:
     raise ValueError(f"unknown objective {objective!r}; choose from {OBJECTIVES}")
   steps = [

@@ -1,4 +1,5 @@
-"""OpenMoE's pretraining tasks and mixtures (spec §3.2, §3.7), names and weights unchanged.
+"""OpenMoE's pretraining tasks and mixtures names and weights unchanged
+(XueFuzhao/text-to-text-transfer-transformer `t5/data/tasks.py`, `t5/data/mixtures.py`).
 
 Tasks: `redpajama_{c4,wikipedia,stackexchange,arxiv,github,book,common_crawl}_{ul2,full_lm}`,
 `wikipedia_{ul2,full_lm}`, `the_stack_dedup_{ul2,full_lm}`; vocabulary umT5 + 300 sentinels
@@ -17,7 +18,8 @@ REDPAJAMA_SUBSETS = ("c4", "wikipedia", "stackexchange", "arxiv", "github", "boo
                      "common_crawl")
 _JSONL = ("*.jsonl", "*.jsonl.gz", "*.jsonl.zst", "*.json.gz")
 
-# Percent of examples per subset; rows of spec §3.2 (raw weights, normalised by seqio).
+# Percent of examples per subset: the raw weights of XueFuzhao/text-to-text-transfer-transformer `t5/data/mixtures.py` (paper
+# Table 1), normalised by seqio.
 MIXTURE_WEIGHTS = {
     "v1": {"redpajama_c4": 15.0, "redpajama_wikipedia": 4.5, "redpajama_stackexchange": 2.0,
            "redpajama_arxiv": 2.5, "redpajama_book": 4.5, "redpajama_github": 4.5,

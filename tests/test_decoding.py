@@ -186,7 +186,7 @@ def test_sharded_decoding_equals_one_device_and_cache_is_sharded(params):
   assert [g.ids for g in got] == [g.ids for g in want]
   tokens, start = decoding.left_pad([[0, 5, 6]] * 4, 8, 4)
   with decoding._mesh_context(mesh):  # pylint: disable=protected-access
-    placed = decoding._place(params, cfg, mesh)  # pylint: disable=protected-access
+    placed = decoding.place_params(params, cfg, mesh)
     _, cache = jax.jit(lambda p, t, s: decoding.prefill(p, cfg, t, s, 8))(placed, tokens, start)
   want = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "expert"), None,
                                                                     "model", None))
@@ -198,7 +198,7 @@ def test_one_compilation_per_bucket(params):
   cfg = CFG.replace(no_drop=True, eval_capacity_factor=3.0)  # a config no other test compiles
   for prompts in ([[5, 6]], [[7, 8, 9, 10]], [[1] * 6]):  # all in the 8-column prompt bucket
     decoding.generate(params, cfg, prompts, max_new_tokens=5, eos_id=-1)
-  fn = decoding._compiled(cfg, decoding.Sampling(), 8, -1)  # pylint: disable=protected-access
+  fn = decoding._compiled(cfg, decoding.Sampling(), 8, -1, None)  # pylint: disable=protected-access
   assert fn._cache_size() == 1  # pylint: disable=protected-access
   decoding.generate(params, cfg, [[5] * 9], max_new_tokens=5, eos_id=-1)
   assert fn._cache_size() == 2  # pylint: disable=protected-access

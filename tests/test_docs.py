@@ -235,3 +235,18 @@ def test_the_link_check_sees_links_and_anchors():
       "choosing-num_expert_partitions-and-num_model_partitions-for-a-slice"
   assert _slug("`loss is nan at step N`") == "loss-is-nan-at-step-n"
   assert "registering-your-own-task" in _anchors(ROOT / "docs" / "data.md")
+
+
+def test_nothing_points_outside_the_repository():
+  """Code and docs cite OpenMoE's paper and code, never notes a clone does not have."""
+  import re
+  bad = re.compile(r"\.\./shared|shared/reference|spec §|OPENMOE_SPEC|PEERS\.md|STACK\.md|"
+                   r"STYLE\.md")
+  hits = []
+  for path in ROOT.rglob("*"):
+    if (path.suffix in (".py", ".md", ".gin", ".txt", ".sh", ".cfg", ".toml") and ".venv" not in
+        path.parts and ".git" not in path.parts and path.name != "test_docs.py"):
+      for i, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        if bad.search(line):
+          hits.append(f"{path.relative_to(ROOT)}:{i}")
+  assert not hits, hits

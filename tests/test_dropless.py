@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from openmoe_jax import dropless, grouped, routing
+from openmoe_jax import grouped, ragged_dispatch, routing
 from openmoe_jax import partitioning as part
 from openmoe_jax.config import ModelConfig
 from openmoe_jax.model import Transformer, compute_loss
@@ -69,10 +69,10 @@ def test_take_rows_gradient_is_the_inverse_gather():
   idx = jnp.array([4, 0, 5, 0, 2])          # row 0 read twice, 5 = the zero row
   inv = jnp.array([[1, 3], [5, 5], [4, 5], [5, 5], [0, 5]])
   ct = jax.random.normal(jax.random.key(1), (5, 3))
-  got = jax.grad(lambda a: jnp.sum(dropless.take_rows(a, idx, inv) * ct))(x)
+  got = jax.grad(lambda a: jnp.sum(ragged_dispatch.take_rows(a, idx, inv) * ct))(x)
   want = jax.grad(lambda a: jnp.sum(jnp.concatenate([a, jnp.zeros((1, 3))])[idx] * ct))(x)
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-6)
-  jaxpr = str(jax.make_jaxpr(jax.grad(lambda a: jnp.sum(dropless.take_rows(a, idx, inv))))(x))
+  jaxpr = str(jax.make_jaxpr(jax.grad(lambda a: jnp.sum(ragged_dispatch.take_rows(a, idx, inv))))(x))
   assert "scatter" not in jaxpr
 
 

@@ -158,7 +158,7 @@ def test_bfloat16_export(run_dir, tmp_path):
 
 
 def _released_layout(vocab, d, heads, head_dim, f, layers, experts, interval):
-  """Key -> shape of the released OpenMoE checkpoints, written out from spec §6.1 by hand."""
+  """Key -> shape of the released OpenMoE checkpoints, written out by hand from ColossalAI's `convert_openmoe_ckpt.py`."""
   joined = heads * head_dim
   keys = {"model.embed_tokens.weight": (vocab, d), "model.norm.weight": (d,),
           "lm_head.weight": (vocab, d)}
@@ -179,7 +179,7 @@ def _released_layout(vocab, d, heads, head_dim, f, layers, experts, interval):
   return keys
 
 
-RELEASED = {  # spec §1.1 / §6.2: (gin, d, heads, head_dim, d_ff, layers, experts, interval)
+RELEASED = {  # OrionZheng/openmoe-{base,8b,34b-200B} config.json: (gin, d, heads, head_dim, d_ff, layers, experts, interval)
     "base": ("models/openmoe_base.gin", 768, 12, 64, 2048, 12, 16, 4),
     "8b": ("models/openmoe_8b.gin", 2048, 24, 128, 8192, 24, 32, 6),
     "34b": ("models/openmoe_34b.gin", 3072, 24, 128, 12288, 32, 32, 4),

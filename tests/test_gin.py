@@ -59,7 +59,7 @@ def test_openmoe_sizes_match_the_layer_shapes(gin_file, total, moe_layers):
   gin_utils.parse_gin([gin_file], [])
   cfg = gin_utils.model_config()
   s = counts.summarize(cfg)
-  # Independent count from the formulas of spec §1.8.
+  # Independent count from the layer shapes of OpenMoE's released configs.
   d, a, f, e = cfg.emb_dim, cfg.num_heads * cfg.head_dim, cfg.mlp_dim, cfg.num_experts
   n_moe = len(moe_layers)
   per_layer = 4 * d * a + 4 * d * f + 2 * d

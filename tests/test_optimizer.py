@@ -9,7 +9,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from openmoe_jax import optimizer as opt
 
 # path -> (shape, batch dim or None, row dim or None, col dim or None), written out by hand from
-# the spec's factor rules, independently of optimizer.factor_plan.
+# t5x's factor rules (`t5x/adafactor.py`, `t5x/contrib/moe/adafactor_utils.py`), independently
+# of optimizer.factor_plan.
 LAYOUT = {
     'token_embedder/embedding': ((256, 128), None, 1, 0),
     'decoder/layers_0/mlp/wi_0/kernel': ((128, 160), None, 0, 1),
@@ -20,6 +21,19 @@ LAYOUT = {
     'decoder/layers_3/mlp/expert/wi_1/kernel': ((4, 16, 24), 0, None, None),  # too small to factor
     'decoder/decoder_norm/scale': ((128,), None, None, None),
 }
+
+# The logical axes the model annotates these parameters with (t5x names).
+AXES = {
+    'token_embedder/embedding': ('vocab', 'embed'),
+    'decoder/layers_0/mlp/wi_0/kernel': ('embed', 'mlp'),
+    'decoder/layers_0/pre_mlp_layer_norm/scale': ('embed',),
+    'decoder/layers_1/mlp/router/router_weights/w/kernel': ('embed', 'unmodeled'),
+    'decoder/layers_1/mlp/expert/wi_0/kernel': ('expert', 'mlp_embed', 'expert_mlp'),
+    'decoder/layers_1/mlp/expert/wo/kernel': ('expert', 'expert_mlp', 'mlp_embed'),
+    'decoder/layers_3/mlp/expert/wi_1/kernel': ('expert', 'mlp_embed', 'expert_mlp'),
+    'decoder/decoder_norm/scale': ('embed',),
+}
+AXES_FN = opt.axes_from_params(AXES)
 
 
 def _nest(flat):
@@ -107,7 +121,7 @@ def test_adafactor_matches_float64_reference(clip, beta1, wd):
   rng = np.random.default_rng(0)
   lr_fn = lambda step: 0.5 / np.sqrt(max(step, 2))  # rsqrt with warmup 2: lr changes at step 3
   tx = opt.adafactor(opt.rsqrt_schedule(0.5, 2), clipping_threshold=clip, beta1=beta1,
-                     weight_decay_rate=wd)
+                     weight_decay_rate=wd, logical_axes_fn=AXES_FN)
   ref = NumpyAdafactor(lr_fn, clip=clip, beta1=beta1, wd=wd)
   params_np = _init_params(rng)
   params = _nest({k: jnp.asarray(v, jnp.float32) for k, v in params_np.items()})
@@ -146,28 +160,44 @@ def test_second_moment_decay_schedule():
 
 
 def test_factor_plans_for_openmoe_paths():
-  plan = lambda path, shape: opt.factor_plan(path, shape)
+  plan = lambda path, shape: opt.factor_plan(path, shape, logical_axes_fn=AXES_FN)
   for path, (shape, batch, row, col) in LAYOUT.items():
     p = plan(path, shape)
     assert p.rows == (() if row is None else (row,)), path
     assert p.cols == (() if col is None else (col,)), path
     assert p.batch == (() if batch is None else (batch,)), path
-  axes = opt.logical_axes_for_path
-  assert axes('params/decoder/layers_2/extra_mlp/wo/kernel', 2) == ('mlp', 'embed')
-  assert axes('decoder/layers_2/self_attention/out/kernel', 2) == ('joined_kv', 'embed')
-  assert axes('decoder/layers_2/self_attention/query/kernel', 3) == ('embed', 'heads', 'kv')
-  assert axes('decoder/logits_dense/kernel', 2) == ('embed', 'vocab')
-  assert axes('decoder/layers/mlp/wi_0/kernel', 3) == ('layers', 'embed', 'mlp')
-  assert axes('decoder/layers_0/pre_self_attention_layer_norm/scale', 1) == ('embed',)
-  assert axes('decoder/layers_0/pre_extra_mlp_layer_norm/scale', 1) == ('embed',)
-  assert axes('decoder/layers_0/mlp/wi_0/bias', 1) is None
-  # Unknown path: two largest dims factored, the rest batch.
+  # A parameter the table lacks is an error, not a silent guess.
+  with pytest.raises(ValueError, match='carries no logical axes'):
+    plan('decoder/layers_0/mlp/wi_0/bias', (128,))
+  # Without axes (no annotations at all): optax's heuristic, two largest dims, the rest batch.
   assert opt.factor_plan('foo/bar', (3, 256, 512)) == opt.FactorPlan((1,), (2,), (0,))
   assert opt.factor_plan('foo/bar', (256, 64)) == opt.FactorPlan((), (), ())
   custom = opt.factor_plan('foo', (256, 256), logical_axes_fn=lambda p, n: ('mlp', 'embed'))
   assert custom == opt.FactorPlan((1,), (0,), ())
   with pytest.raises(ValueError, match='No Adafactor factor rule'):
     opt.factor_plan('foo', (256, 256), logical_axes_fn=lambda p, n: ('embd', 'mlp'))
+
+
+def test_the_models_annotations_are_the_t5x_factor_layout():
+  """The axes the optimizer factors by are the ones the model's parameters carry."""
+  from openmoe_jax import steps
+  from openmoe_jax.config import ModelConfig
+  cfg = ModelConfig(vocab_size=256, emb_dim=32, num_heads=2, head_dim=16, mlp_dim=64,
+                    expert_mlp_dim=64, num_layers=2, num_experts=4, num_sparse_layers=1)
+  axes = steps.param_axes(cfg)
+  for path, want in AXES.items():
+    path = path.replace('layers_3', 'layers_1')
+    assert axes[path] == want, path
+  assert axes['decoder/layers_1/self_attention/query/kernel'] == ('embed', 'joined_kv')
+  assert axes['decoder/layers_0/self_attention/out/kernel'] == ('joined_kv', 'embed')
+  assert axes['decoder/logits_dense/kernel'] == ('embed', 'vocab')
+  assert axes['decoder/layers_1/pre_extra_mlp_layer_norm/scale'] == ('embed',)
+  tx, _ = opt.make_optimizer(param_axes=axes)
+  params = jax.eval_shape(lambda: jax.tree.map(jnp.zeros_like, _nest(
+      {k: jax.ShapeDtypeStruct(v, jnp.float32) for k, v in {
+          'decoder/layers_1/mlp/expert/wi_0/kernel': (4, 256, 512)}.items()})))
+  state = jax.eval_shape(tx.init, params)
+  assert state.v_row['decoder']['layers_1']['mlp']['expert']['wi_0']['kernel'].shape == (4, 256)
 
 
 def test_expert_kernel_state_shapes_and_per_expert_independence():

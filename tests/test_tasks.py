@@ -18,7 +18,7 @@ from tasks import openmoe  # noqa: E402
 from tasks import sources  # noqa: E402
 
 SUBSETS = ["redpajama_" + s for s in openmoe.REDPAJAMA_SUBSETS] + ["wikipedia", "the_stack_dedup"]
-# spec §3.2, percent of examples
+# XueFuzhao/text-to-text-transfer-transformer `t5/data/mixtures.py` (paper Table 1), percent of examples
 SPEC_PERCENT = {
     "v1": {"redpajama_c4": 7.5, "redpajama_wikipedia": 2.25, "redpajama_stackexchange": 1.0,
            "redpajama_arxiv": 1.25, "redpajama_book": 2.25, "redpajama_github": 2.25,

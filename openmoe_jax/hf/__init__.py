@@ -1,1 +1,1 @@
-"""Hugging Face / PyTorch interop: the released OpenMoE layout (spec §6), export and import."""
+"""Hugging Face / PyTorch interop: the released OpenMoE layout (hpcaitech/ColossalAI `examples/language/openmoe/model/convert_openmoe_ckpt.py`), export and import."""

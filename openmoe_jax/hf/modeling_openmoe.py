@@ -4,12 +4,12 @@ Self-contained (torch + transformers only) so it ships inside an exported folder
 `AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)`. Parameter names are the
 released OpenMoE checkpoints' (OrionZheng/openmoe-*), so those load too, without ColossalAI.
 
-Model math (spec §1.2-1.7): RMSNorm (eps 1e-6, float32), attention without 1/sqrt(head_dim)
+Model math (XueFuzhao/flaxformer `architectures/moe/moe_architecture.py`, `components/`): RMSNorm (eps 1e-6, float32), attention without 1/sqrt(head_dim)
 (folded into the trained query kernel), half-rotation RoPE over the full head_dim with explicit
 positions, three-projection FFN wo((x W_a) * silu(x W_b) * (x W_up)) where gate_proj = [W_a; W_b],
 MoE every `moe_layer_interval` layers followed by a sequential extra dense FFN, untied lm_head.
 
-Routing (spec §2.1): float32 router, softmax over all experts then top-k without renormalising,
+Routing (XueFuzhao/flaxformer `architectures/moe/routing.py`): float32 router, softmax over all experts then top-k without renormalising,
 first choices served before second choices, left to right, in groups of the flattened tokens of
 ONE forward call. Capacity per `router_capacity_formula`: 'flaxformer' (default, ours)
 max(round(cf*G/E), min) or 'colossalai' (the released port) floor(k*cf*G/E) rounded up to even,
@@ -40,7 +40,7 @@ _CACHE_FIELD = ("cache" if "cache" in getattr(CausalLMOutputWithPast, "__datacla
 
 
 class OpenMoeConfig(PretrainedConfig):
-  """The released OpenMoE config.json fields (spec §6.2) plus our routing fields."""
+  """The released OpenMoE config.json fields (huggingface.co/OrionZheng/openmoe-8b `config.json`) plus our routing fields."""
   model_type = "openmoe"
 
   def __init__(self, vocab_size=256384, hidden_size=2048, intermediate_size=8192,

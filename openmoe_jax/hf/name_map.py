@@ -1,8 +1,8 @@
 """The one table between our flax parameter paths and the released OpenMoE Hugging Face keys.
 
-Both `openmoe-export` and `openmoe-import` use `NAME_MAP` (spec §6.1), so the two directions
+Both `openmoe-export` and `openmoe-import` use `NAME_MAP` (ColossalAI `examples/language/openmoe/model/convert_openmoe_ckpt.py`), so the two directions
 cannot drift apart. It also converts between our `ModelConfig` and the released `config.json`
-fields (spec §6.2). Only the standard library is imported here: the exporter must not pull in
+fields (OrionZheng/openmoe-8b `config.json`). Only the standard library is imported here: the exporter must not pull in
 torch, and the modelling code must not pull in JAX.
 """
 import dataclasses
@@ -79,11 +79,12 @@ def hf_shape(flax_shape, transpose: bool) -> tuple:
 def _no_drop(cfg) -> bool:
   """A dropless model computes every assignment: in the exported code, router_no_drop.
   ('adaptive' capacity has no counterpart there; it exports as fixed capacity.)"""
-  return bool(cfg.no_drop or cfg.capacity_mode == "dropless")
+  from openmoe_jax import routing  # pylint: disable=g-import-not-at-top
+  return routing.never_drops(cfg)
 
 
 def hf_config(cfg, torch_dtype: str = "float32") -> dict:
-  """config.json of the released layout (spec §6.2) for a ModelConfig, plus our routing fields.
+  """config.json of the released layout (OrionZheng/openmoe-8b `config.json`) for a ModelConfig, plus our routing fields.
 
   `label_smoothing` / `z_loss_factor` are the JAX pre-training values (0 and Z_LOSS), not the
   port's fine-tuning defaults. `model_type` stays "llama" as in the released files; `auto_map`

@@ -147,16 +147,6 @@ def _mesh_axis(logical: str):
   return nn.logical_to_mesh_axes((logical,))[0]
 
 
-def expert_parallel_size() -> int:
-  """Size of the mesh axes the experts are sharded over in the current mesh/rules context."""
-  mesh = jax.sharding.get_abstract_mesh()
-  axis = _mesh_axis(part.EXPERT)
-  if mesh.empty or axis is None:
-    return 1
-  names = axis if isinstance(axis, tuple) else (axis,)
-  return math.prod(mesh.shape[name] for name in names)
-
-
 def ragged_ffn(tokens, expert_index, kept, kernels, *, impl: str, buffer_factor: float,
                dropout=(None, 0.0)):
   """Dropless expert FFN of token groups [G, T, D] with routing [G, T, K].
@@ -181,7 +171,7 @@ def ragged_ffn(tokens, expert_index, kept, kernels, *, impl: str, buffer_factor:
     model_axis = None
   batch_names = (() if batch_axes is None else
                  batch_axes if isinstance(batch_axes, tuple) else (batch_axes,))
-  ep = expert_parallel_size()
+  ep = part.logical_axis_size(part.EXPERT)
   if ep > 1 and ep_axis not in batch_names:
     raise ValueError(f"dropless expert parallelism needs the batch sharded over the expert axis "
                      f"{ep_axis!r} too (rules map batch to {batch_axes})")
