@@ -18,7 +18,8 @@ KEYS = ("accelerator_type", "num_devices", "mesh", "batch_size", "num_microbatch
         "remat_policy", "dispatch", "capacity_mode", "grouped_matmul", "argument_bytes_per_device",
         "temp_bytes_per_device", "peak_bytes_per_device", "hbm_bytes_per_device", "fits",
         "headroom_fraction", "estimated_step_seconds", "estimated_update_seconds",
-        "estimated_tokens_per_second", "estimated_mfu", "collectives", "compile_seconds")
+        "estimated_tokens_per_second", "estimated_mfu", "estimate_method", "roofline_step_seconds",
+        "xla_flops_per_device", "xla_bytes_accessed_per_device", "collectives", "compile_seconds")
 
 
 def run_case(case: str) -> dict:

@@ -10,6 +10,7 @@ in its environment (docs/launch.md).
 """
 import os
 import socket
+import signal
 import subprocess
 import sys
 import threading
@@ -58,6 +59,18 @@ def run_all(cmds) -> int:
   """Starts every process, forwards their output; returns 0 or the first failure's exit code."""
   lock = threading.Lock()
   procs, threads = [], []
+  # Ctrl-C at a terminal reaches every process of the group: the training processes save a
+  # checkpoint together and exit; this launcher waits for them. A second Ctrl-C stops them.
+  presses = []
+
+  def on_ctrl_c(*_):
+    presses.append(1)
+    if len(presses) > 1:
+      raise KeyboardInterrupt
+    print("local.py: Ctrl-C: waiting for the processes to save a checkpoint and stop "
+          "(Ctrl-C again to kill them)", file=sys.stderr, flush=True)
+
+  previous = signal.signal(signal.SIGINT, on_ctrl_c)
   for i, (env, argv) in enumerate(cmds):
     procs.append(subprocess.Popen(argv, env=dict(os.environ, **env), stdout=subprocess.PIPE,
                                   stderr=subprocess.STDOUT, text=True, errors="replace"))
@@ -70,6 +83,7 @@ def run_all(cmds) -> int:
       time.sleep(0.2)
     failed = next((i for i, p in enumerate(procs) if p.poll()), None)
   finally:  # a failure or Ctrl-C: the others would wait for it forever
+    signal.signal(signal.SIGINT, previous)
     for p in procs:
       if p.poll() is None:
         p.kill()

@@ -296,7 +296,7 @@ def _run_batch_size(model_dir):
 
 
 def main(argv=None):
-  cli.quiet_libraries()
+  cli.start_command(argv)
   try:
     args, overrides = cli.parse_tool_args(build_parser(), argv)
   except gin_utils.UsageError as e:

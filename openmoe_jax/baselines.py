@@ -31,7 +31,9 @@ def unigram_entropy(mixture_or_task_name: str, task_feature_lengths, *, batch_si
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__,
+  from openmoe_jax import cli
+  cli.start_command(argv)
+  parser = argparse.ArgumentParser(prog="python -m openmoe_jax.baselines", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--mixture_or_task_name", required=True, help="registered task or mixture")
   parser.add_argument("--targets_length", type=int, default=128, help="target row length")

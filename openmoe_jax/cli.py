@@ -51,6 +51,12 @@ def filter_native_stderr() -> None:
   os.dup2(write_end, 2)
   os.close(write_end)
 
+  def forward(data: bytes) -> None:
+    try:
+      os.write(real, data)
+    except OSError:  # the reader went away (e.g. `| head`): keep draining, never block writers
+      pass
+
   def pump():
     pending = b""
     while True:
@@ -64,9 +70,9 @@ def filter_native_stderr() -> None:
         out.append(pending)
         pending = b""
       if out:
-        os.write(real, b"".join(out))
+        forward(b"".join(out))
     if pending:
-      os.write(real, pending)
+      forward(pending)
 
   thread = threading.Thread(target=pump, name="openmoe-stderr-filter", daemon=True)
   thread.start()
@@ -77,6 +83,14 @@ def filter_native_stderr() -> None:
     thread.join(timeout=5)
 
   atexit.register(drain)
+
+
+def start_command(argv) -> None:
+  """What every console command does first: quiet library start-up and, when run from the
+  shell (argv None), the native-noise filter on stderr."""
+  quiet_libraries()
+  if argv is None:
+    filter_native_stderr()
 
 
 def _has_nvidia_gpu() -> bool:

@@ -73,6 +73,14 @@ class ModelConfig:
     position_buckets: how many position buckets the drop metrics use.
     remat_policy: recompute each decoder layer in the backward pass: 'none', 'full' (keep only
       layer inputs) or 'dots' (keep matmul outputs without batch dims). Trades FLOPs for memory.
+    moe_float32_output: OpenMoE (True): the experts' outputs are combined with the router's
+      float32 weights and stay float32, so the residual stream is float32 from the first MoE
+      layer on (flaxformer `moe_layers.MoeLayer`, router dtype 'float32'). False: cast to the
+      activation dtype (a bfloat16 residual stream: less memory, not OpenMoE's numerics).
+    float32_norm: False (OpenMoE, flaxformer `T5LayerNorm`): normalise in float32, cast to the
+      activation dtype, multiply by the scale in that dtype. True: scale in float32, then cast.
+    float32_attention_logits: False (OpenMoE, flaxformer `float32_logits=False`): attention
+      logits and softmax in the activation dtype. True: in float32.
   """
   vocab_size: int = 512
   emb_dim: int = 32
@@ -109,6 +117,9 @@ class ModelConfig:
   router_init_stddev: float = 2e-2
   position_buckets: int = 8
   remat_policy: str = "none"
+  moe_float32_output: bool = True
+  float32_norm: bool = False
+  float32_attention_logits: bool = False
 
   def __post_init__(self):
     positive = ("vocab_size", "emb_dim", "num_heads", "head_dim", "mlp_dim", "num_layers",

@@ -9,13 +9,23 @@ import jax
 
 
 class Interrupts:
-  """SIGTERM and the first Ctrl-C (SIGINT) set a flag: the loop saves a checkpoint and stops
-  cleanly. A second Ctrl-C raises KeyboardInterrupt at once (abort without saving)."""
+  """SIGTERM and the first Ctrl-C (SIGINT) ask the loop to save a checkpoint and stop cleanly;
+  a second Ctrl-C raises KeyboardInterrupt at once (abort without saving).
+
+  One process: a Python handler sets a flag. Several processes (jax.distributed): a signal may
+  reach one process only (a preempted VM), yet all must save the same step. JAX's preemption
+  service (on by default with jax.distributed) catches SIGTERM in every process and agrees on
+  a step through the coordination service; `stop_at(step)`, called by every process at every
+  step, is then True on all processes at the same step
+  (`multihost_utils.reached_preemption_sync_point`). Ctrl-C is turned into SIGTERM for it.
+  """
 
   def __init__(self):
     self.signal_name: Optional[str] = None
+    self._synced = jax.process_count() > 1
     self._old = {}
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    handled = (signal.SIGINT,) if self._synced else (signal.SIGTERM, signal.SIGINT)
+    for sig in handled:
       try:
         self._old[sig] = signal.signal(sig, self._handler)
       except ValueError:  # not the main thread
@@ -23,12 +33,24 @@ class Interrupts:
 
   @property
   def requested(self) -> bool:
+    """A stop was agreed (set by `stop_at`) or, with one process, asked for."""
     return self.signal_name is not None
 
+  def stop_at(self, step: int) -> bool:
+    """True when the loop should save and stop after `step` (every process, every step)."""
+    if self._synced and self.signal_name is None:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      if multihost_utils.reached_preemption_sync_point(step):
+        self.signal_name = "SIGTERM"
+    return self.requested
+
   def _handler(self, signum, _frame):
-    self.signal_name = signal.Signals(signum).name
     if signum == signal.SIGINT:
       signal.signal(signal.SIGINT, signal.default_int_handler)
+    if self._synced:  # JAX's preemption service listens for SIGTERM in every process
+      signal.raise_signal(signal.SIGTERM)
+    else:
+      self.signal_name = signal.Signals(signum).name
 
   def restore(self) -> None:
     for sig, handler in self._old.items():

@@ -12,12 +12,12 @@ then top-k, then top-p (nucleus), then a categorical draw with an explicit key f
 step. A row stops at EOS, at a stop sequence of token ids, or after max_new_tokens. Reported log
 probabilities are the model's own (log_softmax of the raw logits), whatever the sampling.
 
-MoE routing at decode time: each call routes the tokens it holds. Prefill routes the B x P
-prompt tokens in flaxformer groups; a decoding step routes the B new tokens as one group when
-the group rule cannot split them (moe.MoeLayer `decode`), with the eval capacity factor. Capacity
-routing is not causal (a token's experts depend on the other tokens of its group), so cached
-decoding equals re-running the full prefix only without drops: `ModelConfig.no_drop` or
-capacity_mode 'dropless' (`--no_drop` of openmoe-infer).
+MoE routing at decode time: each call routes the tokens it holds, as flaxformer's MoE layer does
+for any call, with the eval capacity factor: prefill the B x P prompt tokens, a decoding step the
+B new tokens, zero-padded to a multiple of E tokens (flaxformer `_maybe_pad`) and split into
+flaxformer groups. Capacity routing is not causal (a token's experts depend on the other tokens
+of its group), so cached decoding equals re-running the full prefix only without drops:
+`ModelConfig.no_drop` or capacity_mode 'dropless' (`--no_drop` of openmoe-infer).
 
 Legend: B batch, P prompt bucket, N new-token bucket, S = P + N cache length, V vocab.
 """

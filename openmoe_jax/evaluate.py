@@ -71,7 +71,8 @@ def evaluate_checkpoint(*, model_dir: str = gin.REQUIRED, mixture_or_task_name: 
 
 
 def main(argv=None):
-  from openmoe_jax.cli import build_parser, init_distributed
+  from openmoe_jax.cli import build_parser, init_distributed, start_command
+  start_command(argv)
   parser = build_parser("openmoe-eval", __doc__)
   try:
     dot, rest = gin_utils.split_gin_dot_flags(sys.argv[1:] if argv is None else argv)

@@ -2,6 +2,11 @@
 
     openmoe-export --model_dir=runs/quickstart --output_dir=hf/quickstart [--step=N]
         [--dtype=float32|bfloat16] [--max_shard_size_mb=5000] [--spm_path=P] [--overwrite]
+    openmoe-export --model_dir=runs/quickstart --output_dir=t5x/quickstart --format=t5x
+
+--format=t5x writes O/checkpoint_<step> in OpenMoE's t5x layout instead (`t5x_checkpoint.py`:
+msgpack state + one tensorstore zarr array per parameter, t5x `checkpoints.py`), the same
+overwrite rules and the same O.tmp-XXXX then rename.
 
 Writes (docs/export.md): safetensors under exactly the released OpenMoE key names and shapes
 (`hf/name_map.py`), sharded with `model.safetensors.index.json` above --max_shard_size_mb;
@@ -144,6 +149,57 @@ def check_output_dir(model_dir: str, output_dir: str, overwrite: bool) -> None:
                                  "another --output_dir or remove it yourself")
 
 
+def _checkpoint_step(model_dir: str, step):
+  from openmoe_jax import checkpoint as ckpt_lib
+  steps = ckpt_lib.list_steps(model_dir)
+  if not steps:
+    raise gin_utils.UsageError(f"no complete checkpoint in {model_dir}")
+  if step is not None and step not in steps:
+    raise gin_utils.UsageError(f"no checkpoint for step {step} in {model_dir} (have {steps})")
+  return steps[-1] if step is None else step
+
+
+def export_t5x(model_dir: str, output_dir: str, *, step=None, dtype: str = "float32",
+               overwrite: bool = False) -> dict:
+  """MODEL_DIR's checkpoint as OUTPUT_DIR/checkpoint_<step> in t5x's layout, array by array."""
+  from flax import traverse_util
+  from openmoe_jax import checkpoint as ckpt_lib
+  from openmoe_jax import t5x_checkpoint
+  from openmoe_jax.counts import abstract_params
+  if dtype not in _ST_DTYPES:
+    raise gin_utils.UsageError(f"--dtype={dtype}: use float32 or bfloat16")
+  check_output_dir(model_dir, output_dir, overwrite)
+  cfg = run_dir.load_model_config(model_dir)
+  step = _checkpoint_step(model_dir, step)
+  paths = list(traverse_util.flatten_dict(abstract_params(cfg)))
+  reader = ckpt_lib.ParamReader(model_dir, step)
+  parent = os.path.dirname(os.path.abspath(output_dir))
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=os.path.basename(os.path.abspath(output_dir)) + ".tmp-",
+                         dir=parent)
+  try:
+    for path in paths:
+      try:
+        reader.spec(path)
+      except KeyError as err:
+        raise gin_utils.UsageError(error_line(err).strip('"')) from None
+    name = t5x_checkpoint.checkpoint_name(step)
+    count = t5x_checkpoint.write_checkpoint(
+        os.path.join(tmp, name), step, ((p, reader.read(p)) for p in paths), dtype)
+    os.chmod(tmp, 0o777 & ~_umask())
+    with open(os.path.join(tmp, EXPORT_MARKER), "w") as f:
+      json.dump({"model_dir": os.path.abspath(model_dir), "step": step, "format": "t5x"}, f)
+    if os.path.exists(output_dir):
+      shutil.rmtree(output_dir) if os.path.isdir(output_dir) else os.remove(output_dir)
+    os.replace(tmp, output_dir)
+  finally:
+    reader.close()
+    if os.path.exists(tmp):
+      shutil.rmtree(tmp)
+  return {"step": step, "tensors": count, "format": "t5x",
+          "checkpoint": os.path.join(output_dir, name)}
+
+
 def export(model_dir: str, output_dir: str, *, step=None, dtype: str = "float32",
            max_shard_size_mb: float = 5000, spm_path=None, overwrite: bool = False) -> dict:
   """Exports MODEL_DIR's checkpoint to OUTPUT_DIR; returns a summary dict.
@@ -215,6 +271,8 @@ def export(model_dir: str, output_dir: str, *, step=None, dtype: str = "float32"
 
 
 def main(argv=None):
+  from openmoe_jax import cli  # pylint: disable=g-import-not-at-top
+  cli.start_command(argv)
   parser = argparse.ArgumentParser(prog="openmoe-export", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--model_dir", required=True, help="a MODEL_DIR written by openmoe-train")
@@ -224,14 +282,21 @@ def main(argv=None):
   parser.add_argument("--max_shard_size_mb", type=float, default=5000,
                       help="start a new safetensors shard above this size (default 5000)")
   parser.add_argument("--spm_path", help="SentencePiece model (default: the run's vocabulary)")
+  parser.add_argument("--format", default="hf", choices=("hf", "t5x"),
+                      help="hf (default): a Hugging Face folder; t5x: OUTPUT_DIR/checkpoint_<step>"
+                           " in OpenMoE's t5x checkpoint layout")
   parser.add_argument("--overwrite", action="store_true",
                       help="replace an output_dir that an earlier openmoe-export wrote (any "
                            "other non-empty folder, and the model dir, are refused)")
   args = parser.parse_args(argv)
   try:
-    out = export(args.model_dir, args.output_dir, step=args.step, dtype=args.dtype,
-                 max_shard_size_mb=args.max_shard_size_mb, spm_path=args.spm_path,
-                 overwrite=args.overwrite)
+    if args.format == "t5x":
+      out = export_t5x(args.model_dir, args.output_dir, step=args.step, dtype=args.dtype,
+                       overwrite=args.overwrite)
+    else:
+      out = export(args.model_dir, args.output_dir, step=args.step, dtype=args.dtype,
+                   max_shard_size_mb=args.max_shard_size_mb, spm_path=args.spm_path,
+                   overwrite=args.overwrite)
   except (gin_utils.UsageError, FileNotFoundError) as e:
     print(f"openmoe-export: error: {gin_utils.error_line(e)}", file=sys.stderr)
     return 2

@@ -2,6 +2,13 @@
 
     openmoe-import --hf_dir=hf/openmoe-8b --model_dir=runs/from_hf \
         [--gin_file=models/openmoe_8b.gin] [--step=0] [--param_dtype=float32]
+    openmoe-import --t5x_checkpoint=gs_copy/openmoe_8b/checkpoint_1000000 \
+        --gin_file=models/openmoe_8b.gin --model_dir=runs/from_t5x [--gin.X=V ...]
+
+--t5x_checkpoint reads OpenMoE's t5x checkpoints (`t5x_checkpoint.py`: the msgpack `checkpoint`
+file and its tensorstore arrays, t5x `checkpoints.py`), one array at a time, every shape checked
+against the model gin (required: shapes alone cannot tell heads from head_dim); the optimizer
+state in it is not read (a fresh one is written). The step is the checkpoint's unless --step.
 
 Reads the safetensors (single file or sharded with model.safetensors.index.json) or the
 PyTorch pickles of the released repos (pytorch_model.bin, sharded or not) under the
@@ -153,6 +160,30 @@ def import_checkpoint(hf_dir: str, model_dir: str, *, gin_files=(), gin_bindings
     _fail(f"hf_dir not found: {hf_dir}")
   cfg = model_config(read_hf_config(hf_dir), gin_files, gin_bindings, param_dtype)
   params = load_params(hf_dir, cfg)
+  return _commit(model_dir, cfg, params, step, {"hf_dir": os.path.abspath(hf_dir)})
+
+
+def import_t5x(checkpoint_path: str, model_dir: str, *, gin_files=(), gin_bindings=(),
+               step=None, param_dtype: str = "float32") -> dict:
+  """Writes MODEL_DIR from an OpenMoE t5x checkpoint; returns a summary. Raises UsageError."""
+  from flax import traverse_util
+  from openmoe_jax import t5x_checkpoint
+  from openmoe_jax.counts import abstract_params
+  if fs.exists(model_dir) and (not fs.isdir(model_dir) or fs.listdir(model_dir)):
+    _fail(f"model_dir {model_dir} exists and is not empty")
+  if not gin_files:
+    _fail("--t5x_checkpoint needs the model's --gin_file (e.g. models/openmoe_8b.gin)")
+  gin_utils.parse_gin(gin_files, gin_bindings)
+  cfg = gin_utils.model_config().replace(param_dtype=param_dtype)
+  want = traverse_util.flatten_dict(abstract_params(cfg))
+  flat, saved_step = t5x_checkpoint.load_params(checkpoint_path, want)
+  step = saved_step if step is None else step
+  return _commit(model_dir, cfg, traverse_util.unflatten_dict(flat), step,
+                 {"t5x_checkpoint": os.path.abspath(checkpoint_path)})
+
+
+def _commit(model_dir: str, cfg: ModelConfig, params, step: int, source: dict) -> dict:
+  """MODEL_DIR with the checkpoint {step, params, fresh opt_state}, all or nothing."""
   state = {"step": np.int32(step), "params": params, "opt_state": _fresh_opt_state(params, cfg)}
   summary = {"model_dir": model_dir, "step": step, "num_layers": cfg.num_layers,
              "num_experts": cfg.num_experts}
@@ -160,13 +191,13 @@ def import_checkpoint(hf_dir: str, model_dir: str, *, gin_files=(), gin_bindings
     # Object stores cannot rename a folder, so the files go straight to MODEL_DIR: the
     # checkpoint is committed first, model_config.json last, so the tools never read an
     # unfinished import as a model dir.
-    _write_model_dir(model_dir, cfg, state, step, hf_dir)
+    _write_model_dir(model_dir, cfg, state, step, source)
     return summary
   parent = os.path.dirname(os.path.abspath(model_dir))
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=os.path.basename(os.path.abspath(model_dir)) + ".tmp-", dir=parent)
   try:
-    _write_model_dir(tmp, cfg, state, step, hf_dir)
+    _write_model_dir(tmp, cfg, state, step, source)
     mask = os.umask(0)
     os.umask(mask)
     os.chmod(tmp, 0o777 & ~mask)  # mkdtemp makes 0700; the model dir gets the user's umask
@@ -179,13 +210,12 @@ def import_checkpoint(hf_dir: str, model_dir: str, *, gin_files=(), gin_bindings
   return summary
 
 
-def _write_model_dir(dest: str, cfg: ModelConfig, state, step: int, hf_dir: str) -> None:
+def _write_model_dir(dest: str, cfg: ModelConfig, state, step: int, source: dict) -> None:
   """The checkpoint, imported_from.json, then model_config.json into `dest` (path or URL)."""
   from openmoe_jax import checkpoint as ckpt_lib
   with ckpt_lib.Checkpointer(dest, async_save=False) as ckpt:
     ckpt.save(step, state, {}, force=True)
-  fs.write_text(fs.join(dest, "imported_from.json"),
-                json.dumps({"hf_dir": os.path.abspath(hf_dir)}))
+  fs.write_text(fs.join(dest, "imported_from.json"), json.dumps(source))
   fs.write_text(fs.join(dest, "model_config.json"), json.dumps(dataclasses.asdict(cfg), indent=1))
 
 
@@ -200,19 +230,27 @@ def _fresh_opt_state(params, cfg: ModelConfig):
 
 
 def main(argv=None):
+  from openmoe_jax import cli  # pylint: disable=g-import-not-at-top
+  cli.start_command(argv)
   parser = argparse.ArgumentParser(prog="openmoe-import", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--hf_dir", required=True, help="Hugging Face OpenMoE folder")
+  source = parser.add_mutually_exclusive_group(required=True)
+  source.add_argument("--hf_dir", help="Hugging Face OpenMoE folder")
+  source.add_argument("--t5x_checkpoint", help="an OpenMoE t5x checkpoint folder (checkpoint_N)")
   parser.add_argument("--model_dir", required=True, help="new openmoe_jax MODEL_DIR")
   gin_utils.add_gin_flags(parser)
-  parser.add_argument("--step", type=int, default=0, help="step to record (default 0)")
+  parser.add_argument("--step", type=int,
+                      help="step to record (default: 0 for --hf_dir, the checkpoint's for t5x)")
   parser.add_argument("--param_dtype", default="float32", help="stored parameter dtype")
   try:
     bindings, rest = gin_utils.split_gin_dot_flags(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(rest)
-    out = import_checkpoint(args.hf_dir, args.model_dir, gin_files=args.gin_file,
-                            gin_bindings=args.gin_bindings + bindings, step=args.step,
-                            param_dtype=args.param_dtype)
+    kw = dict(gin_files=args.gin_file, gin_bindings=args.gin_bindings + bindings,
+              param_dtype=args.param_dtype)
+    if args.t5x_checkpoint:
+      out = import_t5x(args.t5x_checkpoint, args.model_dir, step=args.step, **kw)
+    else:
+      out = import_checkpoint(args.hf_dir, args.model_dir, step=args.step or 0, **kw)
   except (gin_utils.UsageError, ValueError) as e:
     print(f"openmoe-import: error: {gin_utils.error_line(e)}", file=sys.stderr)
     return 2

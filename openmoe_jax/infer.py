@@ -18,6 +18,7 @@ Partial output goes to O.tmp and is renamed when complete.
 """
 import argparse
 import json
+import logging
 import os
 import sys
 
@@ -173,6 +174,8 @@ def run(args, overrides=()) -> tuple:
 
 def main(argv=None):
   cli.quiet_libraries()
+  # orbax warns through absl that a params-only restore finds no item metadata file: not news.
+  logging.getLogger("absl").setLevel(logging.ERROR)
   if argv is None:  # a console command, not a call from Python
     cli.filter_native_stderr()
   parser = build_parser()

@@ -33,6 +33,8 @@ from openmoe_jax.counts import summarize
 
 
 def main(argv=None):
+  from openmoe_jax import cli
+  cli.start_command(argv)
   parser = argparse.ArgumentParser(prog="openmoe-info", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   gin_utils.add_gin_flags(parser)

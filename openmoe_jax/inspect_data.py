@@ -124,6 +124,8 @@ def inspect(args, out=None) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+  from openmoe_jax import cli  # pylint: disable=g-import-not-at-top
+  cli.start_command(argv)
   args = build_parser().parse_args(argv)
   try:
     inspect(args)

@@ -23,7 +23,11 @@ def kernel_init(scale: float, distribution: str = "truncated_normal", in_axis=-2
 
 
 class RMSNorm(nn.Module):
-  """T5 layer norm: x * rsqrt(mean(x^2) + eps) * scale, computed in float32."""
+  """T5 layer norm: x * rsqrt(mean(x^2) + eps) * scale, normalised in float32.
+
+  As flaxformer `components/layer_norm.py` `T5LayerNorm` (OpenMoE): the normalised value is cast
+  to the activation dtype, then multiplied by the scale in that dtype (`float32_norm`: in float32).
+  """
   cfg: ModelConfig
 
   @nn.compact
@@ -32,8 +36,16 @@ class RMSNorm(nn.Module):
                        (x.shape[-1],), self.cfg.weight_dtype)
     x32 = x.astype(jnp.float32)
     y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.cfg.norm_eps)
-    scale = scale.astype(jnp.float32).reshape((1,) * (y.ndim - 1) + (-1,))
-    return (y * scale).astype(self.cfg.dtype)
+    dtype = jnp.float32 if self.cfg.float32_norm else self.cfg.dtype
+    scale = scale.astype(dtype).reshape((1,) * (y.ndim - 1) + (-1,))
+    return (y.astype(dtype) * scale).astype(self.cfg.dtype)
+
+
+def dropout(cfg: ModelConfig, x, deterministic: bool, broadcast_dims=(-2,)):
+  """flaxformer's dropout (`DROPOUT_FACTORY`, moe_decoder_only.gin): one mask per row, broadcast
+  over the length axis (-2 of [B, L, D])."""
+  return nn.Dropout(cfg.dropout_rate, broadcast_dims=broadcast_dims)(
+      x, deterministic=deterministic)
 
 
 class Dense(nn.Module):
@@ -44,29 +56,14 @@ class Dense(nn.Module):
   distribution: str
   cfg: ModelConfig
   out_dtype: Optional[jnp.dtype] = None
-  halves: bool = False
 
   @nn.compact
   def __call__(self, x):
-    """[..., in] -> [..., out]; with `halves`, [..., 2, out / 2] (see `halves_kernel`)."""
     kernel = self.param("kernel",
                         p.param_init(kernel_init(self.init_scale, self.distribution), self.axes),
                         (x.shape[-1], self.features), self.cfg.weight_dtype)
     dtype = self.out_dtype or self.cfg.dtype
-    if self.halves:
-      return jnp.einsum("...d,dhf->...hf", x.astype(dtype),
-                        halves_kernel(kernel.astype(dtype), self.axes))
     return jnp.einsum("...d,df->...f", x.astype(dtype), kernel.astype(dtype))
-
-
-def halves_kernel(kernel, axes):
-  """A gated projection's kernel [..., D, 2F] as [..., D, 2, F], its F axis sharded as the
-  stored 2F axis was. The gate's halves a = [:F] and b = [F:] then sit on the same model shard:
-  split along a sharded 2F axis, they live on different shards, and XLA:TPU moved every layer's
-  activations between them (collective-permutes; benchmarks/RESULTS.md). This moves the
-  (smaller) weights once instead; the stored layout stays flaxformer's [D, 2F]."""
-  split = kernel.reshape(*kernel.shape[:-1], 2, kernel.shape[-1] // 2)
-  return p.constrain(split, tuple(axes[:-1]) + (None, axes[-1]))
 
 
 class Embed(nn.Module):
@@ -134,25 +131,22 @@ class Attention(nn.Module):
       k, v = (p.constrain(jax.lax.dynamic_update_slice(c, y.astype(c.dtype), (0, cache_index, 0, 0)),
                           (p.BATCH, p.LENGTH, p.HEADS, p.KV)) for c, y in zip(cache, (k, v)))
       cache = (k, v)
-    logits = jnp.einsum("bqnh,bknh->bnqk", q, k).astype(jnp.float32)
-    logits = jnp.where(mask, logits, MASK_BIAS)
+    # flaxformer dense_attention (float32_logits=False): logits and softmax in the activation dtype.
+    logit_dtype = jnp.float32 if cfg.float32_attention_logits else cfg.dtype
+    logits = jnp.einsum("bqnh,bknh->bnqk", q.astype(logit_dtype), k.astype(logit_dtype))
+    logits = jnp.where(mask, logits, jnp.asarray(MASK_BIAS, logit_dtype))
     weights = jax.nn.softmax(logits, axis=-1).astype(cfg.dtype)
+    # Attention-probability dropout, broadcast over the query axis (flaxformer broadcast_dropout).
+    weights = dropout(cfg, weights, deterministic)
     out = jnp.einsum("bnqk,bknh->bqnh", weights, v)
     out = out.reshape(*out.shape[:2], joined)
     out = Dense(cfg.emb_dim, (p.JOINED_KV, p.EMBED), cfg.scale, "normal", cfg, name="out")(out)
-    out = nn.Dropout(cfg.dropout_rate)(out, deterministic=deterministic)
     return out if cache is None else (out, cache)
 
 
 def gated_activation(h0, h1):
-  """OpenMoE's ('swiglu', 'linear'): wi_0 output split in halves a, b -> a * silu(b) * wi_1 out.
-
-  h0: [..., 2F], or [..., 2, F] from a `halves` projection; h1: [..., F].
-  """
-  if h0.ndim == h1.ndim + 1:
-    a, b = h0[..., 0, :], h0[..., 1, :]
-  else:
-    a, b = jnp.split(h0, 2, axis=-1)
+  """OpenMoE's ('swiglu', 'linear'): wi_0 output split in halves a, b -> a * silu(b) * wi_1 out."""
+  a, b = jnp.split(h0, 2, axis=-1)
   return a * jax.nn.silu(b) * h1
 
 
@@ -164,10 +158,9 @@ class MlpBlock(nn.Module):
   @nn.compact
   def __call__(self, x, *, deterministic: bool):
     cfg = self.cfg
-    h0 = Dense(2 * self.hidden, (p.EMBED, p.MLP), cfg.scale, "truncated_normal", cfg,
-               halves=True, name="wi_0")(x)
+    h0 = Dense(2 * self.hidden, (p.EMBED, p.MLP), cfg.scale, "truncated_normal", cfg, name="wi_0")(x)
     h1 = Dense(self.hidden, (p.EMBED, p.MLP), cfg.scale, "truncated_normal", cfg, name="wi_1")(x)
     h = gated_activation(h0, h1)
-    h = nn.Dropout(cfg.dropout_rate)(h, deterministic=deterministic)
+    h = dropout(cfg, h, deterministic)  # intermediate dropout, broadcast over length
     h = p.constrain(h, (p.BATCH, p.LENGTH, p.MLP))
     return Dense(cfg.emb_dim, (p.MLP, p.EMBED), cfg.scale, "truncated_normal", cfg, name="wo")(h)

@@ -15,9 +15,7 @@ from openmoe_jax import cli
 
 
 def main(argv=None):
-  cli.quiet_libraries()
-  if argv is None:  # a console command, not a call from Python
-    cli.filter_native_stderr()
+  cli.start_command(argv)
   from openmoe_jax import gin_utils
   parser = cli.build_parser("openmoe-train", __doc__)
   from openmoe_jax import tpu_plan  # --compile_only --tpu: plan the run's step (issue 15)

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 from openmoe_jax import partitioning as p
 from openmoe_jax.config import ModelConfig
-from openmoe_jax.layers import Attention, Dense, Embed, MlpBlock, RMSNorm, attention_mask
+from openmoe_jax.layers import Attention, Dense, Embed, MlpBlock, RMSNorm, attention_mask, dropout
 from openmoe_jax.moe import MoeLayer, MoeMetrics
 
 
@@ -51,12 +51,13 @@ class DecoderLayer(nn.Module):
                cache_index=None):
     cfg = self.cfg
     keep = token_mask[..., None].astype(cfg.dtype)
-    drop = lambda y: nn.Dropout(cfg.dropout_rate)(y, deterministic=deterministic)
+    drop = lambda y: dropout(cfg, y, deterministic)  # post-sublayer dropouts, length-broadcast
     x = RMSNorm(cfg, name="pre_self_attention_layer_norm")(h) * keep
     attn = Attention(cfg, name="self_attention")(x, positions, mask, deterministic=deterministic,
                                                  cache=cache, cache_index=cache_index)
     attn, cache = attn if cache is not None else (attn, None)
-    h = h + attn
+    # From the first MoE layer on, h is float32 (moe_float32_output): bf16 sublayer outputs promote.
+    h = h + drop(attn)
     h = p.constrain(h, (p.BATCH, p.LENGTH, p.EMBED))
     x = RMSNorm(cfg, name="pre_mlp_layer_norm")(h) * keep
     metrics = None
@@ -78,6 +79,7 @@ class Decoder(nn.Module):
   @nn.compact
   def __call__(self, h, positions, mask, token_mask, *, deterministic: bool, cache=None):
     cfg = self.cfg
+    h = dropout(cfg, h, deterministic)  # flaxformer Decoder.input_dropout on the embeddings
     all_metrics, new_kv = [], []
     layer_cls = DecoderLayer
     if cfg.remat_policy != "none" and cache is None:
@@ -94,7 +96,9 @@ class Decoder(nn.Module):
         new_kv.append(kv)
       if metrics is not None:
         all_metrics.append(metrics)
-    h = RMSNorm(cfg, name="decoder_norm")(h)
+    h = dropout(cfg, RMSNorm(cfg, name="decoder_norm")(h), deterministic)  # output_dropout
+    # flaxformer DecoderOnly multiplies the final activations by the logit mask: padding -> 0.
+    h = h * token_mask[..., None].astype(h.dtype)
     logits = Dense(cfg.vocab_size, (p.EMBED, p.VOCAB), cfg.scale, "truncated_normal", cfg,
                    out_dtype=jnp.float32, name="logits_dense")(h)
     logits = p.constrain(logits, (p.BATCH, p.LENGTH, p.VOCAB))

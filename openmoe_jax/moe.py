@@ -21,7 +21,7 @@ from openmoe_jax import ragged_dispatch
 from openmoe_jax import partitioning as p
 from openmoe_jax import routing
 from openmoe_jax.config import ModelConfig
-from openmoe_jax.layers import gated_activation, halves_kernel, kernel_init
+from openmoe_jax.layers import gated_activation, kernel_init
 
 
 def resolve_dispatch(mode: str) -> str:
@@ -60,7 +60,9 @@ class Experts(nn.Module):
     self.wi_0 = _Kernel((e, d, 2 * f), in_axes, cfg)
     self.wi_1 = _Kernel((e, d, f), in_axes, cfg)
     self.wo = _Kernel((e, f, d), (p.EXPERT, p.EXPERT_MLP, p.MLP_EMBED), cfg)
-    self.dropout = nn.Dropout(cfg.dropout_rate)
+    # flaxformer's expert MlpBlock, vmapped over experts: one intermediate-dropout mask per
+    # expert, broadcast over its G*C tokens (broadcast_dims=(-2,) on [G*C, F]).
+    self.dropout = nn.Dropout(cfg.dropout_rate, broadcast_dims=(1, 2))
 
   def _kernels(self):
     return tuple(k().astype(self.cfg.dtype) for k in (self.wi_0, self.wi_1, self.wo))
@@ -69,9 +71,7 @@ class Experts(nn.Module):
     cfg = self.cfg
     wi_0, wi_1, wo = self._kernels()
     x = x.astype(cfg.dtype)
-    wi_0 = halves_kernel(wi_0, (p.EXPERT, p.MLP_EMBED, p.EXPERT_MLP))
-    h = gated_activation(jnp.einsum("egcd,edhf->egchf", x, wi_0),
-                         jnp.einsum("egcd,edf->egcf", x, wi_1))
+    h = gated_activation(jnp.einsum("egcd,edf->egcf", x, wi_0), jnp.einsum("egcd,edf->egcf", x, wi_1))
     h = self.dropout(h, deterministic=deterministic)
     h = p.constrain(h, (p.EXPERT, p.EXPERT_REPLICAS, p.LENGTH, p.EXPERT_MLP))
     return jnp.einsum("egcf,efd->egcd", h, wo)
@@ -104,23 +104,24 @@ def _gather_dispatch(x, r: routing.Routing, num_experts: int):
   return buffers, slot
 
 
-def _gather_combine(expert_out, slot, r: routing.Routing):
-  """expert_out: [E, G, C, D] -> [G, T, D], weighting each kept assignment by its gate."""
+def _gather_combine(expert_out, slot, r: routing.Routing, dtype):
+  """expert_out: [E, G, C, D] -> [G, T, D] in `dtype`, weighting each kept assignment by its gate."""
   e, g, c, d = expert_out.shape
   flat = jnp.swapaxes(expert_out, 0, 1).reshape(g, e * c, d)
   flat = jnp.concatenate([flat, jnp.zeros_like(flat[:, :1])], axis=1)
   picked = jnp.take_along_axis(flat, slot[..., None], axis=1)
   picked = picked.reshape(*r.kept.shape, d)
-  return jnp.einsum("gtkd,gtk->gtd", picked, r.combine_weights.astype(picked.dtype))
+  return jnp.einsum("gtkd,gtk->gtd", picked.astype(dtype), r.combine_weights.astype(dtype))
 
 
-def _one_hot_masks(r: routing.Routing, num_experts: int, dtype):
-  """dispatch bool[G, T, E, C] and combine float[G, T, E, C] tensors (flaxformer MaskedRouter)."""
+def _one_hot_masks(r: routing.Routing, num_experts: int, dtype, combine_dtype):
+  """dispatch [G, T, E, C] (0/1 in dtype) and combine [G, T, E, C] (combine_dtype) tensors
+  (flaxformer MaskedRouter)."""
   slot_one_hot = jax.nn.one_hot(jnp.where(r.kept, r.position, -1), r.capacity, dtype=dtype)
   expert_one_hot = jax.nn.one_hot(r.expert_index, num_experts, dtype=dtype)
   dispatch = jnp.einsum("gtke,gtkc->gtec", expert_one_hot, slot_one_hot)
-  combine = jnp.einsum("gtke,gtkc,gtk->gtec", expert_one_hot, slot_one_hot,
-                       r.combine_weights.astype(dtype))
+  combine = jnp.einsum("gtke,gtkc,gtk->gtec", expert_one_hot.astype(combine_dtype),
+                       slot_one_hot.astype(combine_dtype), r.combine_weights.astype(combine_dtype))
   return dispatch, combine
 
 
@@ -172,15 +173,24 @@ class MoeLayer(nn.Module):
                decode: bool = False):
     """x: [B, L, D]; token_mask: bool[B, L] real tokens (metrics only: padding is routed too).
 
-    decode: cached decoding, where a call holds few tokens (B for one step): when they cannot
-      be split into groups by the flaxformer rule, they form one group (as the exported PyTorch
-      model does) instead of raising.
+    decode: cached decoding (a call holds few tokens, B for one step); routed as any call.
+
+    Token counts that are not a multiple of E x replicas are padded with zero tokens (rows or
+    columns, flaxformer `_maybe_pad`), routed with the rest and sliced off, so any shape works.
+    Output: float32 with `moe_float32_output` (OpenMoE: the router's float32 combine weights),
+    else the activation dtype.
     """
+    del decode  # flaxformer pads and groups decoding steps as any other call
     cfg = self.cfg
     b, length, d = x.shape
-    n_groups = routing.num_groups(b * length, cfg.group_size, cfg.num_experts,
-                                  cfg.num_expert_replicas, fallback=1 if decode else None)
-    group = b * length // n_groups
+    pad_rows, pad_cols = routing.token_padding(b, length, cfg.num_experts * cfg.num_expert_replicas)
+    if pad_rows or pad_cols:
+      x = jnp.pad(x, ((0, pad_rows), (0, pad_cols), (0, 0)))
+      token_mask = jnp.pad(token_mask, ((0, pad_rows), (0, pad_cols)))
+    rows, cols = b + pad_rows, length + pad_cols
+    n_groups = routing.num_groups(rows * cols, cfg.group_size, cfg.num_experts,
+                                  cfg.num_expert_replicas)
+    group = rows * cols // n_groups
     capacity = routing.group_capacity(
         cfg, group, cfg.eval_capacity_factor if deterministic else cfg.train_capacity_factor)
     tokens = p.constrain(x.reshape(n_groups, group, d), (p.BATCH, p.LENGTH, p.EMBED))
@@ -190,25 +200,28 @@ class MoeLayer(nn.Module):
       order_rng = self.make_rng("dropout")
     r = routing.route(cfg, logits, capacity, rng=order_rng)
     experts = Experts(cfg, name="expert")
+    out_dtype = jnp.float32 if cfg.moe_float32_output else cfg.dtype
     if not routing.uses_ragged_dispatch(cfg):
-      y = _capacity_ffn(experts, tokens, r, cfg, deterministic)
+      y = _capacity_ffn(experts, tokens, r, cfg, deterministic, out_dtype)
     else:
       picked, kept = experts.ragged(tokens, r, deterministic=deterministic)
       r = r.replace(kept=kept, combine_weights=jnp.where(kept, r.combine_weights, 0.0))
-      y = jnp.einsum("gtkd,gtk->gtd", picked, r.combine_weights.astype(picked.dtype))
-    y = p.constrain(y.astype(cfg.dtype), (p.BATCH, p.LENGTH, p.EMBED)).reshape(b, length, d)
+      y = jnp.einsum("gtkd,gtk->gtd", picked.astype(out_dtype),
+                     r.combine_weights.astype(out_dtype))
+    y = p.constrain(y.astype(out_dtype), (p.BATCH, p.LENGTH, p.EMBED))
+    y = y.reshape(rows, cols, d)[:b, :length]
     metrics = _metrics(r, token_mask, cfg)
     return (y, metrics, r) if return_routing else (y, metrics)
 
 
 def _capacity_ffn(experts: Experts, tokens, r: routing.Routing, cfg: ModelConfig,
-                  deterministic: bool):
+                  deterministic: bool, out_dtype):
   """Fixed capacity: tokens [G, T, D] -> expert buffers [E, G, C, D] -> experts -> [G, T, D]."""
   if resolve_dispatch(cfg.dispatch) == "gather":
     buffers, slot = _gather_dispatch(tokens, r, cfg.num_experts)
-    combine = lambda out: _gather_combine(out, slot, r)
+    combine = lambda out: _gather_combine(out, slot, r, out_dtype)
   else:
-    dispatch_mask, combine_mask = _one_hot_masks(r, cfg.num_experts, cfg.dtype)
+    dispatch_mask, combine_mask = _one_hot_masks(r, cfg.num_experts, cfg.dtype, out_dtype)
     buffers = jnp.einsum("gtd,gtec->egcd", tokens.astype(cfg.dtype), dispatch_mask)
     combine = lambda out: jnp.einsum("egcd,gtec->gtd", out, combine_mask)
   # Group-major -> expert-major and back: the two relayouts that become all-to-alls.

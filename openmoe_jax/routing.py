@@ -14,24 +14,39 @@ import jax.numpy as jnp
 from openmoe_jax.config import CAPACITY_ORDERS
 
 
-def num_groups(num_tokens: int, group_size: int, num_experts: int, num_expert_replicas: int = 1,
-               fallback: Optional[int] = None) -> int:
+def num_groups(num_tokens: int, group_size: int, num_experts: int, num_expert_replicas: int = 1) -> int:
   """Smallest n >= num_tokens // group_size with num_tokens % n == 0 and n % (E*replicas) == 0.
 
   Same rule as flaxformer `moe_layers._num_groups`, so groups split evenly across experts.
-  fallback: returned instead of raising when no such n exists (decoding: 1, one group).
   """
   multiple = num_experts * num_expert_replicas
   n = max(num_tokens // group_size, multiple)
   while n < num_tokens and not (num_tokens % n == 0 and n % multiple == 0):
     n += 1
-  if (num_tokens % n or n % multiple) and fallback is not None:
-    return fallback
   if num_tokens % n or n % multiple:
     raise ValueError(f"cannot split {num_tokens} tokens into groups of at most {group_size} whose "
                      f"count is a multiple of num_experts*replicas={multiple}; use a token count "
                      f"divisible by {multiple}")
   return n
+
+
+def token_padding(batch: int, length: int, multiple: int) -> tuple:
+  """(extra rows, extra columns) that make batch * length a multiple of `multiple` (E x replicas).
+
+  flaxformer `moe_layers._maybe_pad`: pad either the batch or the length axis, whichever needs
+  fewer padding tokens (the length axis on a tie); the zero padding tokens are routed like any
+  other token and sliced off after the combine. (0, 0) when no padding is needed.
+  """
+  tokens = batch * length
+  if tokens % multiple == 0:
+    return 0, 0
+  rows = 1
+  while (tokens + rows * length) % multiple:
+    rows += 1
+  cols = 1
+  while (tokens + cols * batch) % multiple:
+    cols += 1
+  return (rows, 0) if cols * batch > rows * length else (0, cols)
 
 
 def expert_capacity(tokens_per_group: int, num_experts: int, capacity_factor: float, *,

@@ -7,6 +7,7 @@ compatibility check of a restart. MODEL_DIR may be a local path or a URL such as
 """
 import dataclasses
 import json
+import time
 from typing import Optional, Sequence
 
 from openmoe_jax import checkpoint as ckpt_lib
@@ -33,21 +34,70 @@ def check_model_dir(model_dir: str, cfg: ModelConfig) -> None:
 
 def write_run_files(model_dir: str, mixture_or_task_name: str, task_feature_lengths,
                     operative_config: Optional[str] = None,
-                    model_config: Optional[ModelConfig] = None) -> None:
-  """MODEL_DIR/run.json (read by openmoe-score / -eval) and, when given, config.gin and
-  model_config.json (read by the tools and by the next start's `check_model_dir`).
+                    model_config: Optional[ModelConfig] = None, *,
+                    start_step: Optional[int] = None, command: str = "",
+                    layout: Optional[dict] = None) -> None:
+  """MODEL_DIR/run.json (read by the tools and by the next start's checks) and, when given,
+  model_config.json and this start's operative config.
 
-  Each is written to a temporary name and renamed; MODEL_DIR may be a URL.
+  The operative config goes to config.gin at the first start (step 0, or a fine-tuning run's
+  first step) and to config-<step>.gin at every start, headed by the command line, so each
+  start of a run is on record. Each file is written to a temporary name and renamed; MODEL_DIR
+  may be a URL.
+
+  Args:
+    layout: what decides the batches and the routing groups, checked when the run resumes:
+      {"num_expert_replicas", "num_data_shards", "process_count", "mesh"}.
   """
   fs.makedirs(model_dir)
   if model_config is not None:
     fs.write_text(fs.join(model_dir, MODEL_CONFIG),
                   json.dumps(dataclasses.asdict(model_config), indent=1))
   if operative_config is not None:
-    fs.write_text(fs.join(model_dir, CONFIG_GIN), operative_config)
+    if start_step in (None, 0) or not fs.exists(fs.join(model_dir, CONFIG_GIN)):
+      fs.write_text(fs.join(model_dir, CONFIG_GIN), operative_config)
+    if start_step is not None:
+      name, k = f"config-{start_step}.gin", 1
+      while fs.exists(fs.join(model_dir, name)):
+        name, k = f"config-{start_step}-{k}.gin", k + 1
+      header = (f"# openmoe-train started at step {start_step} on "
+                f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n# command: {command}\n\n")
+      fs.write_text(fs.join(model_dir, name), header + operative_config)
   fs.write_text(fs.join(model_dir, RUN_INFO), json.dumps(
       {"mixture_or_task_name": mixture_or_task_name,
-       "task_feature_lengths": dict(task_feature_lengths)}))
+       "task_feature_lengths": dict(task_feature_lengths), **(layout or {})}))
+
+
+def check_resume_layout(model_dir: str, *, num_expert_replicas: int, explicit_replicas: bool,
+                        mesh_shape: dict, process_count: int) -> tuple:
+  """Compares a resumed run's grouping with what its last start recorded in run.json.
+
+  Returns:
+    (num_data_shards recorded or None, one line saying what changed or None).
+
+  Raises:
+    UsageError: the routing groups would change (num_expert_replicas follows the data axis)
+      and the user did not choose a value: the message gives both choices.
+  """
+  info = run_info(model_dir)
+  saved = info.get("num_expert_replicas")
+  if saved is not None and saved != num_expert_replicas and not explicit_replicas:
+    raise UsageError(
+        f"resuming on another mesh changes the routing groups: this run trained with "
+        f"num_expert_replicas={saved} (its data axis), the new mesh gives {num_expert_replicas}; "
+        f"keep the saved routing with --gin.train.num_expert_replicas={saved}, or accept the "
+        f"change with --gin.train.num_expert_replicas={num_expert_replicas}")
+  changed = []
+  old_mesh = info.get("mesh")
+  if old_mesh and old_mesh != mesh_shape:
+    fmt = lambda m: " x ".join(f"{k} {v}" for k, v in m.items())
+    changed.append(f"mesh {fmt(old_mesh)} -> {fmt(mesh_shape)}")
+  if info.get("process_count") not in (None, process_count):
+    changed.append(f"processes {info['process_count']} -> {process_count}")
+  if saved is not None and saved != num_expert_replicas:
+    changed.append(f"routing groups: num_expert_replicas {saved} -> {num_expert_replicas}")
+  note = "resuming with " + ", ".join(changed) if changed else None
+  return info.get("num_data_shards"), note
 
 
 def load_model_config(model_dir: str, overrides: Sequence[str] = ()) -> ModelConfig:

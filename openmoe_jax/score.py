@@ -67,7 +67,7 @@ def score_lines(cfg, params, vocabulary, lines):
 
 
 def main(argv=None):
-  cli.quiet_libraries()
+  cli.start_command(argv)
   parser = argparse.ArgumentParser(prog="openmoe-score", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   cli.add_model_dir_flags(parser)

@@ -32,17 +32,18 @@ def UsageError(msg: str):  # pylint: disable=invalid-name
 
 GIB = 2**30
 
-# Per JAX device: (HBM bytes, peak bf16 FLOP/s, devices per chip, topology dims, max chips).
-# Source: Cloud TPU docs (above), per chip: v2 16 GiB / 45 TFLOP/s, v3 32 GiB / 123 TFLOP/s,
-# v4 32 GiB / 275 TFLOP/s, v5e 16 GiB / 197 TFLOP/s, v5p 95 GiB / 459 TFLOP/s,
-# v6e 32 GiB / 918 TFLOP/s; v2/v3 (and v4 here, see above) split a chip into 2 devices.
+# Per JAX device: (HBM bytes, peak bf16 FLOP/s, HBM bytes/s, devices per chip, topology dims,
+# max chips). Source: Cloud TPU docs (above), per chip: v2 16 GiB / 45 TFLOP/s / 700 GB/s,
+# v3 32 GiB / 123 TFLOP/s / 900 GB/s, v4 32 GiB / 275 TFLOP/s / 1200 GB/s, v5e 16 GiB /
+# 197 TFLOP/s / 819 GB/s, v5p 95 GiB / 459 TFLOP/s / 2765 GB/s, v6e 32 GiB / 918 TFLOP/s /
+# 1640 GB/s; v2/v3 (and v4 here, see above) split a chip into 2 devices.
 GENERATIONS = {
-    "v2": (8 * GIB, 22.5e12, 2, 2, 256),
-    "v3": (16 * GIB, 61.5e12, 2, 2, 1024),
-    "v4": (16 * GIB, 137.5e12, 2, 3, 2048),
-    "v5p": (95 * GIB, 459e12, 1, 3, 8960),
-    "v5litepod": (16 * GIB, 197e12, 1, 2, 256),
-    "v6e": (32 * GIB, 918e12, 1, 2, 256),
+    "v2": (8 * GIB, 22.5e12, 350e9, 2, 2, 256),
+    "v3": (16 * GIB, 61.5e12, 450e9, 2, 2, 1024),
+    "v4": (16 * GIB, 137.5e12, 600e9, 2, 3, 2048),
+    "v5p": (95 * GIB, 459e12, 2765e9, 1, 3, 8960),
+    "v5litepod": (16 * GIB, 197e12, 819e9, 1, 2, 256),
+    "v6e": (32 * GIB, 918e12, 1640e9, 1, 2, 256),
 }
 # libtpu's names for the generations in topology strings.
 _TOPOLOGY_PREFIX = {"v2": "v2", "v3": "v3", "v4": "v4", "v5p": "v5p", "v5litepod": "v5e",
@@ -60,6 +61,7 @@ class Slice:
   num_devices: int
   hbm_bytes_per_device: int
   peak_flops_per_device: float   # bf16
+  hbm_bandwidth_per_device: float  # bytes/s
 
 
 def _chip_grid(chips: int, dims: int) -> str:
@@ -80,7 +82,7 @@ def parse_slice(name: str) -> Slice:
   m = re.fullmatch(r"(v[0-9a-z]+)-([0-9]+)", name)
   if m and m.group(1) in GENERATIONS:
     gen, n = m.group(1), int(m.group(2))
-    hbm, flops, per_chip, dims, max_chips = GENERATIONS[gen]
+    hbm, flops, bw, per_chip, dims, max_chips = GENERATIONS[gen]
     cores_per_chip = 2 if gen in ("v2", "v3", "v4", "v5p") else 1  # N counts these
     chips = n // cores_per_chip
     # Compile-only topologies start at one host's chips (2x2): libtpu rejects smaller ones.
@@ -89,16 +91,16 @@ def parse_slice(name: str) -> Slice:
                        f"{'TensorCores' if cores_per_chip == 2 else 'chips'}; e.g. {gen}-"
                        f"{8 if cores_per_chip == 2 else 4})")
     topology = f"{_TOPOLOGY_PREFIX[gen]}:{_chip_grid(chips, dims)}"
-    return Slice(name, gen, topology, chips * per_chip, hbm, flops)
+    return Slice(name, gen, topology, chips * per_chip, hbm, flops, bw)
   m = re.fullmatch(r"(v[0-9a-z]+):([0-9]+(?:x[0-9]+){1,2})", name)
   if m and m.group(1) in _PREFIX_TO_GENERATION:
     gen = _PREFIX_TO_GENERATION[m.group(1)]
-    hbm, flops, per_chip, dims, _ = GENERATIONS[gen]
+    hbm, flops, bw, per_chip, dims, _ = GENERATIONS[gen]
     grid = [int(v) for v in m.group(2).split("x")]
     if len(grid) != dims:
       raise UsageError(f"--tpu={name}: a {gen} topology has {dims} dimensions")
     return Slice(name, gen, f"{_TOPOLOGY_PREFIX[gen]}:{m.group(2)}", math.prod(grid) * per_chip,
-                 hbm, flops)
+                 hbm, flops, bw)
   raise UsageError(f"--tpu={name}: unknown accelerator type; use a Cloud TPU type ({known}, "
                    f"e.g. v3-256) or a topology such as v4:4x4x4")
 
@@ -160,7 +162,7 @@ def compile_host(s: Slice) -> None:
 def accelerator_type(s: Slice) -> str:
   """The Cloud TPU type name of a slice (v3-256), also for raw topologies."""
   per_chip_n = 2 if s.generation in ("v2", "v3", "v4", "v5p") else 1
-  chips = s.num_devices // GENERATIONS[s.generation][2]
+  chips = s.num_devices // GENERATIONS[s.generation][3]
   return f"{s.generation}-{chips * per_chip_n}"
 
 

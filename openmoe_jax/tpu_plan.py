@@ -12,7 +12,9 @@ and reports the compiler's view of it:
   step) is compiled on its own, and
       whole step = update + num_microbatches x (compiled step - update)
   where "compiled step" is the step's `optimal_seconds` (one microbatch's forward and backward,
-  the accumulation, and the update). Tokens/s and MFU follow (MFU against the generation's peak
+  the accumulation, and the update). Where this libtpu's cost model gives no time (v5p, v6e:
+  `optimal_seconds` < 0) the same sum is taken of the roofline max(flops / peak FLOP/s,
+  bytes accessed / HBM bandwidth) of XLA's counts, and `estimate_method` says so. Tokens/s and MFU follow (MFU against the generation's peak
   bf16 FLOP/s, with the analytic 6N + attention FLOPs of `openmoe-info`). These are **compiler
   estimates**: nothing here has run on a TPU;
 * the collectives of the optimized HLO per kind, executions and bytes per step (`hlo_stats`).
@@ -24,8 +26,9 @@ import time
 
 from openmoe_jax.gin_utils import UsageError
 
-ESTIMATE_NOTE = ("compiler estimate: XLA:TPU cost analysis (optimal_seconds), whole step = "
-                 "update + microbatches x (step - update); nothing ran on a TPU")
+ESTIMATE_NOTE = ("compiler estimate: XLA:TPU cost analysis (optimal_seconds, else the roofline "
+                 "of its flops and bytes), whole step = update + microbatches x (step - update); "
+                 "nothing ran on a TPU")
 
 
 def add_flags(parser, *, compile_only: bool) -> None:
@@ -115,7 +118,12 @@ def plan(cfg, slice_name: str, *, num_expert_partitions: int, num_model_partitio
   step_cost, update_cost = layout.cost(step), layout.cost(update)
   whole = lambda key: (update_cost.get(key, 0.0) + num_microbatches *
                        max(step_cost.get(key, 0.0) - update_cost.get(key, 0.0), 0.0))
-  est = whole("optimal_seconds")
+  # libtpu's cost model gives no time for some generations (v5p, v6e: optimal_seconds < 0);
+  # then the estimate is the roofline of XLA's own FLOP and byte counts.
+  roofline = max(whole("flops") / s.peak_flops_per_device,
+                 whole("bytes accessed") / s.hbm_bandwidth_per_device)
+  has_time = min(step_cost.get("optimal_seconds", -1), update_cost.get("optimal_seconds", -1)) > 0
+  est = whole("optimal_seconds") if has_time else roofline
   tokens = batch_size * seq_len
   model_flops = counts.summarize(cfg, seq_len)["train_flops_per_token"] * tokens
   mem = layout.memory(step)
@@ -137,7 +145,12 @@ def plan(cfg, slice_name: str, *, num_expert_partitions: int, num_model_partitio
       "estimated_step_seconds": est,
       "estimated_tokens_per_second": tokens / est if est else 0.0,
       "estimated_mfu": model_flops / (est * len(devices) * s.peak_flops_per_device) if est else 0.0,
-      "estimated_update_seconds": update_cost.get("optimal_seconds", 0.0),
+      "estimated_update_seconds": update_cost.get("optimal_seconds", 0.0) if has_time else None,
+      "estimate_method": ("xla optimal_seconds" if has_time else
+                          "roofline of XLA's flops and bytes accessed (this libtpu's cost model "
+                          f"gives no time for {s.generation})"),
+      "roofline_step_seconds": roofline,
+      "xla_bytes_accessed_per_device": whole("bytes accessed"),
       "xla_flops_per_device": whole("flops"),
       "model_flops_per_step": model_flops,
       "collectives": hlo_stats.collectives(step.as_text()),

@@ -5,6 +5,7 @@ final checkpoint. Resume order: MODEL_DIR's latest complete checkpoint, else the
 `initial_checkpoint_dir` (fine-tuning), else a fresh init.
 """
 import math
+import sys
 import time
 from typing import Any, Dict, Optional
 
@@ -57,14 +58,18 @@ def train(model_config: ModelConfig, *, model_dir: str = gin.REQUIRED,
           num_model_partitions: int = 1, optimizer: str = "adafactor",
           optimizer_kwargs: Optional[dict] = None, peak_flops_per_device: Optional[float] = None,
           pack: bool = True, progress_bar: bool = True, fail_on_nan: bool = True,
-          num_data_shards: Optional[int] = None,
+          num_data_shards: Optional[int] = None, num_expert_replicas: Optional[int] = None,
           initial_checkpoint_dir: Optional[str] = None) -> Dict[str, Any]:
   """Trains `model_config` on a seqio task or mixture; returns a summary of the run.
 
   Args mirror t5x's pretrain.gin macros: MODEL_DIR, MIXTURE_OR_TASK_NAME, TASK_FEATURE_LENGTHS,
   TRAIN_STEPS (the absolute final step), BATCH_SIZE (global, in sequences), CHECKPOINT_PERIOD,
   EVAL_PERIOD; NUM_EXPERT_PARTITIONS / NUM_MODEL_PARTITIONS shape the mesh.
-  num_data_shards: seqio shards of the training data (default: one per process).
+  num_data_shards: seqio shards of the training data (default: what the run recorded at its
+    start, else one per process), so a resumed run sees the batches it would have seen.
+  num_expert_replicas: the routing-group constraint (groups are a multiple of experts x
+    replicas; default: the data axis, as flaxformer). A resume whose mesh would change it
+    stops and asks for an explicit value.
   fail_on_nan: stop at the first non-finite loss or state (True), or train on, skipping the
     saves of non-finite states (False). A non-finite state is never saved either way.
   initial_checkpoint_dir: when MODEL_DIR has no checkpoint, start from the latest parameters
@@ -91,7 +96,14 @@ def train(model_config: ModelConfig, *, model_dir: str = gin.REQUIRED,
   except ValueError as e:
     raise UsageError(error_line(e)) from None
   # flaxformer: groups are a multiple of experts x replicas, so they split over (data, expert).
-  cfg = cfg.replace(num_expert_replicas=mesh.shape["data"])
+  replicas = num_expert_replicas or mesh.shape["data"]
+  cfg = cfg.replace(num_expert_replicas=replicas)
+  resume_note = None
+  if ckpt_lib.list_steps(model_dir):
+    recorded_shards, resume_note = run_dir.check_resume_layout(
+        model_dir, num_expert_replicas=replicas, explicit_replicas=bool(num_expert_replicas),
+        mesh_shape=dict(mesh.shape), process_count=jax.process_count())
+    num_data_shards = num_data_shards or recorded_shards
   try:
     part.check_batch_divisible(batch_size, mesh, num_microbatches)
   except ValueError as e:
@@ -131,20 +143,18 @@ def _train_locked(*, cfg, model_config, model_dir, mixture_or_task_name, task_fe
                   eval_split, log_period, keep_checkpoints, num_microbatches, seed, optimizer,
                   optimizer_kwargs, peak_flops_per_device, pack, progress_bar, fail_on_nan,
                   num_data_shards, initial_checkpoint_dir, mesh, length, tx, schedule,
-                  init_fn, state_sh, abstract, param_sh, train_iter, **_):
+                  init_fn, state_sh, abstract, param_sh, train_iter, resume_note, **_):
   t_start = time.perf_counter()
   # --- state: the newest checkpoint that reads, else an initial checkpoint, else init ---
   resume.set_aside_incomplete(model_dir, console.Say(None))
   restored = resume.restore_newest(model_dir, abstract, keep_checkpoints, console.Say(None))
   ckpt = None
   if restored is not None:
-    ckpt, state, data_state, start = restored
+    ckpt, state, data_state, _ = restored
     train_iter.set_state(data_state)  # another pipeline's position: UsageError
   elif initial_checkpoint_dir:
-    start = None
     state = resume.init_from(initial_checkpoint_dir, tx, abstract, state_sh, mesh)
   else:
-    start = None
     with jax.set_mesh(mesh), nn.logical_axis_rules(part.axis_rules()):
       state = jax.jit(lambda r: part.unbox(init_fn(r)), out_shardings=state_sh)(
           jax.random.key(seed))
@@ -167,9 +177,15 @@ def _train_locked(*, cfg, model_config, model_dir, mixture_or_task_name, task_fe
   ckpt = ckpt or ckpt_lib.Checkpointer(model_dir, max_to_keep=keep_checkpoints)
   if jax.process_index() == 0:
     # config.gin records the start of this MODEL_DIR: step 0, or a fine-tuning run's first step.
-    run_dir.write_run_files(model_dir, mixture_or_task_name, task_feature_lengths,
-                    operative_config=gin.operative_config_str() if start is None else None,
-                    model_config=model_config)
+    run_dir.write_run_files(
+        model_dir, mixture_or_task_name, task_feature_lengths,
+        operative_config=gin.operative_config_str(), model_config=model_config,
+        start_step=step, command=" ".join(sys.argv),
+        layout={"num_expert_replicas": cfg.num_expert_replicas,
+                "num_data_shards": num_data_shards or jax.process_count(),
+                "process_count": jax.process_count(), "mesh": dict(mesh.shape)})
+    if resume_note:
+      console.Say(None)(resume_note)
   writer = MetricsWriter(model_dir, enabled=jax.process_index() == 0)
   flops_per_token = counts.summarize(cfg, seq_len=length)["train_flops_per_token"]
   peak = (peak_flops_per_device * jax.device_count() if peak_flops_per_device
@@ -204,7 +220,8 @@ def _train_locked(*, cfg, model_config, model_dir, mixture_or_task_name, task_fe
           pending = (step, metrics, (now - t_last) / max(step - logged_at, 1),
                      length * batch_size, flops_per_token, peak)
           t_last, logged_at = now, step
-        if step % checkpoint_period == 0 or step == end or interrupts.requested:
+        stop = interrupts.stop_at(step)
+        if step % checkpoint_period == 0 or step == end or stop:
           if _finite_or_stop(step, metrics, ckpt, fail_on_nan, say):
             ckpt.save(step, state, train_iter.get_state(), force=True)
             saved_at = step
@@ -217,7 +234,7 @@ def _train_locked(*, cfg, model_config, model_dir, mixture_or_task_name, task_fe
                                batch_size=batch_size, shuffle=False, seed=seed, pack=pack,
                                num_epochs=1), eval_steps)
           last.update(last_eval)
-        if interrupts.requested:
+        if stop:
           break
       if pending is not None:
         last = _log(writer, bar, *pending, fail_on_nan=fail_on_nan, ckpt=ckpt)

@@ -8,7 +8,7 @@ unique sentinel (vocab_size - 1, vocab_size - 2, ...) and the targets list each 
 by its span. The mode prefix is text, tokenized and prepended to the inputs; inputs and targets
 each end in EOS (`seqio.preprocessors.append_eos_after_trim` after these preprocessors).
 
-Pipeline per task: random window of at most 65536 tokens per document -> concatenate 128
+Pipeline per task: a random aligned 65536-token segment per document -> concatenate 128
 documents -> cut into chunks whose lengths follow a seeded i.i.d. choice of denoiser per chunk
 (so each denoiser's share of the output examples is its rate, also for finite splits) -> denoise.
 The chunk length of each denoiser is the longest one whose inputs and targets fit the task
@@ -145,14 +145,20 @@ def prefix_lm_split(tokens, seed):
 
 # --------------------------------------------------------------------------- dataset stages
 def select_random_chunk(dataset, max_tokens: int = MAX_CHUNK_TOKENS, key: str = "targets"):
-  """Keeps `{key: tokens}` only, cutting documents longer than `max_tokens` to a random window."""
+  """Keeps `{key: tokens}` only: one of the document's aligned `max_tokens` segments, drawn
+  uniformly (the last one may be shorter), as T5's `select_random_chunk` with
+  uniform_random_start=False (XueFuzhao/text-to-text-transfer-transformer
+  `t5/data/preprocessors.py`, same seed split)."""
 
   @seqio.map_over_dataset(num_seeds=1)
   def _chunk(ex, seed):
     tokens = ex[key]
-    room = tf.maximum(tf.size(tokens) - max_tokens, 0)
-    start = tf.random.stateless_uniform([], seed=seed, maxval=room + 1, dtype=tf.int32)
-    return {key: tokens[start:start + max_tokens]}
+    seeds = tf.unstack(tf.random.experimental.stateless_split(seed))
+    n = tf.shape(tokens)[0]
+    segments = tf.cast(tf.math.ceil(tf.cast(n, tf.float32) / float(max_tokens)), tf.int32)
+    start = max_tokens * tf.random.stateless_uniform([], maxval=segments, dtype=tf.int32,
+                                                     seed=seeds[1])
+    return {key: tokens[start:tf.minimum(start + max_tokens, n)]}
 
   return _chunk(dataset.filter(lambda ex: tf.size(ex[key]) > 0))
 

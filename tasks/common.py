@@ -28,8 +28,10 @@ def preprocessors(objective: str, text_key: str = "text") -> list:
   ]
   if objective == "ul2":
     return steps + [ul2.ul2_objective, seqio.preprocessors.append_eos_after_trim]
-  # full_lm already put EOS at document boundaries; rows are exactly `targets` long.
-  return steps + [ul2.full_lm]
+  # As T5's full_lm task (XueFuzhao/text-to-text-transfer-transformer `t5/data/tasks.py`): EOS
+  # at document boundaries, `targets`-long rows, then append_eos_after_trim makes each full
+  # row its first 2047 tokens + EOS (the row's 2048th token is dropped, as in OpenMoE).
+  return steps + [ul2.full_lm, seqio.preprocessors.append_eos_after_trim]
 
 
 def add_task(name: str, source: seqio.DataSource, objective: str,

@@ -49,8 +49,9 @@ def _source_factories() -> dict:
 
   factories = {}
   for subset in REDPAJAMA_SUBSETS:
-    # Only C4 had a validation split in OpenMoE: the last 2000 training documents.
-    splits = {"train": "train", "validation": "train[-2000:]"} if subset == "c4" else {
+    # Only C4 had a validation split in OpenMoE: the last 2000 training documents, held out
+    # (train[:-2000], XueFuzhao/text-to-text-transfer-transformer `t5/data/tasks.py`).
+    splits = {"train": "train[:-2000]", "validation": "train[-2000:]"} if subset == "c4" else {
         "train": "train"}
     factories[f"redpajama_{subset}"] = deferred(
         splits, name=f"redpajama_{subset}", raw_dir_attr="redpajama_dir", subdir=subset,

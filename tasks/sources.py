@@ -130,13 +130,17 @@ class DocumentSource(seqio.DataSource):
 
   def __init__(self, name: str, list_files: Callable[[str], Sequence[str]],
                read_file: Callable[[str], Iterator], splits: Sequence[str] = ("train",),
-               max_chars: int = corpus.MAX_DOCUMENT_CHARS, max_examples: Mapping = None):
+               max_chars: int = corpus.MAX_DOCUMENT_CHARS, max_examples: Mapping = None,
+               skip_examples: Mapping = None):
+    """max_examples: split -> documents kept (the first ones); skip_examples: split ->
+    {file: leading documents of that file left out} (a held-out slice)."""
     super().__init__(splits=splits, num_input_examples=None, caching_permitted=True)
     self._name = name
     self._list_files = list_files
     self._read_file = read_file
     self._max_chars = max_chars
     self._max_examples = dict(max_examples or {})
+    self._skip_examples = {k: dict(v) for k, v in (skip_examples or {}).items()}
 
   @property
   def supports_arbitrary_sharding(self) -> bool:
@@ -148,12 +152,16 @@ class DocumentSource(seqio.DataSource):
       raise UsageFileNotFoundError(f"{self._name}: no files for split {split!r}")
     return files
 
-  def _documents(self, path):
+  def _documents(self, path, skip=0):
     stats = stats_for(self._name)
     for raw in self._read_file(path.decode() if isinstance(path, bytes) else path):
       text = corpus.clean_document(raw, stats, self._max_chars)
-      if text is not None:
-        yield text
+      if text is None:
+        continue
+      if skip > 0:
+        skip -= 1
+        continue
+      yield text
 
   def get_dataset(self, split: str = "train", shuffle: bool = True,
                   seed: Optional[int] = None, shard_info: Optional[seqio.ShardInfo] = None,
@@ -165,9 +173,11 @@ class DocumentSource(seqio.DataSource):
     if shuffle:
       files = [files[i] for i in np.random.RandomState(seed).permutation(len(files))]
     signature = tf.TensorSpec([], tf.string)
-    ds = tf.data.Dataset.from_tensor_slices(tf.constant(files, tf.string)).interleave(
-        lambda f: tf.data.Dataset.from_generator(self._documents, args=(f,),
-                                                 output_signature=signature),
+    held_out = self._skip_examples.get(split, {})
+    skips = tf.constant([int(held_out.get(f, 0)) for f in files], tf.int64)
+    ds = tf.data.Dataset.from_tensor_slices((tf.constant(files, tf.string), skips)).interleave(
+        lambda f, n: tf.data.Dataset.from_generator(self._documents, args=(f, n),
+                                                    output_signature=signature),
         cycle_length=min(4, len(files)), block_length=1)
     if split in self._max_examples:
       ds = ds.take(self._max_examples[split])
@@ -225,6 +235,9 @@ def _glob_files(root: str, patterns: Sequence[str]) -> list:
                                                          recursive=True)})
 
 
+VALIDATION_DOCUMENTS = 2000  # OpenMoE's NUM_VAL_EXAMPLES for redpajama_c4
+
+
 def file_or_tfds_source(name: str, raw_dir_attr: str, subdir: str, patterns: Sequence[str],
                         tfds_name: str, text_key: str, splits: Mapping[str, str],
                         field: str = "text") -> seqio.DataSource:
@@ -263,8 +276,11 @@ def file_or_tfds_source(name: str, raw_dir_attr: str, subdir: str, patterns: Seq
 
 def _raw_source(name, files, splits, field):
   read = lambda path: reader_for(path)(path, field)
-  # Like OpenMoE's `train[-2000:]`, validation is a held-out-looking slice that overlaps train:
-  # the first 2000 documents of the last file.
+  # OpenMoE held out `train[-2000:]` and trained on `train[:-2000]` (XueFuzhao/text-to-text-
+  # transfer-transformer `t5/data/tasks.py`, redpajama_c4_*): here the held-out slice is the first
+  # 2000 documents of the last file, and the train split skips exactly those.
   by_split = {"train": files, "validation": files[-1:]}
+  held_out = {"train": {files[-1]: VALIDATION_DOCUMENTS}} if "validation" in splits else {}
   return DocumentSource(name, lambda split: by_split[split], read, splits=tuple(splits),
-                        max_examples={"validation": 2000})
+                        max_examples={"validation": VALIDATION_DOCUMENTS},
+                        skip_examples=held_out)

@@ -47,14 +47,29 @@ def silu(x):
   return x / (1.0 + np.exp(-x))
 
 
-def ffn(x, wi_0, wi_1, wo):
-  h0 = x @ wi_0
+def _exact(x):
+  return x
+
+
+def bf16(x):
+  """Round to bfloat16 (nearest even) and back to float64: the cast the model makes."""
+  import ml_dtypes
+  return np.asarray(np.asarray(x, np.float32).astype(ml_dtypes.bfloat16), np.float64)
+
+
+def ffn(x, wi_0, wi_1, wo, act=_exact):
+  """Three-projection FFN; `act` rounds where the model casts to its activation dtype."""
+  wi_0, wi_1, wo = act(wi_0), act(wi_1), act(wo)
+  h0 = act(x @ wi_0)
   f = wi_1.shape[-1]
-  return ((h0[..., :f] * silu(h0[..., f:])) * (x @ wi_1)) @ wo
+  gated = act(act(h0[..., :f] * act(silu(h0[..., f:]))) * act(x @ wi_1))
+  return act(gated @ wo)
 
 
-def moe(x_groups, router_kernel, wi_0, wi_1, wo, k, capacity, renormalize=False):
-  """x_groups: [G, T, D] float64 -> [G, T, D] by looping over tokens and their kept experts."""
+def moe(x_groups, router_kernel, wi_0, wi_1, wo, k, capacity, renormalize=False, act=_exact):
+  """x_groups: [G, T, D] float64 -> [G, T, D] by looping over tokens and their kept experts.
+
+  The router and the combine run in float64 (the model: float32); experts round with `act`."""
   x = np.asarray(x_groups, np.float64)
   logits = x @ np.asarray(router_kernel, np.float64)
   r = route(logits, k, capacity, renormalize)
@@ -64,31 +79,81 @@ def moe(x_groups, router_kernel, wi_0, wi_1, wo, k, capacity, renormalize=False)
       for ki in range(k):
         if r["kept"][gi, ti, ki]:
           e = r["index"][gi, ti, ki]
-          y[gi, ti] += r["gates"][gi, ti, ki] * ffn(x[gi, ti], wi_0[e], wi_1[e], wo[e])
+          y[gi, ti] += r["gates"][gi, ti, ki] * ffn(x[gi, ti], wi_0[e], wi_1[e], wo[e], act)
   return y, r
 
 
-def rms_norm(x, scale, eps=1e-6):
-  return x / np.sqrt(np.mean(x * x, -1, keepdims=True) + eps) * scale
+def maybe_pad(x, multiple):
+  """flaxformer `moe_layers._maybe_pad`, written out: zero rows or zero columns (fewer padding
+  tokens wins, columns on a tie) so that B * L is a multiple of `multiple`."""
+  b, length = x.shape[:2]
+  if (b * length) % multiple == 0:
+    return x
+  rows = next(r for r in range(1, multiple + 1) if ((b + r) * length) % multiple == 0)
+  cols = next(c for c in range(1, multiple + 1) if (b * (length + c)) % multiple == 0)
+  if cols * b > rows * length:
+    return np.concatenate([x, np.zeros((rows,) + x.shape[1:])], 0)
+  return np.concatenate([x, np.zeros((b, cols) + x.shape[2:])], 1)
 
 
-def rope(x, positions, theta=1e4):
+def rms_norm(x, scale, eps=1e-6, act=_exact):
+  """flaxformer T5LayerNorm: normalise (float32), cast, multiply by the cast scale, cast."""
+  return act(act(x / np.sqrt(np.mean(x * x, -1, keepdims=True) + eps)) * act(scale))
+
+
+def rope(x, positions, theta=1e4, act=_exact):
   """x: [L, N, H]; half rotation with timescales theta^(2j/H)."""
   h = x.shape[-1]
   inv = theta ** (-(2 * np.arange(h // 2)) / h)
   ang = positions[:, None].astype(np.float64) * inv[None, :]
   ang = np.concatenate([ang, ang], -1)[:, None, :]
   rot = np.concatenate([-x[..., h // 2:], x[..., :h // 2]], -1)
-  return x * np.cos(ang) + rot * np.sin(ang)
+  return act(act(x * act(np.cos(ang))) + act(rot * act(np.sin(ang))))
+
+
+def _attention(x, lp, cfg, positions, segment_ids, real, act, logit_act):
+  b, length, _ = x.shape
+  n, hd = cfg.num_heads, cfg.head_dim
+  sa = lp["self_attention"]
+  out = np.zeros_like(x)
+  for bi in range(b):
+    q, k, v = (act(x[bi] @ act(sa[name]["kernel"])).reshape(length, n, hd)
+               for name in ("query", "key", "value"))
+    q, k = rope(q, positions[bi], act=act), rope(k, positions[bi], act=act)
+    ctx = np.zeros((length, n, hd))
+    for qi in range(length):
+      allowed = [ki for ki in range(qi + 1) if segment_ids[bi, ki] == segment_ids[bi, qi]
+                 and real[bi, ki] and real[bi, qi]]
+      for hi in range(n):
+        if not allowed:  # fully masked row: uniform over all keys, like softmax of equal biases
+          ctx[qi, hi] = act(v[:, hi].mean(0))
+          continue
+        s = logit_act(np.array([q[qi, hi] @ k[ki, hi] for ki in allowed]))
+        # jax.nn.softmax's steps, each rounded to the logits' dtype.
+        u = logit_act(np.exp(logit_act(s - s.max())))
+        w = act(logit_act(u / logit_act(u.sum())))
+        ctx[qi, hi] = act(sum(wj * v[kj, hi] for wj, kj in zip(w, allowed)))
+    out[bi] = act(ctx.reshape(length, n * hd) @ act(sa["out"]["kernel"]))
+  return out
 
 
 def forward(params, cfg, tokens, positions=None, segment_ids=None, targets=None, capacity=None,
-            group_tokens=None):
+            group_tokens=None, bf16_casts=False, moe_float32_output=True, float32_norm=False,
+            float32_attention_logits=False, pad_multiple=None):
   """Float64 loop implementation of the whole decoder for one batch. Returns logits [B, L, V].
 
   capacity/group_tokens: routing settings of the MoE layers (tokens are grouped over the
-  flattened batch exactly as the model does).
+  flattened batch exactly as the model does, after zero padding to a multiple of
+  `pad_multiple` (E x replicas) when given, as flaxformer `_maybe_pad`).
+  bf16_casts: round to bfloat16 wherever flaxformer's OpenMoE casts to its activation dtype
+  (embeddings, every projection's inputs, kernels and outputs, norms, RoPE, attention logits and
+  probabilities, the residual stream up to the first MoE layer). The other flags switch single
+  casts off, to show what each one changes: moe_float32_output=False rounds the MoE output and
+  keeps the residual bfloat16; float32_norm scales before rounding; float32_attention_logits
+  keeps logits and softmax unrounded.
   """
+  act = bf16 if bf16_casts else _exact
+  logit_act = _exact if float32_attention_logits else act
   p = params
   tokens = np.asarray(tokens)
   b, length = tokens.shape
@@ -97,44 +162,39 @@ def forward(params, cfg, tokens, positions=None, segment_ids=None, targets=None,
   real = np.ones((b, length), bool) if targets is None else np.asarray(targets) > 0
   shifted = np.pad(tokens[:, 1:], ((0, 0), (0, 1)))
   keep = ((tokens > 0) | (shifted > 0) | (np.arange(length) == 0)[None])[..., None]
-  h = np.asarray(p["token_embedder"]["embedding"], np.float64)[tokens]
-  n, hd = cfg.num_heads, cfg.head_dim
+  h = act(np.asarray(p["token_embedder"]["embedding"], np.float64)[tokens])
+  residual = act  # bfloat16 until a float32 MoE output promotes it
+  eps = cfg.norm_eps
+
+  def norm(x, scale):
+    if float32_norm:
+      return act(rms_norm(x, scale, eps))
+    return rms_norm(x, scale, eps, act)
+
   for i in range(cfg.num_layers):
     lp = jax_free(p["decoder"][f"layers_{i}"])
-    x = rms_norm(h, lp["pre_self_attention_layer_norm"]["scale"]) * keep
-    out = np.zeros_like(h)
-    for bi in range(b):
-      q = (x[bi] @ lp["self_attention"]["query"]["kernel"]).reshape(length, n, hd)
-      k = (x[bi] @ lp["self_attention"]["key"]["kernel"]).reshape(length, n, hd)
-      v = (x[bi] @ lp["self_attention"]["value"]["kernel"]).reshape(length, n, hd)
-      q, k = rope(q, positions[bi]), rope(k, positions[bi])
-      ctx = np.zeros((length, n, hd))
-      for qi in range(length):
-        allowed = [ki for ki in range(qi + 1) if segment_ids[bi, ki] == segment_ids[bi, qi]
-                   and real[bi, ki] and real[bi, qi]]
-        for hi in range(n):
-          if not allowed:  # fully masked row: uniform over all keys, like softmax of equal biases
-            ctx[qi, hi] = v[:, hi].mean(0)
-            continue
-          s = np.array([q[qi, hi] @ k[ki, hi] for ki in allowed])
-          w = softmax(s)
-          ctx[qi, hi] = sum(wj * v[kj, hi] for wj, kj in zip(w, allowed))
-      out[bi] = ctx.reshape(length, n * hd) @ lp["self_attention"]["out"]["kernel"]
-    h = h + out
-    x = rms_norm(h, lp["pre_mlp_layer_norm"]["scale"]) * keep
+    x = norm(h, lp["pre_self_attention_layer_norm"]["scale"]) * keep
+    h = residual(h + _attention(x, lp, cfg, positions, segment_ids, real, act, logit_act))
+    x = norm(h, lp["pre_mlp_layer_norm"]["scale"]) * keep
     if cfg.is_moe_layer(i):
       m = lp["mlp"]
-      xg = x.reshape(-1, group_tokens, x.shape[-1])
+      xp = x if pad_multiple is None else maybe_pad(x, pad_multiple)
+      xg = xp.reshape(-1, group_tokens, x.shape[-1])
       y, _ = moe(xg, m["router"]["router_weights"]["w"]["kernel"], m["expert"]["wi_0"]["kernel"],
                  m["expert"]["wi_1"]["kernel"], m["expert"]["wo"]["kernel"],
-                 cfg.num_selected_experts, capacity, cfg.renormalize_gates)
-      h = h + y.reshape(h.shape)
-      x = rms_norm(h, lp["pre_extra_mlp_layer_norm"]["scale"]) * keep
+                 cfg.num_selected_experts, capacity, cfg.renormalize_gates, act)
+      y = y.reshape(xp.shape)[:b, :length]
+      if moe_float32_output:
+        residual = _exact
+      else:
+        y = act(y)
+      h = residual(h + y)
+      x = norm(h, lp["pre_extra_mlp_layer_norm"]["scale"]) * keep
       e = lp["extra_mlp"]
     else:
       e = lp["mlp"]
-    h = h + ffn(x, e["wi_0"]["kernel"], e["wi_1"]["kernel"], e["wo"]["kernel"])
-  h = rms_norm(h, np.asarray(p["decoder"]["decoder_norm"]["scale"], np.float64))
+    h = residual(h + ffn(x, e["wi_0"]["kernel"], e["wi_1"]["kernel"], e["wo"]["kernel"], act))
+  h = norm(h, np.asarray(p["decoder"]["decoder_norm"]["scale"], np.float64))
   return h @ np.asarray(p["decoder"]["logits_dense"]["kernel"], np.float64)
 
 

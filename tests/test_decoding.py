@@ -49,10 +49,11 @@ def test_cached_greedy_equals_full_prefix_without_drops(params, routing_mode):
   assert [g.ids for g in chunked] == [g.ids for g in got]
 
 
-def _reference_decode(params, cfg, prompts, steps, capacity):
+def _reference_decode(params, cfg, prompts, steps):
   """Float64 loops: per call, every layer on the call's new tokens with per-row K/V lists; the
-  MoE layer routes the call's B*T tokens in flaxformer groups, or as one group when the rule
-  cannot split them, with `capacity` slots. Returns greedy tokens and their log-probs per row."""
+  MoE layer routes the call's B x T tokens as flaxformer does: zero rows or columns padded to a
+  multiple of E (whichever needs fewer), flaxformer groups, max(round(cf * G / E), min) slots.
+  Returns greedy tokens and their log-probs per row."""
   p = reference.jax_free(params)
   b, n, hd = len(prompts), cfg.num_heads, cfg.head_dim
   cache = [[([], []) for _ in range(b)] for _ in range(cfg.num_layers)]
@@ -82,11 +83,16 @@ def _reference_decode(params, cfg, prompts, steps, capacity):
       x = reference.rms_norm(h, lp["pre_mlp_layer_norm"]["scale"])
       if cfg.is_moe_layer(i):
         m = lp["mlp"]
-        groups = routing.num_groups(b * t, cfg.group_size, cfg.num_experts, fallback=1)
-        y, _ = reference.moe(x.reshape(groups, -1, x.shape[-1]), m["router"]["router_weights"]["w"]["kernel"],
+        pad_rows, pad_cols = routing.token_padding(b, t, cfg.num_experts)
+        xp = np.pad(x, ((0, pad_rows), (0, pad_cols), (0, 0)))
+        groups = routing.num_groups(xp.shape[0] * xp.shape[1], cfg.group_size, cfg.num_experts)
+        size = xp.shape[0] * xp.shape[1] // groups
+        capacity = max(int(round(cfg.eval_capacity_factor * size / cfg.num_experts)),
+                       cfg.min_expert_capacity)
+        y, _ = reference.moe(xp.reshape(groups, size, -1), m["router"]["router_weights"]["w"]["kernel"],
                              m["expert"]["wi_0"]["kernel"], m["expert"]["wi_1"]["kernel"],
                              m["expert"]["wo"]["kernel"], cfg.num_selected_experts, capacity)
-        h = h + y.reshape(h.shape)
+        h = h + y.reshape(xp.shape)[:b, :t]
         x = reference.rms_norm(h, lp["pre_extra_mlp_layer_norm"]["scale"])
         e = lp["extra_mlp"]
       else:
@@ -104,14 +110,14 @@ def _reference_decode(params, cfg, prompts, steps, capacity):
 
 
 def test_decode_time_capacity_routing_matches_reference(params):
-  # 12 equal-length prompts: prefill routes 12 x 8 tokens in flaxformer groups; each step routes
-  # its 12 tokens as ONE group (12 cannot be split into a multiple of 8 groups), capacity
-  # max(round(1.0 * 12 / 8), 1) = 2 slots for 24 assignments: drops are certain.
+  # 12 equal-length prompts: prefill routes 12 x 8 tokens in 8 groups of 12 (2 slots per expert);
+  # each step pads its 12 tokens with 4 zero rows to 16 = 2 per group, 1 slot per expert: the
+  # second choices of a group's two tokens collide with each other's first, so drops are certain.
   cfg = CFG.replace(eval_capacity_factor=1.0, min_expert_capacity=1)
   rng = np.random.default_rng(0)
   prompts = [list(rng.integers(3, 512, 7)) for _ in range(12)]
   got = decoding.generate(params, cfg, prompts, max_new_tokens=3, eos_id=-1)
-  want_ids, want_logp = _reference_decode(params, cfg, prompts, 3, capacity=2)
+  want_ids, want_logp = _reference_decode(params, cfg, prompts, 3)
   assert [g.ids for g in got] == want_ids
   np.testing.assert_allclose([g.log_probs for g in got], want_logp, atol=1e-4)
   no_drop = decoding.generate(params, cfg.replace(no_drop=True), prompts, max_new_tokens=3,

@@ -53,3 +53,37 @@ def test_two_processes_match_one_process_and_resume(tmp_path):
   assert steps_b == [1, 2, 3, 4, 5]
   assert a == pytest.approx(b, rel=1e-5)
   assert checkpoint.list_steps(tmp_path / "multi") == [3, 5]
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_process_saves_the_same_step_on_both(tmp_path):
+  """A preemption notice that reaches process 1 only: both processes save one checkpoint at the
+  same step (JAX's preemption sync point) and exit 0; the run then resumes from it."""
+  import psutil
+  import signal
+  import time
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  d = tmp_path / "pre"
+  launcher = subprocess.Popen(
+      [sys.executable, "launch/local.py", "--num_processes=2", "--num_cpu_devices=2", "--",
+       *FLAGS, "--gin.TRAIN_STEPS=100000", "--gin.CHECKPOINT_PERIOD=100000",
+       f"--gin.MODEL_DIR='{d}'"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT, text=True)
+  deadline = time.time() + 300
+  while time.time() < deadline and not (d / "metrics.jsonl").exists():
+    time.sleep(0.5)
+  time.sleep(1)
+  children = psutil.Process(launcher.pid).children()
+  second = [c for c in children if c.environ().get("OPENMOE_PROCESS_INDEX") == "1"]
+  assert len(second) == 1
+  second[0].send_signal(signal.SIGTERM)
+  out, _ = launcher.communicate(timeout=300)
+  assert launcher.returncode == 0, out[-4000:]
+  from openmoe_jax import checkpoint
+  steps = checkpoint.list_steps(d)
+  assert len(steps) == 1, (steps, out[-3000:])
+  assert f"[0] openmoe-train: SIGTERM received: saved checkpoint {steps[0]} in" in out
+  # Both processes' data positions were saved at that step: the resumed run continues.
+  r = _two_processes(d, steps[0] + 2, env)
+  step_list, _ = _steps_and_losses(d)
+  assert step_list[-2:] == [steps[0] + 1, steps[0] + 2], r.stdout[-2000:]

@@ -90,20 +90,23 @@ def test_fail_on_nan_false_skips_the_save_of_a_non_finite_state(tmp_path):
 @pytest.mark.slow
 def test_a_second_trainer_is_refused_and_the_first_finishes_clean(tmp_path):
   d = tmp_path / "run"
-  first = subprocess.Popen(_cmd(d, "--gin.TRAIN_STEPS=150", "--gin.CHECKPOINT_PERIOD=50", SANE),
-                           cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                           text=True)
-  deadline = time.time() + 240
+  first = subprocess.Popen(_cmd(d, "--gin.TRAIN_STEPS=100000", "--gin.CHECKPOINT_PERIOD=100000",
+                                SANE), cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 300
   while time.time() < deadline and not (d / "metrics.jsonl").exists():
     time.sleep(0.5)
-  r = _run(d, "--gin.TRAIN_STEPS=150", SANE)
+  r = _run(d, "--gin.TRAIN_STEPS=100000", SANE)
+  assert first.poll() is None, "the first trainer must still be running"
+  first.send_signal(signal.SIGTERM)
   assert first.wait(timeout=300) == 0, first.stderr.read()[-2000:]
-  assert r.returncode == 2
-  assert _last_line(r.stderr) .startswith("openmoe-train: error: MODEL_DIR is in use by another "
-                                          f"openmoe-train (host {socket.gethostname()}, "
-                                          f"pid {first.pid}, started ")
-  assert _steps(d) == list(range(1, 151))  # one writer: no interleaved or repeated steps
-  assert checkpoint.list_steps(d) == [50, 100, 150]
+  assert r.returncode == 2, r.stderr[-2000:]
+  assert _last_line(r.stderr).startswith("openmoe-train: error: MODEL_DIR is in use by another "
+                                         f"openmoe-train (host {socket.gethostname()}, "
+                                         f"pid {first.pid}, started ")
+  steps = _steps(d)
+  assert steps == list(range(1, len(steps) + 1))  # one writer: no interleaved or repeated steps
+  assert checkpoint.list_steps(d) == [steps[-1]]  # the first run's own save at SIGTERM
   assert not (d / run_lock.LOCK_FILE).exists()  # released at the end
 
 

@@ -200,3 +200,31 @@ def test_inspect_prints_modes_and_sentinels(capsys):
   assert "<extra_id_0>" in out or "[S2S]" in out
   assert np.sum([line.startswith("--- targets") for line in out.splitlines()]) == 6
   assert os.environ.get("TF_CPP_MIN_LOG_LEVEL")
+
+
+def test_raw_c4_train_skips_the_held_out_validation_documents(tmp_path):
+  """OpenMoE trained on train[:-2000] and validated on train[-2000:]: disjoint splits."""
+  root = tmp_path / "rp" / "c4"
+  root.mkdir(parents=True)
+  for f in range(2):
+    (root / f"c4-{f}.jsonl").write_text("\n".join(
+        json.dumps({"text": f"file {f} doc {i}."}) for i in range(2100 if f else 50)))
+  gin.bind_parameter("tasks.sources.data_dirs.redpajama_dir", str(tmp_path / "rp"))
+  src = sources.file_or_tfds_source(
+      "raw_c4_split_test", "redpajama_dir", "c4", ("*.jsonl",), "redpajama_c4:1.0.0", "text",
+      {"train": "train[:-2000]", "validation": "train[-2000:]"})
+  docs = {s: [ex["text"] for ex in src.get_dataset(s, shuffle=False).as_numpy_iterator()]
+          for s in ("train", "validation")}
+  assert len(docs["validation"]) == 2000 and len(docs["train"]) == 150
+  assert not set(docs["train"]) & set(docs["validation"])
+  assert b"file 1 doc 2000." in docs["train"] and b"file 1 doc 0." in docs["validation"]
+
+
+def test_full_lm_rows_end_as_append_eos_after_trim_makes_them():
+  """T5's full_lm task: full rows are 63 tokens of the stream + EOS (the 64th is dropped)."""
+  task = seqio.get_mixture_or_task("builtin_corpus_full_lm")
+  eos = task.output_features["targets"].vocabulary.eos_id
+  rows = list(task.get_dataset({"targets": 64}, shuffle=False, seed=0, num_epochs=1)
+              .take(20).as_numpy_iterator())
+  assert rows and all(len(r["targets"]) <= 64 and r["targets"][-1] == eos for r in rows)
+  assert sum(len(r["targets"]) == 64 for r in rows) >= 10

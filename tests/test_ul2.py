@@ -167,3 +167,16 @@ def test_long_documents_are_cut_to_a_window(features):
   tokens = np.concatenate([r["targets"] for r in rows])
   assert len(tokens) == 1001  # window + EOS
   np.testing.assert_array_equal(np.diff(tokens[:-1]), 1)  # a contiguous window
+  assert (tokens[0] - 3) % 1000 == 0  # one of T5's aligned segments, not a random offset
+
+
+def test_chunks_are_aligned_segments_drawn_uniformly(features):
+  """T5 select_random_chunk (uniform_random_start=False): segment k of ceil(n / max) starts at
+  k * max; the last one is shorter."""
+  doc = np.arange(3, 2503, dtype=np.int32)  # 2500 tokens: segments 0, 1000, 2000 (500 long)
+  starts = {}
+  for seed in range(40):
+    with seqio.utils.map_seed_manager(seed):
+      row = next(ul2.select_random_chunk(_dataset([doc]), 1000).as_numpy_iterator())["targets"]
+    starts[int(row[0]) - 3] = len(row)
+  assert starts == {0: 1000, 1000: 1000, 2000: 500}

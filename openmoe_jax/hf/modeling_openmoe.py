@@ -4,18 +4,23 @@ Self-contained (torch + transformers only) so it ships inside an exported folder
 `AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)`. Parameter names are the
 released OpenMoE checkpoints' (OrionZheng/openmoe-*), so those load too, without ColossalAI.
 
-Model math (XueFuzhao/flaxformer `architectures/moe/moe_architecture.py`, `components/`): RMSNorm (eps 1e-6, float32), attention without 1/sqrt(head_dim)
+Model math (XueFuzhao/flaxformer `architectures/moe/moe_architecture.py`, `components/`): RMSNorm (eps 1e-6, normalised in float32), attention without 1/sqrt(head_dim)
 (folded into the trained query kernel), half-rotation RoPE over the full head_dim with explicit
 positions, three-projection FFN wo((x W_a) * silu(x W_b) * (x W_up)) where gate_proj = [W_a; W_b],
 MoE every `moe_layer_interval` layers followed by a sequential extra dense FFN, untied lm_head.
+Casts as flaxformer's in the model's dtype (e.g. bfloat16): the norm casts its normalised value,
+then scales in that dtype (`rms_norm_float32` scales in float32); attention logits and softmax in
+that dtype (`attention_float32_logits`); the MoE output is float32 (the router's combine weights,
+`moe_float32_output`), so the residual stream is float32 from the first MoE layer on.
 
 Routing (XueFuzhao/flaxformer `architectures/moe/routing.py`): float32 router, softmax over all experts then top-k without renormalising,
 first choices served before second choices, left to right, in groups of the flattened tokens of
-ONE forward call. Capacity per `router_capacity_formula`: 'flaxformer' (default, ours)
+ONE forward call, zero-padded first (rows or columns, flaxformer `moe_layers._maybe_pad`) to a
+multiple of E tokens, at least E groups (`_num_groups`); padding tokens are routed too. Capacity per `router_capacity_formula`: 'flaxformer' (default, ours)
 max(round(cf*G/E), min) or 'colossalai' (the released port) floor(k*cf*G/E) rounded up to even,
 i.e. twice as many slots; cf = router_capacity_factor_train in train() mode, _eval otherwise.
 `router_no_drop=True` gives every expert G slots. With a KV cache each decoding step routes its
-own tokens only, so cached decoding equals the JAX model run on the whole prefix only when no
+own (padded) tokens only, so cached decoding equals the JAX model run on the whole prefix only when no
 assignment is dropped (no_drop) -- capacity routing is not causal.
 
 BOS is the pad id 0 at position 0 (OpenMoE/t5x convention). Hugging Face's generate() derives
@@ -51,6 +56,7 @@ class OpenMoeConfig(PretrainedConfig):
                router_min_capacity=4, router_capacity_formula="flaxformer", router_no_drop=False,
                router_group_size=4096, router_renormalize_gates=False,
                expert_intermediate_size=None, initializer_range=0.02, use_cache=True,
+               moe_float32_output=True, rms_norm_float32=False, attention_float32_logits=False,
                bos_token_id=0, eos_token_id=1, pad_token_id=0, tie_word_embeddings=False,
                **kwargs):
     self.vocab_size = vocab_size
@@ -77,6 +83,9 @@ class OpenMoeConfig(PretrainedConfig):
     self.router_no_drop = router_no_drop
     self.router_group_size = router_group_size
     self.router_renormalize_gates = router_renormalize_gates
+    self.moe_float32_output = moe_float32_output
+    self.rms_norm_float32 = rms_norm_float32
+    self.attention_float32_logits = attention_float32_logits
     self.expert_intermediate_size = expert_intermediate_size or intermediate_size
     self.initializer_range = initializer_range
     self.use_cache = use_cache
@@ -89,16 +98,33 @@ class OpenMoeConfig(PretrainedConfig):
     return bool(self.num_experts) and (i + 1) % self.moe_layer_interval == 0
 
 
+def as_openmoe_config(config):
+  """An OpenMoeConfig from any config carrying the OpenMoE fields: the released folders'
+  config.json has model_type 'llama' and no AutoConfig entry, so transformers builds a
+  LlamaConfig (its extra fields kept as attributes); our defaults fill the rest."""
+  if isinstance(config, OpenMoeConfig):
+    return config
+  fields = config.to_dict()
+  fields.pop("model_type", None)
+  return OpenMoeConfig(**fields)
+
+
 class OpenMoeRMSNorm(nn.Module):
-  def __init__(self, dim, eps):
+  """Output in the weight's (the model's) dtype, whatever the input's (flaxformer T5LayerNorm)."""
+
+  def __init__(self, dim, eps, float32_scale=False):
     super().__init__()
     self.weight = nn.Parameter(torch.ones(dim))
     self.eps = eps
+    self.float32_scale = float32_scale
 
   def forward(self, x):
     x32 = x.float()
     y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-    return (y * self.weight.float()).to(x.dtype)
+    dtype = self.weight.dtype
+    if self.float32_scale:
+      return (y * self.weight.float()).to(dtype)
+    return y.to(dtype) * self.weight
 
 
 def _rotate_half(x):
@@ -121,6 +147,7 @@ class OpenMoeAttention(nn.Module):
     self.layer_idx = layer_idx
     self.n, self.h = config.num_attention_heads, config.head_dim
     self.theta = config.rope_theta
+    self.float32_logits = config.attention_float32_logits
     d, joined = config.hidden_size, self.n * self.h
     self.q_proj = nn.Linear(d, joined, bias=False)
     self.k_proj = nn.Linear(d, joined, bias=False)
@@ -136,7 +163,9 @@ class OpenMoeAttention(nn.Module):
     if cache is not None:
       k, v = cache.update(k, v, self.layer_idx)
     # No 1/sqrt(head_dim): the trained query kernel already contains it (flaxformer).
-    logits = torch.matmul(q, k.transpose(-1, -2)).float()
+    if self.float32_logits:
+      q, k = q.float(), k.float()
+    logits = torch.matmul(q, k.transpose(-1, -2))
     logits = logits.masked_fill(~key_ok, _MASK_BIAS)
     weights = torch.softmax(logits, dim=-1).to(v.dtype)
     out = torch.matmul(weights, v).transpose(1, 2).reshape(b, t, self.n * self.h)
@@ -174,12 +203,25 @@ class OpenMoeExperts(nn.Module):
 
 
 def num_groups(tokens, group_size, multiple):
-  """flaxformer's group count (smallest n >= tokens // group_size dividing tokens, a multiple of
-  E); None when none exists (e.g. one decoded token), then the call's tokens form one group."""
+  """flaxformer's group count: smallest n >= tokens // group_size dividing tokens, a multiple of
+  E (`tokens` is a multiple of E after `pad_tokens`, so n <= tokens exists)."""
   n = max(tokens // group_size, multiple)
   while n < tokens and not (tokens % n == 0 and n % multiple == 0):
     n += 1
-  return n if tokens % n == 0 and n % multiple == 0 else None
+  return n
+
+
+def pad_tokens(x, multiple):
+  """flaxformer `_maybe_pad`: zero rows or zero columns of x [B, T, D] (the fewer padding tokens,
+  columns on a tie) so that B * T is a multiple of `multiple`."""
+  b, t = x.shape[:2]
+  if (b * t) % multiple == 0:
+    return x
+  rows = next(r for r in range(1, multiple + 1) if ((b + r) * t) % multiple == 0)
+  cols = next(c for c in range(1, multiple + 1) if (b * (t + c)) % multiple == 0)
+  if cols * b > rows * t:
+    return F.pad(x, (0, 0, 0, 0, 0, rows))
+  return F.pad(x, (0, 0, 0, cols))
 
 
 def expert_capacity(config, group, training):
@@ -210,9 +252,11 @@ class OpenMoeSparseMLP(nn.Module):
     cfg = self.config
     b, t, d = x.shape
     e, k = cfg.num_experts, cfg.router_topk
-    tokens = x.reshape(-1, d)
-    n = num_groups(b * t, cfg.router_group_size, e) or 1
-    g = b * t // n
+    padded = pad_tokens(x, e)
+    rows, cols = padded.shape[:2]
+    tokens = padded.reshape(-1, d)
+    n = num_groups(rows * cols, cfg.router_group_size, e)
+    g = rows * cols // n
     probs = torch.softmax(tokens.float() @ self.gate_weight.float().t(), dim=-1)
     gates, index = torch.topk(probs, k, dim=-1)  # [T, K], best first
     if cfg.router_renormalize_gates:
@@ -224,26 +268,27 @@ class OpenMoeSparseMLP(nn.Module):
     position = position.view(n, k, g).transpose(1, 2).reshape(-1, k)
     kept = position < expert_capacity(cfg, g, self.training)
     weights = torch.where(kept, gates, torch.zeros_like(gates))
-    out = torch.zeros(b * t, d, dtype=torch.float32, device=x.device)
+    out = torch.zeros(rows * cols, d, dtype=torch.float32, device=x.device)
     for expert in range(e):
       tok, slot = torch.nonzero((index == expert) & kept, as_tuple=True)
       if tok.numel():
         y = self.experts(tokens[tok], expert)
         out.index_add_(0, tok, y.float() * weights[tok, slot, None])
-    return out.to(x.dtype).view(b, t, d)
+    out = out.view(rows, cols, d)[:b, :t]
+    return out if cfg.moe_float32_output else out.to(x.dtype)
 
 
 class OpenMoeDecoderLayer(nn.Module):
   def __init__(self, config, layer_idx):
     super().__init__()
-    d, eps = config.hidden_size, config.rms_norm_eps
+    d, eps, f32 = config.hidden_size, config.rms_norm_eps, config.rms_norm_float32
     self.moe = config.is_moe_layer(layer_idx)
-    self.input_layernorm = OpenMoeRMSNorm(d, eps)
+    self.input_layernorm = OpenMoeRMSNorm(d, eps, f32)
     self.self_attn = OpenMoeAttention(config, layer_idx)
-    self.post_attention_layernorm = OpenMoeRMSNorm(d, eps)
+    self.post_attention_layernorm = OpenMoeRMSNorm(d, eps, f32)
     if self.moe:
       self.mlp = OpenMoeSparseMLP(config)
-      self.pre_extra_mlp_layernorm = OpenMoeRMSNorm(d, eps)
+      self.pre_extra_mlp_layernorm = OpenMoeRMSNorm(d, eps, f32)
       self.extra_mlp = OpenMoeMLP(d, config.intermediate_size)
     else:
       self.mlp = OpenMoeMLP(d, config.intermediate_size)
@@ -277,11 +322,12 @@ class OpenMoePreTrainedModel(PreTrainedModel):
 
 class OpenMoeModel(OpenMoePreTrainedModel):
   def __init__(self, config):
+    config = as_openmoe_config(config)
     super().__init__(config)
     self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
     self.layers = nn.ModuleList(OpenMoeDecoderLayer(config, i)
                                 for i in range(config.num_hidden_layers))
-    self.norm = OpenMoeRMSNorm(config.hidden_size, config.rms_norm_eps)
+    self.norm = OpenMoeRMSNorm(config.hidden_size, config.rms_norm_eps, config.rms_norm_float32)
     self.post_init()
 
   def forward(self, input_ids, attention_mask=None, past_key_values=None, use_cache=False):
@@ -302,11 +348,13 @@ class OpenMoeModel(OpenMoePreTrainedModel):
     h = self.embed_tokens(input_ids)
     for layer in self.layers:
       h = layer(h, positions, mask, keep, past_key_values)
-    return self.norm(h), past_key_values
+    # flaxformer DecoderOnly multiplies the final activations by the logit mask.
+    return self.norm(h) * keep, past_key_values
 
 
 class OpenMoeForCausalLM(OpenMoePreTrainedModel, GenerationMixin):
   def __init__(self, config):
+    config = as_openmoe_config(config)
     super().__init__(config)
     self.model = OpenMoeModel(config)
     self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)

@@ -148,6 +148,9 @@ def hf_config(cfg, torch_dtype: str = "float32") -> dict:
       "router_no_drop": _no_drop(cfg),
       "router_group_size": cfg.group_size,
       "router_renormalize_gates": cfg.renormalize_gates,
+      "moe_float32_output": cfg.moe_float32_output,
+      "rms_norm_float32": cfg.float32_norm,
+      "attention_float32_logits": cfg.float32_attention_logits,
   }
 
 
@@ -187,7 +190,9 @@ def model_config_fields(hf: dict) -> dict:
               "router_renormalize_gates": "renormalize_gates",
               "router_aux_loss_factor": "aux_loss_factor",
               "router_z_loss_factor": "router_z_loss_factor", "rope_theta": "rope_max_timescale",
-              "rms_norm_eps": "norm_eps"}
+              "rms_norm_eps": "norm_eps", "moe_float32_output": "moe_float32_output",
+              "rms_norm_float32": "float32_norm",
+              "attention_float32_logits": "float32_attention_logits"}
   for theirs, ours in optional.items():
     if hf.get(theirs) is not None:
       fields[ours] = hf[theirs]
