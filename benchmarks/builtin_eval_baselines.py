@@ -40,7 +40,7 @@ def main(argv=None):
 
   names = downstream.read_examples("builtin_function_name", "validation", args.num_examples)
   train = downstream.read_examples("builtin_function_name", "train")
-  common = collections.Counter(ex["targets"] for ex in train).most_common(1)[0][0]
+  common = collections.Counter(ex["targets"].strip() for ex in train).most_common(1)[0][0]
   guess = [common.replace("_", " ")] * len(names)
   targets = [ex["answers"] for ex in names]
   print(json.dumps({

@@ -66,10 +66,9 @@ def make_routing_fn(cfg, capacity_factor: float):
 def group_settings(cfg, batch_size: int, length: int, capacity_factors) -> dict:
   """Tokens per routing group and expert capacity per capacity factor, as the layer computes."""
   from openmoe_jax import routing
-  n = batch_size * length
-  groups = routing.num_groups(n, cfg.group_size, cfg.num_experts, cfg.num_expert_replicas)
-  caps = {str(cf): routing.group_capacity(cfg, n // groups, cf) for cf in capacity_factors}
-  return {"num_groups": groups, "tokens_per_group": n // groups, "expert_capacity": caps}
+  _, _, groups, per_group = routing.group_layout(cfg, batch_size, length)
+  caps = {str(cf): routing.group_capacity(cfg, per_group, cf) for cf in capacity_factors}
+  return {"num_groups": groups, "tokens_per_group": per_group, "expert_capacity": caps}
 
 
 def collect(cfg, params, batches, capacity_factors, routing_cf, position_bins, progress=None):

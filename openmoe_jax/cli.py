@@ -20,6 +20,10 @@ def quiet_libraries() -> None:
   machines without a GPU. Values the user set win."""
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
   os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+  # orbax logs INFO/WARNING lines through absl's Python logger (e.g. "Metadata file does not
+  # exist" for every checkpoint the tools read): errors only.
+  import logging  # pylint: disable=g-import-not-at-top
+  logging.getLogger("absl").setLevel(logging.ERROR)
   if not _has_nvidia_gpu():
     os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 

@@ -59,12 +59,13 @@ class ModelConfig:
       'confidence' (highest gate first), both position-independent.
     grouped_matmul: expert FFN of the 'adaptive'/'dropless' modes: 'blocked' (row tiles, fast on
       CPU), 'ragged_dot' (XLA grouped GEMM), 'pallas' (Pallas TPU grouped matmul, megablox) or
-      'auto' (blocked on CPU, pallas on TPU, ragged_dot on GPU).
+      'auto' (blocked on CPU, ragged_dot on TPU and GPU).
     ep_buffer_factor: dropless/adaptive with experts sharded: rows a device reserves per expert
       shard, as a multiple of the balanced share; 0 reserves the worst case (never drops).
       Rows that do not fit are dropped and counted in dropped_fraction.
     aux_loss_factor, router_z_loss_factor, z_loss: loss coefficients.
-    dropout_rate: dropout on attention/FFN outputs and expert hidden activations.
+    dropout_rate: flaxformer's dropouts, broadcast over the length axis: embeddings, attention
+      probabilities, sublayer outputs, FFN and expert hidden activations, final-norm output.
     activation_dtype, param_dtype: compute and storage dtypes (OpenMoE: bfloat16, float32).
     rope_max_timescale: RoPE theta.
     norm_eps: RMSNorm epsilon.

@@ -8,7 +8,8 @@
 --t5x_checkpoint reads OpenMoE's t5x checkpoints (`t5x_checkpoint.py`: the msgpack `checkpoint`
 file and its tensorstore arrays, t5x `checkpoints.py`), one array at a time, every shape checked
 against the model gin (required: shapes alone cannot tell heads from head_dim); the optimizer
-state in it is not read (a fresh one is written). The step is the checkpoint's unless --step.
+state in it is not read (a fresh one is written) unless --t5x_optimizer_state (t5x's Adafactor
+slots, checked against ours). The step is the checkpoint's unless --step.
 
 Reads the safetensors (single file or sharded with model.safetensors.index.json) or the
 PyTorch pickles of the released repos (pytorch_model.bin, sharded or not) under the
@@ -164,7 +165,7 @@ def import_checkpoint(hf_dir: str, model_dir: str, *, gin_files=(), gin_bindings
 
 
 def import_t5x(checkpoint_path: str, model_dir: str, *, gin_files=(), gin_bindings=(),
-               step=None, param_dtype: str = "float32") -> dict:
+               step=None, param_dtype: str = "float32", optimizer_state: bool = False) -> dict:
   """Writes MODEL_DIR from an OpenMoE t5x checkpoint; returns a summary. Raises UsageError."""
   from flax import traverse_util
   from openmoe_jax import t5x_checkpoint
@@ -178,13 +179,23 @@ def import_t5x(checkpoint_path: str, model_dir: str, *, gin_files=(), gin_bindin
   want = traverse_util.flatten_dict(abstract_params(cfg))
   flat, saved_step = t5x_checkpoint.load_params(checkpoint_path, want)
   step = saved_step if step is None else step
-  return _commit(model_dir, cfg, traverse_util.unflatten_dict(flat), step,
-                 {"t5x_checkpoint": os.path.abspath(checkpoint_path)})
+  params = traverse_util.unflatten_dict(flat)
+  opt_state = _fresh_opt_state(params, cfg)
+  if optimizer_state:  # t5x Adafactor slots into our AdafactorState (same fields)
+    import jax
+    slots = t5x_checkpoint.load_adafactor_state(checkpoint_path, opt_state)
+    opt_state = opt_state._replace(count=jax.numpy.asarray(slots.pop("count")), **{
+        k: traverse_util.unflatten_dict(v) for k, v in slots.items()})
+  return _commit(model_dir, cfg, params, step,
+                 {"t5x_checkpoint": os.path.abspath(checkpoint_path)}, opt_state)
 
 
-def _commit(model_dir: str, cfg: ModelConfig, params, step: int, source: dict) -> dict:
-  """MODEL_DIR with the checkpoint {step, params, fresh opt_state}, all or nothing."""
-  state = {"step": np.int32(step), "params": params, "opt_state": _fresh_opt_state(params, cfg)}
+def _commit(model_dir: str, cfg: ModelConfig, params, step: int, source: dict,
+            opt_state=None) -> dict:
+  """MODEL_DIR with the checkpoint {step, params, opt_state (default: fresh)}, all or nothing."""
+  if opt_state is None:
+    opt_state = _fresh_opt_state(params, cfg)
+  state = {"step": np.int32(step), "params": params, "opt_state": opt_state}
   summary = {"model_dir": model_dir, "step": step, "num_layers": cfg.num_layers,
              "num_experts": cfg.num_experts}
   if fs.is_url(model_dir):
@@ -242,13 +253,18 @@ def main(argv=None):
   parser.add_argument("--step", type=int,
                       help="step to record (default: 0 for --hf_dir, the checkpoint's for t5x)")
   parser.add_argument("--param_dtype", default="float32", help="stored parameter dtype")
+  parser.add_argument("--t5x_optimizer_state", action="store_true",
+                      help="with --t5x_checkpoint: also read its Adafactor state (default: fresh)")
   try:
     bindings, rest = gin_utils.split_gin_dot_flags(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(rest)
     kw = dict(gin_files=args.gin_file, gin_bindings=args.gin_bindings + bindings,
               param_dtype=args.param_dtype)
+    if args.t5x_optimizer_state and not args.t5x_checkpoint:
+      raise gin_utils.UsageError("--t5x_optimizer_state needs --t5x_checkpoint")
     if args.t5x_checkpoint:
-      out = import_t5x(args.t5x_checkpoint, args.model_dir, step=args.step, **kw)
+      out = import_t5x(args.t5x_checkpoint, args.model_dir, step=args.step,
+                       optimizer_state=args.t5x_optimizer_state, **kw)
     else:
       out = import_checkpoint(args.hf_dir, args.model_dir, step=args.step or 0, **kw)
   except (gin_utils.UsageError, ValueError) as e:

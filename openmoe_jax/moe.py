@@ -183,14 +183,11 @@ class MoeLayer(nn.Module):
     del decode  # flaxformer pads and groups decoding steps as any other call
     cfg = self.cfg
     b, length, d = x.shape
-    pad_rows, pad_cols = routing.token_padding(b, length, cfg.num_experts * cfg.num_expert_replicas)
+    pad_rows, pad_cols, n_groups, group = routing.group_layout(cfg, b, length)
     if pad_rows or pad_cols:
       x = jnp.pad(x, ((0, pad_rows), (0, pad_cols), (0, 0)))
       token_mask = jnp.pad(token_mask, ((0, pad_rows), (0, pad_cols)))
     rows, cols = b + pad_rows, length + pad_cols
-    n_groups = routing.num_groups(rows * cols, cfg.group_size, cfg.num_experts,
-                                  cfg.num_expert_replicas)
-    group = rows * cols // n_groups
     capacity = routing.group_capacity(
         cfg, group, cfg.eval_capacity_factor if deterministic else cfg.train_capacity_factor)
     tokens = p.constrain(x.reshape(n_groups, group, d), (p.BATCH, p.LENGTH, p.EMBED))

@@ -49,6 +49,15 @@ def token_padding(batch: int, length: int, multiple: int) -> tuple:
   return (rows, 0) if cols * batch > rows * length else (0, cols)
 
 
+def group_layout(cfg, batch: int, length: int) -> tuple:
+  """(pad rows, pad columns, groups, tokens per group) of a [batch, length] token block, as the
+  MoE layer routes it (flaxformer: pad to a multiple of E x replicas, then `num_groups`)."""
+  pad_rows, pad_cols = token_padding(batch, length, cfg.num_experts * cfg.num_expert_replicas)
+  tokens = (batch + pad_rows) * (length + pad_cols)
+  groups = num_groups(tokens, cfg.group_size, cfg.num_experts, cfg.num_expert_replicas)
+  return pad_rows, pad_cols, groups, tokens // groups
+
+
 def expert_capacity(tokens_per_group: int, num_experts: int, capacity_factor: float, *,
                     num_selected_experts: int = 2, min_capacity: int = 4,
                     formula: str = "flaxformer", no_drop: bool = False) -> int:

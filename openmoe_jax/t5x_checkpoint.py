@@ -162,6 +162,34 @@ def load_params(path: str, want: dict, dtype=None) -> Tuple[dict, int]:
   return flat, step_of(state, folder)
 
 
+ADAFACTOR_FIELDS = ("v_row", "v_col", "v", "m")  # t5x adafactor._AdafactorParamState
+
+
+def load_adafactor_state(path: str, fresh) -> dict:
+  """t5x Adafactor slots ('state/param_states/<param>/{v_row,v_col,v,m}') in the layout of our
+  fresh `optimizer.AdafactorState` (the same fields, per parameter): {field: flat {path: array}}
+  plus 'count' (the t5x step). Every slot must exist with our shape (t5x factored the same dims)."""
+  folder, state = read_state(path)
+  slots = state["optimizer"].get("state", {}).get("param_states")
+  if not isinstance(slots, dict):
+    _fail(f"t5x checkpoint {folder} has no optimizer state ('state/param_states')")
+  from flax import traverse_util
+  have = flatten(slots)
+  out = {"count": np.int32(step_of(state, folder))}
+  for field in ADAFACTOR_FIELDS:
+    flat = {}
+    for p, spec in traverse_util.flatten_dict(getattr(fresh, field)).items():
+      name = "/".join(p + (field,))
+      if p + (field,) not in have:
+        _fail(f"t5x checkpoint {folder} lacks optimizer state param_states/{name}")
+      if leaf_shape(have[p + (field,)]) != tuple(spec.shape):
+        _fail(f"optimizer state param_states/{name}: shape {leaf_shape(have[p + (field,)])} in "
+              f"{folder}, ours is {tuple(spec.shape)} (factored differently?)")
+      flat[p] = read_leaf(folder, name, have[p + (field,)]).astype(spec.dtype)
+    out[field] = flat
+  return out
+
+
 # ------------------------------------------------------------------------------------- writing
 def choose_chunk_shape(write_shape, target_elements: int) -> list:
   """t5x `_choose_chunk_shape`: the largest chunk dividing write_shape with at most

@@ -98,8 +98,11 @@ def plan(cfg, slice_name: str, *, num_expert_partitions: int, num_model_partitio
     except ValueError as e:
       raise UsageError(f"{e} ({rows} rows x {seq_len} tokens per microbatch)") from None
   from openmoe_jax import steps  # pylint: disable=g-import-not-at-top
-  tx, schedule = make_optimizer(optimizer, param_axes=steps.param_axes(cfg),
-                                **dict(optimizer_kwargs or {}))
+  try:
+    tx, schedule = make_optimizer(optimizer, param_axes=steps.param_axes(cfg),
+                                  **dict(optimizer_kwargs or {}))
+  except (ValueError, TypeError) as e:  # make_optimizer only validates its arguments here
+    raise UsageError(f"OPTIMIZER / OPTIMIZER_KWARGS: {e}") from None
   t = time.perf_counter()
   budget = int(memory_budget_gib * 2**30) if memory_budget_gib else s.hbm_bytes_per_device
   with target.compiling_for("tpu"):

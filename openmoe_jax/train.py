@@ -24,7 +24,6 @@ from openmoe_jax import fs
 from openmoe_jax import layout
 from openmoe_jax import partitioning as part
 from openmoe_jax import resume
-from openmoe_jax import routing
 from openmoe_jax import run_dir
 from openmoe_jax import steps
 from openmoe_jax.config import ModelConfig
@@ -109,7 +108,6 @@ def train(model_config: ModelConfig, *, model_dir: str = gin.REQUIRED,
   except ValueError as e:
     raise UsageError(error_line(e)) from None
   length = sum(task_feature_lengths.values())
-  _check_routing_groups(cfg, batch_size, num_microbatches, length)
   optimizer_kwargs = dict(optimizer_kwargs or {})
   param_axes = steps.param_axes(cfg)  # Adafactor factors by the parameters' logical axes
   tx, schedule = _make_optimizer(optimizer, optimizer_kwargs, param_axes=param_axes)
@@ -254,19 +252,6 @@ def _train_locked(*, cfg, model_config, model_dir, mixture_or_task_name, task_fe
               ckpt_lib.checkpoint_dir(model_dir) / str(saved_at)),
           "metrics_file": fs.join(model_dir, METRICS_FILE), "train": last, "eval": last_eval,
           "stopped_by": interrupts.signal_name}
-
-
-def _check_routing_groups(cfg: ModelConfig, batch_size: int, num_microbatches: int,
-                          length: int) -> None:
-  """Fails early (UsageError) when a microbatch or an eval batch cannot form routing groups."""
-  if not cfg.num_experts or not cfg.moe_layers:
-    return
-  for rows, what in ((batch_size // num_microbatches, "BATCH_SIZE / NUM_MICROBATCHES"),
-                     (batch_size, "BATCH_SIZE (evaluation)")):
-    try:
-      routing.num_groups(rows * length, cfg.group_size, cfg.num_experts, cfg.num_expert_replicas)
-    except ValueError as e:  # num_groups validates its arguments only
-      raise UsageError(f"{e} ({what} = {rows} rows x {length} tokens)") from None
 
 
 def _check_divisible(params, mesh) -> None:

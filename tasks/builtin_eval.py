@@ -1,7 +1,7 @@
 """Two small eval tasks made from the built-in corpus, so the quick-start model is evaluated offline.
 
-* `builtin_function_name` (predict): "# <first docstring line>\\ndef " -> the function's name,
-  e.g. "# Return the absolute version of a path.\\ndef " -> "abspath". Metrics: exact match and
+* `builtin_function_name` (predict): "# <first docstring line>\\ndef" -> the function's name,
+  e.g. "# Return the absolute version of a path.\\ndef" -> " abspath". Metrics: exact match and
   F1 over the name's words (underscores split words).
 * `builtin_next_line` (multiple choice): four consecutive lines of a stdlib file, then the true
   next line among 3 distractor lines from other files, re-indented like the true one. Metrics:
@@ -40,7 +40,9 @@ def function_name_examples(split: str) -> list:
       doc = (ast.get_docstring(node) or "").strip().split("\n")[0].strip()
       if len(doc) < 10 or len(doc) > 100 or node.name.startswith("__"):
         continue
-      out.append({"inputs": f"# {doc}\ndef ", "targets": node.name,
+      # The space before the name belongs to the name's first piece ("▁glob"), as in running
+      # text: a prompt ending in a space would end in a lone "▁" the model has rarely seen.
+      out.append({"inputs": f"# {doc}\ndef", "targets": " " + node.name,
                   "answers": [node.name.replace("_", " ").strip()]})
   return out
 

@@ -37,15 +37,15 @@ def _full_prefix_greedy(cfg, params, prompt, steps):
 @pytest.mark.parametrize("routing_mode", [dict(no_drop=True), dict(capacity_mode="dropless")])
 def test_cached_greedy_equals_full_prefix_without_drops(params, routing_mode):
   cfg = CFG.replace(**routing_mode)
-  got = decoding.generate(params, cfg, PROMPTS, max_new_tokens=12, eos_id=-1)
+  got = decoding.generate(params, cfg, PROMPTS, max_new_tokens=8, eos_id=-1)
   for prompt, g in zip(PROMPTS, got):
-    assert g.ids == _full_prefix_greedy(cfg, params, prompt, 12) and g.finish == "length"
-    assert len(g.log_probs) == 12 and all(lp <= 0 for lp in g.log_probs)
+    assert g.ids == _full_prefix_greedy(cfg, params, prompt, 8) and g.finish == "length"
+    assert len(g.log_probs) == 8 and all(lp <= 0 for lp in g.log_probs)
   # Batching (and the batch's left padding) changes nothing; neither do batches of 3.
-  alone = [decoding.generate(params, cfg, [p], max_new_tokens=12, eos_id=-1)[0] for p in PROMPTS]
+  alone = [decoding.generate(params, cfg, [p], max_new_tokens=8, eos_id=-1)[0] for p in PROMPTS]
   assert [g.ids for g in alone] == [g.ids for g in got]
   np.testing.assert_allclose([g.log_probs for g in alone], [g.log_probs for g in got], atol=1e-5)
-  chunked = decoding.generate(params, cfg, PROMPTS, max_new_tokens=12, eos_id=-1, batch_size=3)
+  chunked = decoding.generate(params, cfg, PROMPTS, max_new_tokens=8, eos_id=-1, batch_size=3)
   assert [g.ids for g in chunked] == [g.ids for g in got]
 
 

@@ -51,8 +51,9 @@ def test_fewshot_prefixes_are_seeded_and_exclude_the_example():
 
 def test_builtin_tasks_are_deterministic_and_well_formed():
   names = downstream.read_examples("builtin_function_name", "validation", 50)
-  assert len(names) == 50 and all(e["inputs"].endswith("\ndef ") for e in names)
+  assert len(names) == 50 and all(e["inputs"].endswith("\ndef") for e in names)
   assert all(e["answers"] == [e["targets"].replace("_", " ").strip()] for e in names)
+  assert all(e["targets"].startswith(" ") for e in names)
   lines = downstream.read_examples("builtin_next_line", "validation", 40)
   assert lines == downstream.read_examples("builtin_next_line", "validation", 40)
   for e in lines:

@@ -168,7 +168,7 @@ def test_dropout_is_broadcast_over_length_as_flaxformer():
   y = nn_apply(lambda v: dropout(cfg, v, False), w)
   assert np.all(y == y[:, :, :1]) and not np.all(y == y[..., :1])
   # The whole model in training mode: dropout active, and deterministic without it.
-  params, tokens = None, jax.random.randint(jax.random.key(0), (2, 8), 1, cfg.vocab_size)
+  tokens = jax.random.randint(jax.random.key(0), (2, 8), 1, cfg.vocab_size)
   model = Transformer(cfg)
   params = model.init(jax.random.key(1), tokens)["params"]
   train = lambda seed: model.apply({"params": params}, tokens, deterministic=False,

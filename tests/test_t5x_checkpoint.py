@@ -32,7 +32,7 @@ def _params(seed=1):
   return traverse_util.flatten_dict(params)
 
 
-def write_t5x(folder, flat, step=STEP, inline=(), param_states=True):
+def write_t5x(folder, flat, step=STEP, inline=(), param_states=True, slots=None):
   """A t5x checkpoint as t5x `Checkpointer.save` lays it out, written here independently:
   zarr arrays (gzip) at target.<path> and the msgpack state holding their relative specs
   (or, for paths in `inline`, the array itself, as t5x writes unpartitioned leaves)."""
@@ -50,7 +50,9 @@ def write_t5x(folder, flat, step=STEP, inline=(), param_states=True):
     ts.open(absolute, create=True, open=True).result().write(array).result()
     target[path] = ts.Spec(spec).to_json()
   state = {"step": np.int32(step)}
-  if param_states:  # Adafactor slots; never read by the import (specs of absent arrays)
+  if slots is not None:  # {param path: {v_row, v_col, v, m}}, inline
+    state["param_states"] = traverse_util.unflatten_dict(slots)
+  elif param_states:  # Adafactor slots; never read by the import (specs of absent arrays)
     state["param_states"] = {"decoder": {"v_row": {"driver": "zarr", "dtype": "float32",
                                                    "kvstore": {"driver": "file",
                                                                "path": "state.param_states.x"},
@@ -223,3 +225,35 @@ def test_released_hf_config_loads_as_is(t5x_dir, tmp_path):
       logits.append(model(tokens, use_cache=False).logits)
   assert type(model.config).__name__ == "OpenMoeConfig"
   torch.testing.assert_close(logits[0], logits[1], rtol=0, atol=0)
+
+
+def test_optimizer_state_is_read_only_when_asked_for(tmp_path, capsys):
+  """--t5x_optimizer_state: t5x's Adafactor slots (same fields and factored shapes as ours)."""
+  from openmoe_jax.hf_import import _fresh_opt_state
+  flat = _params()
+  fresh = _fresh_opt_state(traverse_util.unflatten_dict(flat), CFG)
+  rng = np.random.RandomState(0)
+  slots, want = {}, {}
+  for field in ("v_row", "v_col", "v", "m"):
+    for path, leaf in traverse_util.flatten_dict(getattr(fresh, field)).items():
+      value = rng.rand(*leaf.shape).astype(np.float32)
+      slots.setdefault(path, {})[field] = value
+      want[(field,) + path] = value
+  src = write_t5x(str(tmp_path / "with_slots"), flat, slots=slots)
+  plain, full = tmp_path / "plain", tmp_path / "full"
+  assert _import(src, plain) == 0
+  assert _import(src, full, "--t5x_optimizer_state") == 0
+  opt = traverse_util.flatten_dict(ckpt_lib.restore_params(str(full), params_key="opt_state"))
+  fresh_read = traverse_util.flatten_dict(
+      ckpt_lib.restore_params(str(plain), params_key="opt_state"))
+  assert int(opt[("count",)]) == STEP and int(fresh_read[("count",)]) == 0
+  for key, value in want.items():
+    np.testing.assert_array_equal(opt[key], value)
+    assert not np.any(fresh_read[key])
+  # a slot of another shape (factored differently) is one line, nothing written
+  path = ("decoder", "layers_0", "mlp", "wi_0", "kernel")
+  slots[path] = dict(slots[path], v_row=np.zeros((3,), np.float32))
+  bad = write_t5x(str(tmp_path / "bad_slots"), flat, slots=slots)
+  line = _fails(capsys, _import, bad, tmp_path / "never", "--t5x_optimizer_state")
+  assert "param_states/decoder/layers_0/mlp/wi_0/kernel/v_row" in line
+  assert not (tmp_path / "never").exists()

@@ -51,6 +51,14 @@ def test_quiet_cpu_default_only_without_a_tpu(monkeypatch):
   assert env == {}  # a TPU VM keeps JAX's own backend search
 
 
+def test_auto_choices_follow_the_compiled_estimates():
+  from openmoe_jax import grouped, moe, target
+  assert grouped.resolve("auto") == "blocked" and moe.resolve_dispatch("auto") == "gather"  # CPU
+  with target.compiling_for("tpu"):
+    assert grouped.resolve("auto") == "ragged_dot" and moe.resolve_dispatch("auto") == "gather"
+    assert grouped.resolve("pallas") == "pallas"
+
+
 def test_collectives_count_loop_bodies_by_trip_count():
   hlo = """HloModule m
 
