@@ -221,10 +221,22 @@ def test_raw_c4_train_skips_the_held_out_validation_documents(tmp_path):
 
 
 def test_full_lm_rows_end_as_append_eos_after_trim_makes_them():
-  """T5's full_lm task: full rows are 63 tokens of the stream + EOS (the 64th is dropped)."""
-  task = seqio.get_mixture_or_task("builtin_corpus_full_lm")
-  eos = task.output_features["targets"].vocabulary.eos_id
-  rows = list(task.get_dataset({"targets": 64}, shuffle=False, seed=0, num_epochs=1)
-              .take(20).as_numpy_iterator())
+  """T5's full_lm task (OpenMoE's tasks, the default of common.add_task): full rows are 63
+  tokens of the stream + EOS (the 64th is dropped). The built-in quick-start tasks keep every
+  target token: the same stream, the 64th token instead of EOS."""
+  from openmoe_jax import vocab
+  from tasks import common, sources
+  common.add_task("test_corpus_full_lm_t5", sources.stdlib_source("source"), "full_lm",
+                  vocab.builtin_vocabulary())
+  t5_task = seqio.get_mixture_or_task("test_corpus_full_lm_t5")
+  ours = seqio.get_mixture_or_task("builtin_corpus_full_lm")
+  eos = t5_task.output_features["targets"].vocabulary.eos_id
+  take = lambda task: list(task.get_dataset({"targets": 64}, shuffle=False, seed=0,
+                                            num_epochs=1).take(20).as_numpy_iterator())
+  rows, kept = take(t5_task), take(ours)
   assert rows and all(len(r["targets"]) <= 64 and r["targets"][-1] == eos for r in rows)
   assert sum(len(r["targets"]) == 64 for r in rows) >= 10
+  for a, b in zip(rows, kept):
+    assert len(a["targets"]) == len(b["targets"])
+    np.testing.assert_array_equal(a["targets"][:-1], b["targets"][:-1])
+  assert any(b["targets"][-1] != eos for b in kept)
