@@ -38,17 +38,24 @@ def abstract_batch(mesh, batch_size: int, length: int):
           for k in data.BATCH_KEYS}
 
 
+def jit_train_step(cfg, tx, schedule, state_sh, batch_sh, *, num_microbatches: int = 1,
+                   seed: int = 0):
+  """The jitted train step, with its shardings and the state donated: the one definition the
+  training loop runs and the ahead-of-time compile (`lower_train_step`) measures."""
+  return jax.jit(lambda s, b: steps.train_step(s, b, cfg=cfg, tx=tx, schedule=schedule,
+                                               num_microbatches=num_microbatches, seed=seed),
+                 in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None),
+                 donate_argnums=(0,))
+
+
 def lower_train_step(cfg, tx, schedule, mesh, *, batch_size: int, length: int,
                      num_microbatches: int = 1, seed: int = 0):
   """(the jitted step exactly as train.py builds it, lowered for `mesh` from abstract shapes,
   the abstract state)."""
   init_fn = lambda rng: steps.init_state(cfg, tx, rng, batch_size // num_microbatches, length)
   state_sh, abstract = state_layout(init_fn, mesh, jax.random.key(seed))
-  batch_sh = part.batch_sharding(mesh)
-  fn = jax.jit(lambda s, b: steps.train_step(s, b, cfg=cfg, tx=tx, schedule=schedule,
-                                             num_microbatches=num_microbatches, seed=seed),
-               in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None),
-               donate_argnums=(0,))
+  fn = jit_train_step(cfg, tx, schedule, state_sh, part.batch_sharding(mesh),
+                      num_microbatches=num_microbatches, seed=seed)
   with jax.set_mesh(mesh), nn.logical_axis_rules(part.axis_rules()):
     return fn.lower(abstract, abstract_batch(mesh, batch_size, length)), abstract
 

@@ -76,7 +76,7 @@ def plan(cfg, slice_name: str, *, num_expert_partitions: int, num_model_partitio
   Configuration errors (unknown slice, mesh, experts, batch, groups) raise UsageError.
   """
   import jax
-  from openmoe_jax import counts, hlo_stats, layout, partitioning, routing, target, tpu
+  from openmoe_jax import counts, hlo_stats, layout, partitioning, target, tpu
   from openmoe_jax.optimizer import make_optimizer
   s = tpu.parse_slice(slice_name)
   tpu.compile_host(s)
@@ -86,17 +86,12 @@ def plan(cfg, slice_name: str, *, num_expert_partitions: int, num_model_partitio
     partitioning.check_experts_divisible(cfg.num_experts, mesh)
   except ValueError as e:
     raise UsageError(f"{e} on {slice_name} ({s.num_devices} devices)") from None
-  shards = mesh.shape["data"] * mesh.shape["expert"] * num_microbatches
-  if batch_size % shards:
-    raise UsageError(f"batch size {batch_size} must divide by data*expert partitions x "
-                     f"microbatches = {shards} on {slice_name}")
+  try:
+    partitioning.check_batch_divisible(batch_size, mesh, num_microbatches, name="batch size")
+  except ValueError as e:
+    raise UsageError(f"{e} on {slice_name}") from None
+  # Token counts that do not split into routing groups are padded by the MoE layer (flaxformer).
   cfg = _resolve_auto(cfg.replace(num_expert_replicas=mesh.shape["data"]))
-  if cfg.num_experts and cfg.moe_layers:
-    rows = batch_size // num_microbatches
-    try:
-      routing.num_groups(rows * seq_len, cfg.group_size, cfg.num_experts, cfg.num_expert_replicas)
-    except ValueError as e:
-      raise UsageError(f"{e} ({rows} rows x {seq_len} tokens per microbatch)") from None
   from openmoe_jax import steps  # pylint: disable=g-import-not-at-top
   try:
     tx, schedule = make_optimizer(optimizer, param_axes=steps.param_axes(cfg),

@@ -165,10 +165,8 @@ def _train_locked(*, cfg, model_config, model_dir, mixture_or_task_name, task_fe
                             param_axes=steps.param_axes(cfg))
   # --- jit ---
   batch_sh = part.batch_sharding(mesh)
-  step_fn = jax.jit(
-      lambda s, b: steps.train_step(s, b, cfg=cfg, tx=tx, schedule=schedule,
-                                    num_microbatches=num_microbatches, seed=seed),
-      in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None), donate_argnums=(0,))
+  step_fn = layout.jit_train_step(cfg, tx, schedule, state_sh, batch_sh,
+                                  num_microbatches=num_microbatches, seed=seed)
   eval_fn = jax.jit(lambda p, b: steps.eval_step(p, b, cfg=cfg),
                     in_shardings=(param_sh, batch_sh))
   # --- files: only now, when every check has passed ---

@@ -177,7 +177,7 @@ def _error(capsys):
     (["--tpu=v9-8"], "unknown accelerator type"),
     (["--tpu=v4:2x2x1", "--num_model_partitions=3"], "cannot be split"),
     (["--tpu=v4:2x2x1", "--num_expert_partitions=4", "--gin.NUM_EXPERTS=6"], "not divisible"),
-    (["--tpu=v4:2x2x1", "--num_expert_partitions=4", "--batch_size=6"], "must divide"),
+    (["--tpu=v4:2x2x1", "--num_expert_partitions=4", "--batch_size=6"], "must be divisible"),
 ])
 def test_bad_input_is_one_line_exit_2(args, message, capsys):
   assert info.main(TINY + args) == 2
