@@ -63,7 +63,10 @@ class RunLock:
     if other is None:
       if fs.is_url(self.path):
         return "unreadable lock file"
-      age = time.time() - os.path.getmtime(self.path)
+      try:
+        age = time.time() - os.path.getmtime(self.path)
+      except OSError:
+        return "lock file removed"
       return "unreadable lock file" if age > self.stale_secs else None
     if other.get("host") == self.owner["host"] and not _pid_running(int(other.get("pid", -1))):
       return "that process is not running"
