@@ -194,7 +194,10 @@ def distributed_settings(args, environ) -> Union[None, str, Tuple[str, int, int]
   if address == "auto":
     return "auto"
   if not address:
-    gke_tpu = environ.get("TPU_WORKER_HOSTNAMES") or environ.get("MEGASCALE_COORDINATOR_ADDRESS")
+    # Several TPU workers (GKE sets their hostnames); one worker ("localhost", as the compile-only
+    # TPU planner sets it) is a single process.
+    gke_tpu = ("," in environ.get("TPU_WORKER_HOSTNAMES", "")
+               or environ.get("MEGASCALE_COORDINATOR_ADDRESS"))
     slurm_step = (all(environ.get(v) for v in ("SLURM_JOB_ID", "SLURM_STEP_NODELIST",
                                                "SLURM_PROCID", "SLURM_LOCALID"))
                   and (_env_int(environ, "SLURM_NTASKS") or 1) > 1)

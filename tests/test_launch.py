@@ -197,6 +197,7 @@ def test_openmoe_train_takes_flags_then_launcher_environment_then_slurm():
   assert _settings(dict(slurm, SLURM_NTASKS="1")) is None
   assert _settings({"OPENMOE_COORDINATOR_ADDRESS": "auto"}) == "auto"
   assert _settings({"TPU_WORKER_HOSTNAMES": "t0,t1"}) == "auto"
+  assert _settings({"TPU_WORKER_HOSTNAMES": "localhost"}) is None  # one worker: one process
   for bad in ({"OPENMOE_COORDINATOR_ADDRESS": "h:1"}, dict(ours, OPENMOE_PROCESS_INDEX="4"),
               dict(ours, OPENMOE_PROCESS_COUNT="four")):
     with pytest.raises(UsageError):
