@@ -240,12 +240,14 @@ def test_the_link_check_sees_links_and_anchors():
 def test_nothing_points_outside_the_repository():
   """Code and docs cite OpenMoE's paper and code, never notes a clone does not have."""
   import re
-  bad = re.compile(r"\.\./shared|shared/reference|spec §|OPENMOE_SPEC|PEERS\.md|STACK\.md|"
-                   r"STYLE\.md")
+  # Built from parts so this file does not itself name the notes it looks for.
+  notes = ["OPENMOE_" + "SPEC", "PEERS" + r"\.md", "STACK" + r"\.md", "STYLE" + r"\.md"]
+  bad = re.compile("|".join([r"\.\./" + "shared", "shared/" + "reference", "spec" + " §",
+                             *notes]))
   hits = []
   for path in ROOT.rglob("*"):
     if (path.suffix in (".py", ".md", ".gin", ".txt", ".sh", ".cfg", ".toml") and ".venv" not in
-        path.parts and ".git" not in path.parts and path.name != "test_docs.py"):
+        path.parts and ".git" not in path.parts):
       for i, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
         if bad.search(line):
           hits.append(f"{path.relative_to(ROOT)}:{i}")
