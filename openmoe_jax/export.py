@@ -126,6 +126,18 @@ def _umask() -> int:
   return mask
 
 
+def _publish(tmp: str, output_dir: str, marker: dict) -> None:
+  """Gives the finished folder `tmp` the user's umask (mkdtemp makes 0700) and the export
+  marker, then puts it in place of `output_dir` (an earlier export, checked by
+  `check_output_dir`)."""
+  os.chmod(tmp, 0o777 & ~_umask())
+  with open(os.path.join(tmp, EXPORT_MARKER), "w") as f:
+    json.dump(marker, f)
+  if os.path.exists(output_dir):
+    shutil.rmtree(output_dir) if os.path.isdir(output_dir) else os.remove(output_dir)
+  os.replace(tmp, output_dir)
+
+
 def check_output_dir(model_dir: str, output_dir: str, overwrite: bool) -> None:
   """Refuses an output folder that would put the run (or anything but an earlier export) at risk.
 
@@ -186,12 +198,8 @@ def export_t5x(model_dir: str, output_dir: str, *, step=None, dtype: str = "floa
     name = t5x_checkpoint.checkpoint_name(step)
     count = t5x_checkpoint.write_checkpoint(
         os.path.join(tmp, name), step, ((p, reader.read(p)) for p in paths), dtype)
-    os.chmod(tmp, 0o777 & ~_umask())
-    with open(os.path.join(tmp, EXPORT_MARKER), "w") as f:
-      json.dump({"model_dir": os.path.abspath(model_dir), "step": step, "format": "t5x"}, f)
-    if os.path.exists(output_dir):
-      shutil.rmtree(output_dir) if os.path.isdir(output_dir) else os.remove(output_dir)
-    os.replace(tmp, output_dir)
+    _publish(tmp, output_dir, {"model_dir": os.path.abspath(model_dir), "step": step,
+                               "format": "t5x"})
   finally:
     reader.close()
     if os.path.exists(tmp):
@@ -256,12 +264,7 @@ def export(model_dir: str, output_dir: str, *, step=None, dtype: str = "float32"
     _write_tokenizer(tmp, spm)
     shutil.copyfile(os.path.join(_HERE, "hf", "modeling_openmoe.py"),
                     os.path.join(tmp, "modeling_openmoe.py"))
-    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; the folder gets the user's umask
-    with open(os.path.join(tmp, EXPORT_MARKER), "w") as f:
-      json.dump({"model_dir": os.path.abspath(model_dir), "step": step}, f)
-    if os.path.exists(output_dir):
-      shutil.rmtree(output_dir) if os.path.isdir(output_dir) else os.remove(output_dir)
-    os.replace(tmp, output_dir)
+    _publish(tmp, output_dir, {"model_dir": os.path.abspath(model_dir), "step": step})
   finally:
     reader.close()
     if os.path.exists(tmp):
