@@ -2,12 +2,16 @@
 
 `state` is the train-state pytree (sharded jax.Arrays; restored onto any mesh by passing target
 shardings), `data` a JSON dict (the data iterator state; orbax writes it from process 0 only, so
-multi-process callers gather every process's part first, `allgather_json`). Orbax writes a step into a
+multi-process callers gather every process's part first, `allgather_json`). When the input
+pipeline can save its position, `data_positions/shard_<k>.tfdata` holds each data shard's saved
+tf.data iterator, written by the process that reads the shard (as t5x saves its tf.data
+iterators beside the train state), so a resume restores the input without replaying it. Orbax writes a step into a
 `<step>.orbax-checkpoint-tmp*` directory and renames it (or, on object stores, records the
 commit) only when complete, so a crash mid-save never touches an existing checkpoint.
 """
+import dataclasses
 import json
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 import jax
 import numpy as np
@@ -16,7 +20,7 @@ from etils import epath
 
 from openmoe_jax import fs
 
-STATE, DATA = 'state', 'data'
+STATE, DATA, POSITIONS = 'state', 'data', 'data_positions'
 _STEP_METADATA = '_CHECKPOINT_METADATA'
 SET_ASIDE_DIR = 'checkpoints_set_aside'
 
@@ -85,6 +89,55 @@ def allgather_json(obj: Any) -> list:
   return [json.loads(bytes(row[:n]).decode()) for row, n in zip(rows, sizes)]
 
 
+def _position_file(shard_index: int) -> str:
+  return f'shard_{shard_index:05d}.tfdata'
+
+
+class _PositionsHandler(ocp.AsyncCheckpointHandler):
+  """Writes the data positions of this process's shards (every process writes its own files)."""
+
+  async def _write(self, directory: epath.Path, shards: Mapping[int, bytes]) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    for index, blob in shards.items():
+      (directory / _position_file(int(index))).write_bytes(blob)
+
+  async def async_save(self, directory: epath.Path, args: 'PositionsSave'):
+    from orbax.checkpoint import future  # pylint: disable=g-import-not-at-top
+    return [future.CommitFutureAwaitingContractedSignals(
+        self._write(directory, args.shards), name='data_positions_save')]
+
+  def save(self, directory: epath.Path, args: 'PositionsSave') -> None:
+    for index, blob in args.shards.items():
+      directory.mkdir(parents=True, exist_ok=True)
+      (directory / _position_file(int(index))).write_bytes(blob)
+
+  def restore(self, directory: epath.Path, args: Optional['PositionsRestore'] = None) -> dict:
+    indices = (args.shard_indices if args is not None else None) or []
+    return {k: (directory / _position_file(k)).read_bytes() for k in indices}
+
+
+@ocp.args.register_with_handler(_PositionsHandler, for_save=True)
+@dataclasses.dataclass
+class PositionsSave(ocp.args.CheckpointArgs):
+  shards: Mapping[int, bytes]
+
+
+@ocp.args.register_with_handler(_PositionsHandler, for_restore=True)
+@dataclasses.dataclass
+class PositionsRestore(ocp.args.CheckpointArgs):
+  shard_indices: Optional[list] = None
+
+
+def read_positions(model_dir, step: int, shard_indices) -> Optional[dict]:
+  """{shard index: saved tf.data position} of checkpoint `step`, or None when the checkpoint
+  holds no position for one of these shards (its pipeline could not save one: replay)."""
+  directory = checkpoint_dir(model_dir) / str(step) / POSITIONS
+  files = {k: directory / _position_file(k) for k in shard_indices}
+  if not all(f.exists() for f in files.values()):
+    return None
+  return {k: f.read_bytes() for k, f in files.items()}
+
+
 class Checkpointer:
   """Async save / restore of (train state, data state) for one MODEL_DIR.
 
@@ -103,10 +156,11 @@ class Checkpointer:
     self.directory = checkpoint_dir(model_dir)
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                            enable_async_checkpointing=async_save)
-    self._manager = ocp.CheckpointManager(self.directory, item_names=(STATE, DATA),
+    self._manager = ocp.CheckpointManager(self.directory, item_names=(STATE, DATA, POSITIONS),
                                           options=options)
 
-  def save(self, step: int, state: Any, data_state: dict, *, force: bool = False) -> bool:
+  def save(self, step: int, state: Any, data_state: dict, *, force: bool = False,
+           data_positions: Optional[Mapping[int, bytes]] = None) -> bool:
     """Starts saving `state` and the JSON-serialisable `data_state` as checkpoint `step`.
 
     Waits for the previous async save first. Old checkpoints beyond `max_to_keep` are deleted
@@ -117,6 +171,8 @@ class Checkpointer:
       state: pytree of jax.Arrays / numpy arrays / scalars (e.g. params, opt state, step).
       data_state: JSON-serialisable dict, e.g. the data iterator position.
       force: passed to orbax: save even if its save policy would skip this step.
+      data_positions: {shard index: saved tf.data iterator} of this process's data shards
+        (collective: every process passes its own, or every process passes None).
 
     Returns:
       False if skipped because a checkpoint for this or a later step already exists.
@@ -125,9 +181,10 @@ class Checkpointer:
       orbax.checkpoint.checkpoint_manager.StepAlreadyExistsError: force=True on an existing step
         (existing checkpoints are never overwritten).
     """
-    args = ocp.args.Composite(**{STATE: ocp.args.StandardSave(state),
-                                 DATA: ocp.args.JsonSave(data_state)})
-    return self._manager.save(step, args=args, force=force)
+    items = {STATE: ocp.args.StandardSave(state), DATA: ocp.args.JsonSave(data_state)}
+    if data_positions is not None:
+      items[POSITIONS] = PositionsSave(dict(data_positions))
+    return self._manager.save(step, args=ocp.args.Composite(**items), force=force)
 
   def all_steps(self) -> list[int]:
     return list_steps(self.directory.parent)

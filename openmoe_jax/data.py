@@ -10,9 +10,11 @@ seqio's `DecoderFeatureConverter(pack=True)` (PrefixLM conversion when the task 
 Loss weights are 1 on targets only. `decoder_causal_attention` is dropped: OpenMoE attends
 causally everywhere (XueFuzhao/flaxformer `moe_decoder_only.gin`: no bidirectional prefix). Each host reads its own shard (`seqio.ShardInfo`, default
 jax.process_index() of jax.process_count()). For a seed the stream is fixed; `get_state()`
-returns `{seed, batches_consumed, ...}` (JSON), and `set_state` rebuilds the pipeline and
-replays it to that point, so a resumed run sees exactly the batches an uninterrupted run would.
-Replay costs the pipeline's time for the skipped batches (see benchmarks/RESULTS.md).
+returns `{seed, batches_consumed, ...}` (JSON) and `save_position()` the tf.data iterator's own
+saved state (bytes) when the pipeline can save one. `set_state(state, position)` restores that
+position, which costs the same at any step; without one (a pipeline reading a Python generator
+cannot be saved) it rebuilds the pipeline and replays it to the saved batch. Either way a resumed
+run sees exactly the batches an uninterrupted run would (see benchmarks/RESULTS.md for the cost).
 seqio and TensorFlow are imported on first use (~5 s).
 """
 import dataclasses
@@ -156,6 +158,9 @@ def build_dataset(config: DataConfig, shard_index: int = 0, num_shards: int = 1)
   ds = ds.batch(config.batch_size // num_shards, drop_remainder=config.drop_remainder)
   options = tf.data.Options()
   options.deterministic = True
+  # The Python calls in the sources are pure functions of their inputs (a document of a file),
+  # so the iterator's position is all there is to save (a Python generator still refuses).
+  options.experimental_external_state_policy = tf.data.experimental.ExternalStatePolicy.IGNORE
   return ds.with_options(options).prefetch(tf.data.AUTOTUNE)
 
 
@@ -165,6 +170,11 @@ class DataStateMismatchError(UsageValueError):
 
 class DataIterator:
   """Iterator of numpy batches (dict of int32 arrays, keys `BATCH_KEYS`) with exact resume."""
+
+  # Why `save_position` returns None (the pipeline cannot save its position).
+  unsaveable_reason: Optional[str] = None
+  # Why a resume replayed the stream although a saved position was given.
+  restore_failure: Optional[str] = None
 
   def __init__(self, config: DataConfig, shard_index: Optional[int] = None,
                num_shards: Optional[int] = None):
@@ -177,13 +187,40 @@ class DataIterator:
     self.num_shards = num_shards
     self._consumed = 0
     self._iterator: Optional[Iterator] = None
+    self._position: Optional[bytes] = None  # a saved tf.data position to restore on start
+    self.resumed_by: Optional[str] = None  # 'position' or 'replay' after a resume
 
   def _start(self) -> None:
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
     ds = build_dataset(self.config, self.shard_index, self.num_shards)
+    position, self._position = self._position, None
+    if position is not None:
+      iterator = iter(ds)
+      try:
+        iterator._restore(tf.constant(position))  # pylint: disable=protected-access
+        self._iterator, self.resumed_by = iterator, "position"
+        return
+      except tf.errors.OpError as e:
+        self.restore_failure = f"the saved position did not restore ({error_line(e)})"
     if self._consumed:
       # Exact resume: replay the deterministic stream up to where the saved run stopped.
       ds = ds.skip(self._consumed)
-    self._iterator = ds.as_numpy_iterator()
+      self.resumed_by = "replay"
+    self._iterator = iter(ds)
+
+  def save_position(self) -> Optional[bytes]:
+    """The tf.data iterator's saved state at this point of the stream (bytes), or None when the
+    pipeline cannot save one (a Python-generator source; `unsaveable_reason` says why)."""
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    if self.unsaveable_reason is not None:
+      return None
+    if self._iterator is None:
+      self._start()
+    try:
+      return self._iterator._save().numpy()  # pylint: disable=protected-access
+    except tf.errors.OpError as e:
+      self.unsaveable_reason = error_line(e).split("}}")[-1].strip()
+      return None
 
   def __iter__(self) -> "DataIterator":
     return self
@@ -191,7 +228,7 @@ class DataIterator:
   def __next__(self) -> Dict[str, np.ndarray]:
     if self._iterator is None:
       self._start()
-    batch = next(self._iterator)
+    batch = {k: v.numpy() for k, v in next(self._iterator).items()}
     self._consumed += 1
     return batch
 
@@ -205,8 +242,11 @@ class DataIterator:
             "shard_index": self.shard_index, "num_shards": self.num_shards,
             **_config_state(self.config)}
 
-  def set_state(self, state: Mapping[str, Any]) -> None:
+  def set_state(self, state: Mapping[str, Any], position: Optional[bytes] = None) -> None:
     """Continues from `state` (from `get_state`); the next batch is batch `batches_consumed`.
+
+    `position` (from `save_position` at the same point) restores the pipeline in constant time;
+    without it the stream is replayed from its start.
 
     Raises:
       DataStateMismatchError: the state belongs to another pipeline (name, lengths, batch,
@@ -223,6 +263,9 @@ class DataIterator:
     self.config = dataclasses.replace(self.config, seed=int(state["seed"]))
     self._consumed = int(state["batches_consumed"])
     self._iterator = None
+    self._position = position
+    if position is not None:
+      self._start()  # now, so a position that does not restore falls back to replay here
 
 
 def _config_state(config: DataConfig) -> Dict[str, Any]:
@@ -295,21 +338,51 @@ class ShardedIterator:
       raise UsageError(f"the first batch of {name} could not be made: {type(e).__name__}: "
                        f"{error_line(e)}") from None
 
+  @property
+  def shard_indices(self) -> list:
+    """The data shards this process reads."""
+    return [it.shard_index for it in self._its]
+
   def get_state(self):
     """The position of every shard of every process, `{"shards": [...]}` in shard order.
 
     Collective in multi-process runs (every process calls it), because the checkpoint's data
     item is written by process 0 alone.
     """
-    from openmoe_jax.checkpoint import allgather_json  # pylint: disable=g-import-not-at-top
-    mine = [it.get_state() for it in self._its]
-    shards = [s for part in allgather_json(mine) for s in part]
-    return {"shards": sorted(shards, key=lambda s: s["shard_index"])}
+    return self.checkpoint_items()[0]
 
-  def set_state(self, state):
-    """Continues each of this process's shards from the saved shard with its index."""
+  def checkpoint_items(self):
+    """(`get_state()`, {shard index: saved tf.data position} of this process's shards or None).
+
+    The positions are None on every process alike when any shard's pipeline cannot save one
+    (collective, like `get_state`).
+    """
+    from openmoe_jax.checkpoint import allgather_json  # pylint: disable=g-import-not-at-top
+    positions = {it.shard_index: it.save_position() for it in self._its}
+    mine = [{**it.get_state(), "position_saved": positions[it.shard_index] is not None}
+            for it in self._its]
+    shards = sorted((s for part in allgather_json(mine) for s in part),
+                    key=lambda s: s["shard_index"])
+    saved = all(s.pop("position_saved") for s in shards)
+    return {"shards": shards}, (positions if saved else None)
+
+  @property
+  def unsaveable_reason(self) -> Optional[str]:
+    return next((it.unsaveable_reason for it in self._its if it.unsaveable_reason), None)
+
+  def set_state(self, state, positions: Optional[Mapping[int, bytes]] = None) -> str:
+    """Continues each of this process's shards from the saved shard with its index; returns a
+    line saying how (restored position, or replay and why)."""
     self._first = None
     saved = {s.get("shard_index"): s for s in state["shards"]}
+    positions = positions or {}
     for it in self._its:
       # No saved shard with this index: the shard count changed, which set_state reports.
-      it.set_state(saved.get(it.shard_index, state["shards"][0]))
+      it.set_state(saved.get(it.shard_index, state["shards"][0]), positions.get(it.shard_index))
+    consumed = self._its[0].batches_consumed
+    if all(it.resumed_by == "position" for it in self._its):
+      return f"input restored at batch {consumed} from the saved pipeline position"
+    why = next((it.restore_failure for it in self._its if it.restore_failure), None) or (
+        "the checkpoint holds no pipeline position (its input pipeline could not save one, "
+        "e.g. a source that reads a Python generator)")
+    return f"input replayed to batch {consumed} (takes as long as reading them): {why}"

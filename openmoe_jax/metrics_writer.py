@@ -8,6 +8,7 @@ loop calls it after each checkpoint) and on `close()`. TensorBoard events go thr
 tensorboardX, whose event files reach URLs through tf.io.gfile.
 """
 import json
+import os
 import time
 from typing import Dict
 
@@ -60,6 +61,12 @@ class MetricsWriter:
     fs.makedirs(model_dir)
     self._path = fs.join(model_dir, METRICS_FILE)
     self._rows = None  # URL model dirs: the file's whole content, one string per row
+    if not fs.is_url(model_dir) and os.path.exists(self._path):
+      # A run killed in the middle of a row leaves it unterminated: end it, so the rows of the
+      # resumed run start on their own lines (readers skip the broken one).
+      with open(self._path, "rb+") as f:
+        if f.seek(0, os.SEEK_END) and (f.seek(-1, os.SEEK_END), f.read(1))[1] != b"\n":
+          f.write(b"\n")
     if fs.is_url(model_dir):
       text = fs.read_text(self._path) if fs.exists(self._path) else ""
       self._rows = [line + "\n" for line in text.splitlines() if line]

@@ -1,6 +1,8 @@
 """How a run starts from its MODEL_DIR: the lock, damaged steps set aside, the newest checkpoint
 that reads, or another run's parameters (fine-tuning).
 """
+import logging
+import sys
 from typing import Optional
 
 import jax
@@ -51,6 +53,7 @@ def restore_newest(model_dir: str, abstract, keep_checkpoints: int, say):
     try:
       state, data_state = ckpt.restore(s, abstract)
     except Exception as e:  # pylint: disable=broad-except  (any damage: try the next older)
+      _quiet_failed_reads()
       ckpt.close()
       failed.append((s, _short_error(e)))
       continue
@@ -69,6 +72,49 @@ def restore_newest(model_dir: str, abstract, keep_checkpoints: int, say):
     raise TrainingError(f"no checkpoint in {ckpt_lib.checkpoint_dir(model_dir)} could be read "
                         f"(newest, step {s}: {why}); nothing was changed")
   return None
+
+
+class _FailedReadTasks(logging.Filter):
+  """Drops asyncio's "... exception was never retrieved" reports of orbax's sibling reads."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if "exception was never retrieved" not in record.getMessage().split("\n", 1)[0]:
+      return True
+    value, tb = (record.exc_info or (None, None, None))[1:]
+    return not (_read_leftover(value, tb) or "orbax" in record.getMessage())
+
+
+def _quiet_failed_reads() -> None:
+  """Keeps the leftovers of a failed checkpoint read off the terminal.
+
+  When one array of a damaged checkpoint fails to read, orbax closes its event loop while
+  TensorStore still reads the others: each of those reads later reports "Event loop is closed"
+  as an unraisable exception from a TensorStore thread, the read coroutines still running are
+  closed with their errors never awaited, and asyncio logs the read tasks whose exceptions
+  nobody retrieved, each with a full traceback (thousands of lines, at any later time). The
+  failure is already said in one line; only these leftovers are dropped.
+  """
+  log = logging.getLogger("asyncio")
+  if not any(isinstance(f, _FailedReadTasks) for f in log.filters):
+    log.addFilter(_FailedReadTasks())
+  previous = sys.unraisablehook
+  if not getattr(previous, "drops_closed_loop", False):
+    def hook(unraisable):
+      if not _read_leftover(unraisable.exc_value, unraisable.exc_traceback):
+        previous(unraisable)
+    hook.drops_closed_loop = True
+    sys.unraisablehook = hook
+
+
+def _read_leftover(value, tb) -> bool:
+  """A closed-loop callback or an orbax read coroutine closed with its error never awaited."""
+  if isinstance(value, RuntimeError) and str(value) == "Event loop is closed":
+    return True
+  while tb is not None:
+    if "orbax" in tb.tb_frame.f_code.co_filename.replace("\\", "/").split("/"):
+      return True
+    tb = tb.tb_next
+  return False
 
 
 def _short_error(e: BaseException) -> str:

@@ -146,10 +146,13 @@ def _train_locked(*, cfg, model_config, model_dir, mixture_or_task_name, task_fe
   # --- state: the newest checkpoint that reads, else an initial checkpoint, else init ---
   resume.set_aside_incomplete(model_dir, console.Say(None))
   restored = resume.restore_newest(model_dir, abstract, keep_checkpoints, console.Say(None))
-  ckpt = None
+  ckpt, data_note = None, None
   if restored is not None:
-    ckpt, state, data_state, _ = restored
-    train_iter.set_state(data_state)  # another pipeline's position: UsageError
+    ckpt, state, data_state, restored_step = restored
+    positions = ckpt_lib.read_positions(model_dir, restored_step, train_iter.shard_indices)
+    # Another pipeline's position: UsageError. A saved tf.data position restores in constant
+    # time; without one the stream is replayed (said, with the reason).
+    data_note = train_iter.set_state(data_state, positions)
   elif initial_checkpoint_dir:
     state = resume.init_from(initial_checkpoint_dir, tx, abstract, state_sh, mesh)
   else:
@@ -180,8 +183,9 @@ def _train_locked(*, cfg, model_config, model_dir, mixture_or_task_name, task_fe
         layout={"num_expert_replicas": cfg.num_expert_replicas,
                 "num_data_shards": num_data_shards or jax.process_count(),
                 "process_count": jax.process_count(), "mesh": dict(mesh.shape)})
-    if resume_note:
-      console.Say(None)(resume_note)
+    for note in (resume_note, data_note):
+      if note:
+        console.Say(None)(note)
   writer = MetricsWriter(model_dir, enabled=jax.process_index() == 0)
   flops_per_token = counts.summarize(cfg, seq_len=length)["train_flops_per_token"]
   peak = (peak_flops_per_device * jax.device_count() if peak_flops_per_device
@@ -219,7 +223,8 @@ def _train_locked(*, cfg, model_config, model_dir, mixture_or_task_name, task_fe
         stop = interrupts.stop_at(step)
         if step % checkpoint_period == 0 or step == end or stop:
           if _finite_or_stop(step, metrics, ckpt, fail_on_nan, say):
-            ckpt.save(step, state, train_iter.get_state(), force=True)
+            data_state, positions = train_iter.checkpoint_items()
+            ckpt.save(step, state, data_state, force=True, data_positions=positions)
             saved_at = step
           writer.flush()  # URL model dirs rewrite metrics.jsonl at most every minute otherwise
         if eval_period and step % eval_period == 0:

@@ -20,7 +20,7 @@ import gzip
 import io
 import json
 import os
-from typing import Callable, Iterator, Mapping, Optional, Sequence
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 import gin
 import numpy as np
@@ -85,13 +85,7 @@ def _open_text_lines(path: str) -> Iterator[bytes]:
 def read_jsonl(path: str, field: str = "text") -> Iterator:
   """Raw `field` values of a JSON-lines file; undecodable lines come back as invalid bytes."""
   for line in _open_text_lines(path):
-    if not line.strip():
-      yield ""
-      continue
-    try:
-      yield json.loads(line)[field]
-    except (UnicodeDecodeError, ValueError, KeyError, TypeError):
-      yield b"\xff"  # counted as invalid by clean_document
+    yield _jsonl_line(line, field)
 
 
 def read_text_lines(path: str, field: Optional[str] = None) -> Iterator[bytes]:
@@ -105,6 +99,29 @@ def read_parquet(path: str, column: str = "content") -> Iterator:
   import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
   for batch in pq.ParquetFile(path).iter_batches(columns=[column], batch_size=256):
     yield from (v if v is not None else "" for v in batch.column(0).to_pylist())
+
+
+def _jsonl_line(line: bytes, field: str = "text"):
+  """`read_jsonl`'s value for one line."""
+  if not line.strip():
+    return ""
+  try:
+    return json.loads(line)[field]
+  except (UnicodeDecodeError, ValueError, KeyError, TypeError):
+    return b"\xff"  # counted as invalid by clean_document
+
+
+def line_parser_for(path: str, field: str = "text") -> Optional[Callable[[bytes], Any]]:
+  """The per-line parser of a file TensorFlow can read line by line (`.jsonl`, `.json`, `.txt`,
+  plain or `.gz`), or None (parquet, zstd: read by a Python generator)."""
+  if path.endswith(".zst"):
+    return None
+  base = path[:-3] if path.endswith(".gz") else path
+  if base.endswith((".jsonl", ".json")):
+    return lambda line: _jsonl_line(line, field)
+  if base.endswith(".txt"):
+    return lambda line: line.rstrip(b"\r\n")
+  return None
 
 
 def reader_for(path: str) -> Callable[[str], Iterator]:
@@ -121,23 +138,39 @@ def reader_for(path: str) -> Callable[[str], Iterator]:
 
 # --------------------------------------------------------------------------- sources
 class DocumentSource(seqio.DataSource):
-  """Documents `{"text": str}` read by Python from a list of files per split.
+  """Documents `{"text": str}` from a list of files per split.
 
   Sharding is by file when there are at least as many files as shards (seqio decides through
   `list_shards`), otherwise seqio shards the examples; either way host shards are disjoint and
   together cover the split. The file order is shuffled with the seed when `shuffle` is set.
+
+  How files are read decides whether a training run resumes its input in constant time:
+  `read_document` (one document per file, the built-in corpus) and `parse_line` (files
+  TensorFlow reads line by line: JSON lines and text, plain or gzip) build a pipeline of
+  TensorFlow datasets whose position tf.data can save; `read_file` (a Python generator, e.g.
+  parquet or zstd) cannot be saved, and a resumed run replays the stream instead.
   """
 
   def __init__(self, name: str, list_files: Callable[[str], Sequence[str]],
-               read_file: Callable[[str], Iterator], splits: Sequence[str] = ("train",),
+               read_file: Optional[Callable[[str], Iterator]] = None,
+               splits: Sequence[str] = ("train",),
                max_chars: int = corpus.MAX_DOCUMENT_CHARS, max_examples: Mapping = None,
-               skip_examples: Mapping = None):
-    """max_examples: split -> documents kept (the first ones); skip_examples: split ->
-    {file: leading documents of that file left out} (a held-out slice)."""
+               skip_examples: Mapping = None, *,
+               read_document: Optional[Callable[[str], Any]] = None,
+               parse_line: Optional[Callable[[str], Optional[Callable[[bytes], Any]]]] = None):
+    """read_file: path -> raw documents (a generator); read_document: path -> the file's one
+    raw document; parse_line: path -> that file's line parser (line -> raw document), or None
+    for a file that is read by `read_file`. max_examples: split -> documents kept (the first
+    ones); skip_examples: split -> {file: leading documents of that file left out} (a held-out
+    slice)."""
     super().__init__(splits=splits, num_input_examples=None, caching_permitted=True)
+    if read_file is None and read_document is None:
+      raise ValueError("give read_file or read_document")
     self._name = name
     self._list_files = list_files
     self._read_file = read_file
+    self._read_document = read_document
+    self._parse_line = parse_line
     self._max_chars = max_chars
     self._max_examples = dict(max_examples or {})
     self._skip_examples = {k: dict(v) for k, v in (skip_examples or {}).items()}
@@ -152,16 +185,25 @@ class DocumentSource(seqio.DataSource):
       raise UsageFileNotFoundError(f"{self._name}: no files for split {split!r}")
     return files
 
+  def _clean(self, raw):
+    return corpus.clean_document(raw, stats_for(self._name), self._max_chars)
+
   def _documents(self, path, skip=0):
-    stats = stats_for(self._name)
     for raw in self._read_file(path.decode() if isinstance(path, bytes) else path):
-      text = corpus.clean_document(raw, stats, self._max_chars)
+      text = self._clean(raw)
       if text is None:
         continue
       if skip > 0:
         skip -= 1
         continue
       yield text
+
+  def _line_parsers(self, files) -> Optional[dict]:
+    """{file: parser} when every file is read line by line by TensorFlow, else None."""
+    if self._parse_line is None:
+      return None
+    parsers = {f: self._parse_line(f) for f in files}
+    return parsers if all(parsers.values()) else None
 
   def get_dataset(self, split: str = "train", shuffle: bool = True,
                   seed: Optional[int] = None, shard_info: Optional[seqio.ShardInfo] = None,
@@ -172,16 +214,44 @@ class DocumentSource(seqio.DataSource):
       files = files[shard_info.index::shard_info.num_shards]
     if shuffle:
       files = [files[i] for i in np.random.RandomState(seed).permutation(len(files))]
-    signature = tf.TensorSpec([], tf.string)
     held_out = self._skip_examples.get(split, {})
     skips = tf.constant([int(held_out.get(f, 0)) for f in files], tf.int64)
-    ds = tf.data.Dataset.from_tensor_slices((tf.constant(files, tf.string), skips)).interleave(
-        lambda f, n: tf.data.Dataset.from_generator(self._documents, args=(f, n),
-                                                    output_signature=signature),
-        cycle_length=min(4, len(files)), block_length=1)
+    paths = tf.constant(files, tf.string)
+    parsers = self._line_parsers(files)
+    if self._read_document is not None:
+      per_file = self._file_documents
+    elif parsers is not None:
+      per_file = lambda path, skip: self._line_documents(path, skip, parsers)
+    else:
+      per_file = lambda path, skip: tf.data.Dataset.from_generator(
+          self._documents, args=(path, skip), output_signature=tf.TensorSpec([], tf.string))
+    ds = tf.data.Dataset.from_tensor_slices((paths, skips)).interleave(
+        per_file, cycle_length=min(4, len(files)), block_length=1)
     if split in self._max_examples:
       ds = ds.take(self._max_examples[split])
     return ds.map(lambda text: {"text": text})
+
+  def _cleaned(self, ds: tf.data.Dataset, read, skip) -> tf.data.Dataset:
+    """raw items -> cleaned documents (a Python call per item, order kept), `skip` left out."""
+    def clean(item):
+      text = self._clean(read(item))
+      return b"" if text is None else text.encode("utf-8"), text is not None
+    ds = ds.map(lambda item: tf.numpy_function(clean, [item], (tf.string, tf.bool),
+                                               stateful=False))
+    return ds.filter(lambda text, keep: keep).map(
+        lambda text, keep: tf.ensure_shape(text, [])).skip(skip)
+
+  def _file_documents(self, path, skip) -> tf.data.Dataset:
+    return self._cleaned(tf.data.Dataset.from_tensors(path),
+                         lambda p: self._read_document(p.decode()), skip)
+
+  def _line_documents(self, path, skip, parsers) -> tf.data.Dataset:
+    by_path = {f.encode(): parse for f, parse in parsers.items()}
+    compression = tf.where(tf.strings.regex_full_match(path, r".*\.gz"), "GZIP", "")
+    lines = tf.data.TextLineDataset(path, compression_type=compression)
+    # Each line travels with its file's path, which picks the parser.
+    return self._cleaned(lines.map(lambda line: tf.stack([line, path])),
+                         lambda pair: by_path[pair[1]](pair[0]), skip)
 
 
 def stdlib_source(kind: str = "source") -> DocumentSource:
@@ -197,9 +267,8 @@ def stdlib_source(kind: str = "source") -> DocumentSource:
         corpus.raw_document(path, kind)
       return paths
   return DocumentSource(
-      f"builtin_{kind}", list_files,
-      lambda path: [corpus.raw_document(path, kind)],
-      splits=("train", "validation"))
+      f"builtin_{kind}", list_files, splits=("train", "validation"),
+      read_document=lambda path: corpus.raw_document(path, kind))
 
 
 class DeferredSource(seqio.DataSource):
@@ -282,5 +351,6 @@ def _raw_source(name, files, splits, field):
   by_split = {"train": files, "validation": files[-1:]}
   held_out = {"train": {files[-1]: VALIDATION_DOCUMENTS}} if "validation" in splits else {}
   return DocumentSource(name, lambda split: by_split[split], read, splits=tuple(splits),
+                        parse_line=lambda path: line_parser_for(path, field),
                         max_examples={"validation": VALIDATION_DOCUMENTS},
                         skip_examples=held_out)

@@ -124,6 +124,55 @@ def test_resume_sees_the_uninterrupted_batches():
   assert resumed.get_state()["batches_consumed"] == 5
 
 
+def test_saved_position_restores_the_uninterrupted_batches_without_replay():
+  run = _iterator("builtin_mix", split="train", seed=11, batch=2, shuffle=True)
+  for _ in range(3):
+    next(run)
+  state, position = json.loads(json.dumps(run.get_state())), run.save_position()
+  assert isinstance(position, bytes) and run.unsaveable_reason is None
+  expected = [next(run) for _ in range(2)]
+  resumed = _iterator("builtin_mix", split="train", seed=11, batch=2, shuffle=True)
+  resumed.set_state(state, position)
+  assert resumed.resumed_by == "position"  # restored, not replayed
+  for want in expected:
+    got = next(resumed)
+    for k in data.BATCH_KEYS:
+      np.testing.assert_array_equal(got[k], want[k])
+  assert resumed.get_state()["batches_consumed"] == 5
+
+
+GENERATOR_TASK = "test_generator_source_full_lm"
+
+
+def _generator_sentences(split, shuffle_files, seed=None):
+  del split, shuffle_files, seed
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  texts = lambda: (f"Generated sentence {i} of a Python generator." for i in range(400))
+  return tf.data.Dataset.from_generator(
+      texts, output_signature=tf.TensorSpec([], tf.string)).map(lambda t: {"text": t})
+
+
+def test_a_python_generator_source_cannot_save_and_replays_exactly():
+  if GENERATOR_TASK not in seqio.TaskRegistry.names():
+    seqio.TaskRegistry.add(
+        GENERATOR_TASK, seqio.FunctionDataSource(_generator_sentences, splits=("validation",)),
+        preprocessors=common.preprocessors("full_lm"),
+        output_features=common.output_features(vocab_lib.builtin_vocabulary()))
+  make = lambda: data.ShardedIterator(1, mixture_or_task_name=GENERATOR_TASK,
+                                      task_feature_lengths={"targets": 32}, batch_size=2,
+                                      split="validation", shuffle=False)
+  run = make()
+  next(run)
+  state, positions = run.checkpoint_items()
+  assert positions is None and "GeneratorDataset" in run.unsaveable_reason
+  expected = next(run)
+  resumed = make()
+  note = resumed.set_state(state, positions)
+  assert note.startswith("input replayed to batch 1 ")
+  np.testing.assert_array_equal(next(resumed)["decoder_target_tokens"],
+                                expected["decoder_target_tokens"])
+
+
 def test_set_state_rejects_another_pipeline():
   state = _iterator().get_state()
   with pytest.raises(ValueError, match="batch_size"):

@@ -151,3 +151,16 @@ def test_local_model_dir_keeps_its_files(tmp_path, cwd):
 def test_relative_local_model_dir(cwd):
   _write_run("runs/q", ModelConfig(), [1])
   assert set(os.listdir(cwd / "runs" / "q")) == RUN_FILES
+
+
+def test_a_row_cut_by_a_kill_does_not_swallow_the_next_run_s_rows(tmp_path):
+  path = tmp_path / "metrics.jsonl"
+  path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo')  # killed in the middle of a row
+  w = MetricsWriter(str(tmp_path))
+  w.write(2, {"loss": 1.5})
+  w.close()
+  lines = path.read_text().splitlines()
+  assert lines[-1] == '{"step": 2, "loss": 1.5}' and lines[-2] == '{"step": 2, "lo'
+  w = MetricsWriter(str(tmp_path))  # a clean end is left alone
+  w.close()
+  assert path.read_text().splitlines() == lines

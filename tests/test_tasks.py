@@ -154,6 +154,27 @@ def test_raw_files_with_bad_documents(tmp_path):
   assert exs and all(ex["inputs"][-1] == 1 and ex["targets"][-1] == 1 for ex in exs)
 
 
+def test_line_files_are_read_by_tensorflow_and_their_position_saves(tmp_path):
+  """JSON lines and text (plain or gzip) are read by tf.data, whose position can be saved;
+  parquet and zstd need a Python generator."""
+  assert sources.line_parser_for("a.parquet") is None and sources.line_parser_for("a.jsonl.zst") is None
+  assert sources.line_parser_for("a.jsonl.gz")(b'{"text": "x"}') == "x"
+  assert sources.line_parser_for("a.txt")(b"line\r") == b"line"
+  _write_raw_tree(tmp_path, long_chars=10)
+  gin.bind_parameter("tasks.sources.data_dirs.redpajama_dir", str(tmp_path / "rp"))
+  src = sources.file_or_tfds_source(
+      "raw_c4_position_test", "redpajama_dir", "c4", ("*.jsonl", "*.jsonl.gz"),
+      "redpajama_c4:1.0.0", "text", {"train": "train"})
+  ds = src.get_dataset("train", shuffle=True, seed=3)
+  whole = [ex["text"].numpy() for ex in ds]
+  it = iter(ds)
+  head = [next(it)["text"].numpy() for _ in range(25)]
+  position = it._save()  # pylint: disable=protected-access
+  again = iter(ds)
+  again._restore(position)  # pylint: disable=protected-access
+  assert head + [ex["text"].numpy() for ex in again] == whole
+
+
 def test_builtin_task_examples_end_in_eos_and_start_with_mode():
   task = seqio.get_mixture_or_task("builtin_corpus_ul2")
   v = task.output_features["targets"].vocabulary
