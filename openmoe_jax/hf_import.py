@@ -20,7 +20,8 @@ with an empty data state, plus model_config.json. Fine-tune from it with
 model gin. Without --gin_file the model config comes from config.json; with it, the gin's
 shapes must agree with config.json. A local MODEL_DIR is written to MODEL_DIR.tmp-XXXX first and
 renamed, so a failure leaves nothing behind; a URL MODEL_DIR (gs://...) is written in place,
-model_config.json last.
+model_config.json last, and removed again when the import fails (a killed import leaves a
+folder without model_config.json, which no tool reads as a model dir and a rerun names).
 """
 import argparse
 import dataclasses
@@ -152,11 +153,21 @@ def model_config(hf: dict, gin_files, gin_bindings, param_dtype: str) -> ModelCo
   return cfg
 
 
+def _check_empty(model_dir: str) -> None:
+  if not fs.exists(model_dir):
+    return
+  names = fs.listdir(model_dir) if fs.isdir(model_dir) else None
+  if names is None or names:
+    unfinished = names and "model_config.json" not in names and "imported_from.json" in names
+    hint = (" (an unfinished import: it has no model_config.json; delete it and import again)"
+            if unfinished else "")
+    _fail(f"model_dir {model_dir} exists and is not empty{hint}")
+
+
 def import_checkpoint(hf_dir: str, model_dir: str, *, gin_files=(), gin_bindings=(),
                       step: int = 0, param_dtype: str = "float32") -> dict:
   """Writes MODEL_DIR from HF_DIR; returns a summary. Raises gin_utils.UsageError."""
-  if fs.exists(model_dir) and (not fs.isdir(model_dir) or fs.listdir(model_dir)):
-    _fail(f"model_dir {model_dir} exists and is not empty")
+  _check_empty(model_dir)
   if not os.path.isdir(hf_dir):
     _fail(f"hf_dir not found: {hf_dir}")
   cfg = model_config(read_hf_config(hf_dir), gin_files, gin_bindings, param_dtype)
@@ -170,8 +181,7 @@ def import_t5x(checkpoint_path: str, model_dir: str, *, gin_files=(), gin_bindin
   from flax import traverse_util
   from openmoe_jax import t5x_checkpoint
   from openmoe_jax.counts import abstract_params
-  if fs.exists(model_dir) and (not fs.isdir(model_dir) or fs.listdir(model_dir)):
-    _fail(f"model_dir {model_dir} exists and is not empty")
+  _check_empty(model_dir)
   if not gin_files:
     _fail("--t5x_checkpoint needs the model's --gin_file (e.g. models/openmoe_8b.gin)")
   gin_utils.parse_gin(gin_files, gin_bindings)
@@ -201,8 +211,14 @@ def _commit(model_dir: str, cfg: ModelConfig, params, step: int, source: dict,
   if fs.is_url(model_dir):
     # Object stores cannot rename a folder, so the files go straight to MODEL_DIR: the
     # checkpoint is committed first, model_config.json last, so the tools never read an
-    # unfinished import as a model dir.
-    _write_model_dir(model_dir, cfg, state, step, source)
+    # unfinished import as a model dir. A failure removes what this import wrote (MODEL_DIR
+    # was checked empty or absent), so a bucket is left as it was.
+    try:
+      _write_model_dir(model_dir, cfg, state, step, source)
+    except BaseException:
+      if fs.exists(model_dir):
+        fs.gfile().rmtree(model_dir)
+      raise
     return summary
   parent = os.path.dirname(os.path.abspath(model_dir))
   os.makedirs(parent, exist_ok=True)

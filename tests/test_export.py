@@ -382,3 +382,27 @@ def test_import_released_pytorch_bin_shards(run_dir, hf_dir, tmp_path):
   assert hf_import.main([f"--hf_dir={released}", f"--model_dir={dest}"]) == 0
   for x, y in zip(jax.tree.leaves(_params(run_dir)), jax.tree.leaves(_params(dest))):
     assert np.array_equal(x, y)
+
+
+def test_a_failed_import_to_a_url_leaves_nothing(run_dir, hf_dir, tmp_path, monkeypatch, capsys):
+  # As above, a local path stands in for the bucket; the write fails after the checkpoint.
+  from openmoe_jax import fs
+  dest = tmp_path / "bucket" / "imported"
+  monkeypatch.setattr(fs, "is_url", lambda path: True)
+  real_write = fs.write_text
+
+  def failing_write(path, text):
+    if str(path).endswith("model_config.json"):
+      raise OSError("bucket went away")
+    real_write(path, text)
+  monkeypatch.setattr(fs, "write_text", failing_write)
+  with pytest.raises(OSError, match="bucket went away"):
+    hf_import.import_checkpoint(str(hf_dir), str(dest), gin_files=["models/tiny.gin"],
+                                 gin_bindings=["NUM_EMBEDDINGS=8192"])
+  assert not dest.exists()
+  # A folder a killed import left (no model_config.json) is named as such by a rerun.
+  monkeypatch.undo()
+  dest.mkdir(parents=True)
+  (dest / "imported_from.json").write_text("{}")
+  assert hf_import.main([f"--hf_dir={hf_dir}", f"--model_dir={dest}", *TINY_GIN]) == 2
+  assert "unfinished import" in capsys.readouterr().err.strip().splitlines()[-1]
