@@ -3,22 +3,26 @@
     openmoe-infer --model_dir=runs/quickstart --input_file=prompts.txt --output_file=out.jsonl
     openmoe-infer --model_dir=D --mixture_or_task_name=builtin_function_name \\
         --output_file=out.jsonl --temperature=0.7 --top_p=0.9 --seed=1
+    openmoe-infer --model_dir=D --input_file=prompts.txt --output_file=out.jsonl --num_beams=4
 
 Prompts come from --input_file (UTF-8 text, one prompt per line; or, for .jsonl / .json, one
 JSON object per line with a "prompt" field) or from the "inputs" of a seqio task's split. Each
 output line: {"prompt", "completion", "completion_ids", "log_probs", "finish"} where log_probs[i]
 = ln p(completion_ids[i] | BOS, prompt, completion_ids[:i]) under the model (temperature 1),
-finish is 'eos', 'stop' or 'length', plus "target" for task examples. Decoding uses a KV cache
-(openmoe_jax/decoding.py) under the eval routing settings; --no_drop gives every expert room
-for all tokens, so results do not depend on the batch (cached decoding then equals re-running the
-whole prefix). --chat_template wraps prompts in OpenMoE-Chat's template and stops at "</s>"
-written as text. Model settings take t5x's form, --gin.NAME=VALUE with a model macro or
-ModelConfig.FIELD (e.g. --gin.EVAL_EXPERT_CAPACITY_FACTOR=4.0), or --model_override FIELD=VALUE.
+finish is 'eos', 'stop' or 'length', plus "target" for task examples. --num_beams=N > 1 runs
+t5x's beam search instead: the row is the best of N beams, ranked by --length_penalty_alpha.
+Decoding uses a KV cache (openmoe_jax/decoding.py) under the eval routing settings; --no_drop
+gives every expert room for all tokens, so results do not depend on the batch (cached decoding
+then equals re-running the whole prefix). --chat_template wraps prompts in OpenMoE-Chat's
+template and stops at "</s>" written as text. Model settings take t5x's form, --gin.NAME=VALUE
+with a model macro or ModelConfig.FIELD (e.g. --gin.EVAL_EXPERT_CAPACITY_FACTOR=4.0), or
+--model_override FIELD=VALUE.
 Partial output goes to O.tmp and is renamed when complete.
 """
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 
@@ -52,6 +56,17 @@ def build_parser() -> argparse.ArgumentParser:
                            "mass (nucleus; 1.0, default: all)")
   parser.add_argument("--seed", type=int, default=0,
                       help="sampling seed (results are fixed for a seed and --batch_size)")
+  parser.add_argument("--num_beams", type=int, default=1,
+                      help="1 (default): greedy or sampled decoding as set above; N > 1: beam "
+                           "search keeping the N best partial completions per prompt, in "
+                           "--batch_size x N rows: N times the cache and the work of greedy "
+                           "decoding (leave --temperature, --top_k and --top_p at their "
+                           "defaults)")
+  parser.add_argument("--length_penalty_alpha", type=float, default=0.6,
+                      help="beam search ranks finished beams by log-prob / ((5 + n) / 6) ** "
+                           "alpha, n = generated tokens with the EOS: 0 ranks by log-prob "
+                           "(favours short completions), larger favours longer ones (default "
+                           "0.6, as t5x; only with --num_beams > 1)")
   parser.add_argument("--batch_size", type=int, default=8,
                       help="prompts decoded together (default 8); rounded up to the devices")
   parser.add_argument("--no_drop", action="store_true",
@@ -140,6 +155,13 @@ def run(args, overrides=()) -> tuple:
     raise UsageError(str(e)) from None
   if args.max_new_tokens < 1 or args.batch_size < 1:
     raise UsageError("--max_new_tokens and --batch_size must be >= 1")
+  if args.num_beams < 1:
+    raise UsageError(f"--num_beams must be >= 1, got {args.num_beams}")
+  if args.num_beams > 1 and sampling != decoding.Sampling():
+    raise UsageError("--num_beams > 1 is a deterministic search: leave --temperature, --top_k "
+                     "and --top_p at their defaults")
+  if not math.isfinite(args.length_penalty_alpha):
+    raise UsageError(f"--length_penalty_alpha must be finite, got {args.length_penalty_alpha}")
   rows = (read_prompts(args.input_file) if args.input_file else
           downstream.prompt_rows(args.mixture_or_task_name, args.split, args.num_examples))
   overrides = list(overrides) + (["no_drop=true"] if args.no_drop else [])
@@ -157,9 +179,14 @@ def run(args, overrides=()) -> tuple:
              disable=len(prompts) <= args.batch_size, dynamic_ncols=True)
   for first in range(0, len(prompts), args.batch_size):
     chunk = prompts[first:first + args.batch_size]
-    gens = decoding.generate(params, cfg, chunk, max_new_tokens=args.max_new_tokens,
-                             sampling=sampling, rng=jax.random.fold_in(key, first),
-                             stop_sequences=stops, batch_size=args.batch_size, mesh=mesh)
+    if args.num_beams > 1:
+      gens = decoding.beam_search(params, cfg, chunk, max_new_tokens=args.max_new_tokens,
+                                  num_beams=args.num_beams, alpha=args.length_penalty_alpha,
+                                  stop_sequences=stops, batch_size=args.batch_size, mesh=mesh)
+    else:
+      gens = decoding.generate(params, cfg, chunk, max_new_tokens=args.max_new_tokens,
+                               sampling=sampling, rng=jax.random.fold_in(key, first),
+                               stop_sequences=stops, batch_size=args.batch_size, mesh=mesh)
     for row, gen in zip(rows[first:first + args.batch_size], gens):
       text, ids, logp = vocabulary.decode(gen.ids), gen.ids, gen.log_probs
       finish = gen.finish

@@ -1,5 +1,7 @@
 """Cached decoding: equals full-prefix decoding without drops, routes each call's tokens with
 capacity like a float64 reference, samples like numpy, stops, shards, and does not recompile."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -216,3 +218,176 @@ def test_bad_arguments():
   with pytest.raises(ValueError, match="max_new_tokens"):
     decoding.generate({}, CFG, [[1]], max_new_tokens=0)
   assert decoding.bucket(1) == 8 and decoding.bucket(9) == 16 and decoding.bucket(16) == 16
+
+
+# --------------------------------------------------------------------------- beam search
+# A 16-token vocabulary, so that EOS (id 12 here: the best beams of PROMPTS16 end both ways) and
+# stop sequences compete with continuing, and an exhaustive search stays small.
+CFG16 = CFG.replace(vocab_size=16, no_drop=True)
+PROMPTS16 = [[5, 6, 7], [9], [11, 12, 13, 14, 15, 2, 3, 4, 5, 6], [10, 2]]
+EOS16 = 12
+
+
+@pytest.fixture(scope="module")
+def params16():
+  p = Transformer(CFG16).init(jax.random.key(1), jnp.ones((1, 16), jnp.int32))["params"]
+  return part.unbox(p)
+
+
+@functools.lru_cache(maxsize=None)
+def _forward(cfg):
+  return jax.jit(lambda p, t: jax.nn.log_softmax(Transformer(cfg).apply({"params": p}, t)[0]))
+
+
+def _full_logp(cfg, params, seqs):
+  """float64[len(seqs), L, V] next-token log-probs of one full forward pass (no cache) over the
+  rows right-padded with zeros to L = 16 or 32 (causal: padding after a token changes nothing)."""
+  x = np.zeros((len(seqs), decoding.bucket(max(map(len, seqs)), 16)), np.int32)
+  for i, s in enumerate(seqs):
+    x[i, :len(s)] = s
+  return np.asarray(_forward(cfg)(params, x), np.float64)
+
+
+def _rescore(cfg, params, prompt, ids):
+  """float64[len(ids)] ln p(ids[i] | BOS, prompt, ids[:i]) from a full forward pass."""
+  seq = [0] + list(prompt) + list(ids)
+  logp = _full_logp(cfg, params, [seq])[0]
+  return logp[np.arange(len(prompt), len(seq) - 1), seq[len(prompt) + 1:]]
+
+
+def _with_eos(g, eos_id):
+  """Every generated token of a beam: its ids, and the EOS that ended it."""
+  return tuple(g.ids) + ((eos_id,) if g.finish == "eos" else ())
+
+
+def test_beam_search_with_one_beam_is_greedy(params):
+  # Capacity routing included: with one beam every call routes the same tokens as greedy's.
+  want = decoding.generate(params, CFG, PROMPTS, max_new_tokens=8, eos_id=-1)
+  got = decoding.beam_search(params, CFG, PROMPTS, max_new_tokens=8, num_beams=1, eos_id=-1)
+  assert [g.ids for g in got] == [g.ids for g in want]
+  assert all(g.finish == "length" for g in got)
+  np.testing.assert_allclose([g.log_probs for g in got], [g.log_probs for g in want], atol=1e-6)
+
+
+def test_beam_search_beats_greedy_and_reports_the_rescored_log_prob(params):
+  # Without EOS every completion has max_new_tokens tokens, so the score ranks by log-prob alone.
+  # Beam search does not guarantee beating greedy in general; on this model it does, per prompt.
+  cfg = CFG.replace(no_drop=True)
+  greedy = decoding.generate(params, cfg, PROMPTS, max_new_tokens=6, eos_id=-1)
+  beams = decoding.beam_search(params, cfg, PROMPTS, max_new_tokens=6, num_beams=4, eos_id=-1)
+  gains = []
+  for prompt, g, b in zip(PROMPTS, greedy, beams):
+    rescored = _rescore(cfg, params, prompt, b.ids)  # float32 model, no cache: within 1e-4
+    np.testing.assert_allclose(b.log_probs, rescored, atol=1e-4)
+    assert abs(b.log_prob - rescored.sum()) < 1e-4
+    assert abs(b.score - b.log_prob / decoding.brevity_penalty(0.6, 6)) < 1e-5
+    greedy_total = _rescore(cfg, params, prompt, g.ids).sum()
+    assert rescored.sum() >= greedy_total - 1e-5
+    gains.append(rescored.sum() - greedy_total)
+  assert max(gains) > 0.1, gains  # the beams found something greedy did not
+
+
+def _np_beam_search(logp_fn, prompt, k, steps, alpha, eos_id, stop_sequences=()):
+  """t5x's beam search in float64 over next-token log-probs logp_fn(list of sequences), without
+  early stopping: per step the best 2K extensions of the live beams; those ending (EOS, a stop
+  sequence, the last step) join the K best finished by log_prob / ((5 + n) / 6) ** alpha, the K
+  best others stay live. Returns the finished beams, best first, as (score, tokens, log_prob)."""
+  live, finished = [((), 0.0)], []
+  for step in range(steps):
+    logp = logp_fn([list(prompt) + list(s) for s, _ in live])
+    cands = sorted(((total + logp[i, t], s + (t,)) for i, (s, total) in enumerate(live)
+                    for t in range(logp.shape[1])), key=lambda c: -c[0])[:2 * k]
+    ends = lambda s: (s[-1] == eos_id or step + 1 == steps
+                      or any(len(s) >= len(q) and list(s[-len(q):]) == list(q)
+                             for q in stop_sequences))
+    finished += [(total / ((5 + step + 1) / 6) ** alpha, s, total) for total, s in cands if ends(s)]
+    finished = sorted(finished, key=lambda f: -f[0])[:k]
+    live = [(s, total) for total, s in cands if not ends(s)][:k]
+  return finished
+
+
+@pytest.mark.parametrize("alpha,stops", [(0.6, ()), (0.0, ()), (2.0, [[3, 4], [15]])])
+def test_beam_search_matches_a_float64_reference(params16, alpha, stops):
+  k, steps = 3, 5
+  got = decoding.beam_search(params16, CFG16, PROMPTS16, max_new_tokens=steps, num_beams=k,
+                             alpha=alpha, eos_id=EOS16, stop_sequences=stops, all_beams=True)
+  finishes = set()
+  for prompt, beams in zip(PROMPTS16, got):
+    full = [0] + prompt
+    logp_fn = lambda seqs: np.stack([_full_logp(CFG16, params16, seqs)[i, len(s) - 1]
+                                     for i, s in enumerate(seqs)])
+    want = _np_beam_search(logp_fn, full, k, steps, alpha, EOS16, stops)
+    assert len(beams) == len(want) == k
+    for b, (score, tokens, total) in zip(beams, want):
+      finishes.add(b.finish)
+      assert list(tokens[:len(b.ids)]) == b.ids, (b, tokens)
+      tail = list(tokens[len(b.ids):])  # what ended the beam
+      assert {"eos": tail == [EOS16], "stop": tail in stops,
+              "length": not tail and len(tokens) == steps}[b.finish], (b, tokens)
+      assert abs(b.score - score) < 1e-4 and abs(b.log_prob - total) < 1e-4
+      np.testing.assert_allclose(b.log_probs, [logp_fn([full + list(tokens[:i])])[0, t]
+                                               for i, t in enumerate(b.ids)], atol=1e-4)
+  assert {"eos", "length"} <= finishes and ("stop" in finishes) == bool(stops)
+
+
+def test_beam_search_is_exhaustive_with_enough_beams(params16):
+  # 3 tokens over 16: with K = 256 >= 16^2 beams every prefix stays live, so the K finished beams
+  # are the K best of all 16 + 15 * 16 + 15^2 * 16 completions (EOS ends one early).
+  prompt, alpha = [5, 6, 7], 0.6
+  full = [0] + prompt
+  seconds = [[a, b] for a in range(16) for b in range(16) if EOS16 not in (a, b)]
+  logp = _full_logp(CFG16, params16, [full + s for s in seconds])  # one pass: [225, 16, V]
+  p = len(full) - 1
+  scored = {}
+  for i, (a, b) in enumerate(seconds):
+    for t, n in (([a], 1), ([a, b], 2)):
+      ln = sum(logp[i, p + j, x] for j, x in enumerate(t[:n]))
+      scored[tuple(t) + (EOS16,)] = (ln + logp[i, p + n, EOS16]) / ((5 + n + 1) / 6) ** alpha
+    for c in range(16):
+      ln = logp[i, p, a] + logp[i, p + 1, b] + logp[i, p + 2, c]
+      scored[(a, b, c)] = ln / ((5 + 3) / 6) ** alpha
+  scored[(EOS16,)] = logp[0, p, EOS16] / (6 / 6) ** alpha
+  best = sorted(scored.items(), key=lambda kv: -kv[1])
+  beams = decoding.beam_search(params16, CFG16, [prompt], max_new_tokens=3, num_beams=256,
+                               alpha=alpha, eos_id=EOS16, all_beams=True)[0]
+  assert _with_eos(beams[0], EOS16) == best[0][0]
+  np.testing.assert_allclose([b.score for b in beams], [s for _, s in best[:256]], atol=1e-4)
+  for b in beams:  # each its own score, whatever the order of near-ties
+    assert abs(scored[_with_eos(b, EOS16)] - b.score) < 1e-4
+
+
+def test_beam_search_batched_equals_alone_and_compiles_once_per_bucket(params16):
+  run = lambda prompts, **kw: decoding.beam_search(
+      params16, CFG16, prompts, max_new_tokens=5, num_beams=3, eos_id=EOS16, all_beams=True, **kw)
+  together, chunked = run(PROMPTS16), run(PROMPTS16, batch_size=3)
+  fn = decoding._compiled_beam(CFG16, 3, 8, EOS16, None)  # pylint: disable=protected-access
+  alone, compiled = [], []
+  for p in PROMPTS16:
+    alone.append(run([p])[0])
+    compiled.append(fn._cache_size())  # pylint: disable=protected-access
+  for a, b, c in zip(alone, together, chunked):
+    assert [x.ids for x in a] == [x.ids for x in b] == [x.ids for x in c]
+    assert [x.finish for x in a] == [x.finish for x in b]
+    np.testing.assert_allclose([x.score for x in a], [x.score for x in b], atol=1e-5)
+    np.testing.assert_allclose([x.score for x in a], [x.score for x in c], atol=1e-5)
+  # Alone, prompts of 2 to 4 tokens with BOS (P = 8) share a compilation; 11 tokens need P = 16.
+  assert compiled[1] == compiled[0] and compiled[3] == compiled[2] <= compiled[0] + 1
+
+
+def test_sharded_beam_search_equals_one_device(params16):
+  mesh = part.make_mesh(num_expert_partitions=2, num_model_partitions=2)  # (2, 2, 2)
+  kw = dict(max_new_tokens=4, num_beams=3, eos_id=EOS16, all_beams=True)
+  want = decoding.beam_search(params16, CFG16, PROMPTS16, **kw)
+  got = decoding.beam_search(params16, CFG16, PROMPTS16, mesh=mesh, **kw)
+  assert [[x.ids for x in g] for g in got] == [[x.ids for x in w] for w in want]
+  np.testing.assert_allclose([[x.score for x in g] for g in got],
+                             [[x.score for x in w] for w in want], atol=1e-5)
+
+
+def test_beam_search_bad_arguments():
+  with pytest.raises(ValueError, match="num_beams"):
+    decoding.beam_search({}, CFG, [[1]], max_new_tokens=2, num_beams=0)
+  with pytest.raises(ValueError, match="max_new_tokens"):
+    decoding.beam_search({}, CFG, [[1]], max_new_tokens=0)
+  assert decoding.beam_search({}, CFG, [], max_new_tokens=2) == []
+  assert decoding.brevity_penalty(0.0, 7) == 1.0 and decoding.brevity_penalty(1.0, 7) == 2.0

@@ -112,6 +112,26 @@ def test_sampling_flags_and_jsonl_input(run_dir, tmp_path):
   assert a == b and [r["completion_ids"] for r in a] != [r["completion_ids"] for r in c]
 
 
+def test_beam_search_flags(run_dir, tmp_path):
+  flags = ("--max_new_tokens=5", "--no_drop", "--batch_size=3")
+  _, greedy = _infer(run_dir, tmp_path, *flags)
+  _, one = _infer(run_dir, tmp_path, *flags, "--num_beams=1", "--length_penalty_alpha=2")
+  assert one == greedy  # --num_beams=1 (the default) is the decoding of before, alpha unused
+  code, beams = _infer(run_dir, tmp_path, *flags, "--num_beams=3")
+  assert code == 0 and [r["prompt"] for r in beams] == PROMPTS
+  from openmoe_jax import vocab
+  voc = vocab.builtin_vocabulary()
+  for r in beams:
+    assert set(r) == {"prompt", "completion", "completion_ids", "log_probs", "finish"}
+    assert len(r["completion_ids"]) == len(r["log_probs"]) <= 5
+    assert r["completion"] == voc.decode(r["completion_ids"])
+  # EOS is 1 token in 8192 to this random model: every completion has 5 tokens, so the beams'
+  # summed log-probs are no worse than greedy's (true of this model, not of beam search).
+  assert all(r["finish"] == "length" for r in beams + greedy)
+  for b, g in zip(beams, greedy):
+    assert sum(b["log_probs"]) >= sum(g["log_probs"]) - 1e-4
+
+
 def _error(capsys):
   err = capsys.readouterr().err.strip().splitlines()
   assert err and err[-1].startswith("openmoe-infer: error: "), err
@@ -124,6 +144,10 @@ def _error(capsys):
     ("not utf-8", [], b"ok\n\xff\xfe bad\n", "in.txt:2: not valid UTF-8"),
     ("no step", ["--step=99"], PROMPTS, "no checkpoint for step 99"),
     ("bad top_p", ["--temperature=1", "--top_p=0"], PROMPTS, "top_p"),
+    ("beams and sampling", ["--num_beams=4", "--temperature=0.7"], PROMPTS,
+     "--num_beams > 1 is a deterministic search"),
+    ("beams and top_k", ["--num_beams=2", "--top_k=5"], PROMPTS, "--num_beams > 1"),
+    ("no beams", ["--num_beams=0"], PROMPTS, "--num_beams must be >= 1"),
 ])
 def test_bad_input_is_one_line_exit_2_and_no_output(run_dir, tmp_path, capsys, case, flags,
                                                     lines, message):
