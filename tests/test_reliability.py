@@ -297,3 +297,46 @@ def test_ctrl_c_and_sigterm_save_say_so_and_exit_cleanly(tmp_path, sig):
   assert (f"openmoe-train: {signal.Signals(sig).name} received: saved checkpoint {steps[0]} in "
           in err), err[-2000:]
   assert "Traceback" not in err and "KeyboardInterrupt" not in err
+
+
+def test_leftovers_of_a_failed_read_are_dropped_and_nothing_else(monkeypatch, capsys):
+  """After a damaged checkpoint fails to read, orbax's sibling reads report their errors late
+  (unraisable exceptions, asyncio's 'exception was never retrieved'): those are dropped, any
+  other unraisable or asyncio error still reaches the terminal."""
+  import logging
+  from openmoe_jax import resume
+  seen = []
+  monkeypatch.setattr(sys, "unraisablehook", lambda u: seen.append(u.exc_value))
+  asyncio_log = logging.getLogger("asyncio")
+  monkeypatch.setattr(asyncio_log, "filters", list(asyncio_log.filters))
+  resume._quiet_failed_reads()  # pylint: disable=protected-access
+
+  def raised_in(filename, error):
+    try:
+      exec(compile("raise error", filename, "exec"), {"error": error})  # pylint: disable=exec-used
+    except Exception as e:  # pylint: disable=broad-except
+      return e
+
+  class Unraisable:
+    def __init__(self, e):
+      self.exc_type, self.exc_value, self.exc_traceback = type(e), e, e.__traceback__
+      self.err_msg, self.object = None, None
+  from_orbax = raised_in("/site-packages/orbax/checkpoint/serialization.py", ValueError("read"))
+  elsewhere = raised_in("/work/user_code.py", ValueError("mine"))
+  sys.unraisablehook(Unraisable(RuntimeError("Event loop is closed")))
+  sys.unraisablehook(Unraisable(from_orbax))
+  sys.unraisablehook(Unraisable(elsewhere))
+  assert seen == [elsewhere]
+  records = []
+  handler = logging.Handler()
+  handler.emit = records.append
+  asyncio_log.addHandler(handler)
+  try:
+    for e in (from_orbax, elsewhere):
+      asyncio_log.error("Task exception was never retrieved\nfuture: <Task finished>",
+                        exc_info=(type(e), e, e.__traceback__))
+    asyncio_log.error("Executing <Handle> took 0.2 seconds")
+  finally:
+    asyncio_log.removeHandler(handler)
+  assert [r.exc_info[1] if r.exc_info else r.getMessage() for r in records] == [
+      elsewhere, "Executing <Handle> took 0.2 seconds"]
