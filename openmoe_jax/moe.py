@@ -74,7 +74,11 @@ class Experts(nn.Module):
     h = gated_activation(jnp.einsum("egcd,edf->egcf", x, wi_0), jnp.einsum("egcd,edf->egcf", x, wi_1))
     h = self.dropout(h, deterministic=deterministic)
     h = p.constrain(h, (p.EXPERT, p.EXPERT_REPLICAS, p.LENGTH, p.EXPERT_MLP))
-    return jnp.einsum("egcf,efd->egcd", h, wo)
+    # The output stays expert-major until the caller's relayout (flaxformer constrains both
+    # sides of its swapaxes): without it XLA may compute this einsum in the token-major layout
+    # that follows, all-gathering every expert's `wo` (and, backward, the buffers over `data`).
+    return p.constrain(jnp.einsum("egcf,efd->egcd", h, wo),
+                       (p.EXPERT, p.EXPERT_REPLICAS, p.LENGTH, p.EMBED))
 
   def ragged(self, tokens, r: routing.Routing, *, deterministic: bool):
     """tokens [G, T, D] -> (outputs [G, T, K, D] zero where dropped, kept [G, T, K])."""
