@@ -6,7 +6,12 @@ evaluate, by their argument names as in seqio:
   * predict metrics (`targets`, `predictions`): greedy generation from the example's "inputs"
     (decoding.py), cut at the first newline when the spec says so, then the task's
     postprocess_fn; targets are the example's "answers" when present (aliases), else "targets".
-    A spec `execute` hook turns completions into pass/fail results first (pass@k).
+    A spec `execute` hook turns completions into pass/fail results first (pass@k). Sampling
+    instead of greedy decoding: `temperature` / `top_p` (decoding.Sampling); for a task with an
+    execute hook, `num_samples` completions per prompt, sample j drawn with the key
+    fold_in(key(sample_seed), j), and pass@k for every k of the task's metric up to num_samples
+    (HumanEval practice, Chen et al. 2021: pass@1 at temperature 0.2, pass@10 and pass@100 at
+    0.8, top_p 0.95, n = 200).
   * score metrics (`targets`, `scores`): multiple choice by the log-likelihood of each of the
     example's "choices" after its "inputs" (lm-eval-harness style); targets are the "label"s.
 Few-shot prompts prepend `num_shots` examples of the task's few-shot split, drawn with a fixed
@@ -31,7 +36,8 @@ class EvalSpec:
   stop_at_newline: bool = True
   separator: str = "\n\n"
   fewshot_split: str = "train"
-  execute: Optional[Callable] = None  # (example, completion) -> bool, for pass@k
+  execute: Optional[Callable] = None  # (example, completion) -> bool, for pass@k (run by
+                                      # a thread pool: it must be thread-safe)
 
 
 def register_task(name: str, source, vocabulary, metric_fns, spec: EvalSpec = EvalSpec(),
@@ -145,14 +151,36 @@ def _run_metrics(fns, targets, **kwargs) -> Dict[str, float]:
   return result
 
 
+def check_sampling(num_samples: int, temperature: float, top_p: float):
+  """The decoding.Sampling of the eval settings (UsageError for bad ones)."""
+  from openmoe_jax import decoding
+  if num_samples < 1:
+    raise UsageError(f"NUM_SAMPLES must be >= 1, got {num_samples}")
+  try:
+    sampling = decoding.Sampling(temperature=float(temperature), top_p=float(top_p))
+  except ValueError as e:
+    raise UsageError(str(e).replace("temperature", "TEMPERATURE").replace("top_p", "TOP_P")) \
+        from None
+  if num_samples > 1 and sampling.temperature == 0:
+    raise UsageError(f"NUM_SAMPLES={num_samples} needs TEMPERATURE > 0 (greedy samples are all "
+                     "the same; HumanEval practice: 0.2 for pass@1, 0.8 for pass@10 / pass@100)")
+  return sampling
+
+
 def evaluate_task(params, cfg, name: str, *, split: str, budget: int, num_shots: int = 0,
                   num_examples: Optional[int] = None, fewshot_seed: int = 0,
-                  batch_size: int = 16, mesh=None) -> Dict[str, float]:
+                  batch_size: int = 16, mesh=None, num_samples: int = 1,
+                  temperature: float = 0.0, top_p: float = 1.0,
+                  sample_seed: int = 0) -> Dict[str, float]:
   """Metrics of one eval task: {metric: value} plus `num_examples`."""
   import seqio
   from openmoe_jax import likelihood
   task = seqio.get_mixture_or_task(name)
   spec, kind = SPECS[name], metric_kind(task)
+  sampling = check_sampling(num_samples, temperature, top_p)
+  if num_samples > 1 and (kind != "predict" or spec.execute is None):
+    raise UsageError(f"NUM_SAMPLES={num_samples}: task {name} has no execution hook to score "
+                     "several completions per prompt with (pass@k); use NUM_SAMPLES=1")
   vocabulary = task.output_features["targets"].vocabulary
   examples = read_examples(name, split, num_examples)
   if not examples:
@@ -167,11 +195,17 @@ def evaluate_task(params, cfg, name: str, *, split: str, budget: int, num_shots:
                                       batch_size=batch_size, mesh=mesh)
     result = _run_metrics(task.score_metric_fns, [ex["label"] for ex in examples], scores=scores)
   else:
-    predictions = predict(params, cfg, vocabulary, contexts, spec, budget, batch_size, mesh)
-    predictions = [task.postprocess_fn(p, example=ex, is_target=False) if task.postprocess_fn
-                   else p for p, ex in zip(predictions, examples)]
+    samples = []  # [num_samples][example] completions
+    for j in range(num_samples):
+      rng = None if sampling.temperature == 0 else sample_key(sample_seed, j)
+      texts = predict(params, cfg, vocabulary, contexts, spec, budget, batch_size, mesh,
+                      sampling=sampling, rng=rng)
+      samples.append([task.postprocess_fn(p, example=ex, is_target=False) if task.postprocess_fn
+                      else p for p, ex in zip(texts, examples)])
     if spec.execute is not None:
-      predictions = [[bool(spec.execute(ex, p))] for ex, p in zip(examples, predictions)]
+      predictions = execute_all(spec.execute, examples, samples)
+    else:
+      predictions = samples[0]
     targets = [ex.get("answers") or ex["targets"] for ex in examples]
     result = _run_metrics(task.predict_metric_fns, targets, predictions=predictions)
   result["num_examples"] = len(examples)
@@ -193,9 +227,27 @@ def evaluate_all(params, cfg, name: str, **kwargs) -> Dict[str, float]:
   return result
 
 
+def sample_key(seed: int, index: int):
+  """The jax.random key of sample `index` (0-based) of every prompt."""
+  import jax
+  return jax.random.fold_in(jax.random.key(seed), index)
+
+
+def execute_all(execute: Callable, examples, samples) -> List[List[bool]]:
+  """Per example, the execute hook's result for each of its samples ([sample][example] in)."""
+  import concurrent.futures
+  import os
+  pairs = [(ex, s[i]) for i, ex in enumerate(examples) for s in samples]
+  with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+    results = [bool(r) for r in pool.map(lambda pair: execute(*pair), pairs)]
+  n = len(samples)
+  return [results[i * n:(i + 1) * n] for i in range(len(examples))]
+
+
 def predict(params, cfg, vocabulary, contexts, spec: EvalSpec, budget: int, batch_size: int,
-            mesh=None) -> List[str]:
-  """Greedy completions of the contexts, truncated from the left to fit the budget."""
+            mesh=None, *, sampling=None, rng=None) -> List[str]:
+  """Completions of the contexts (greedy unless `sampling`, a decoding.Sampling, says otherwise;
+  `rng`: its jax.random key), truncated from the left to fit the budget."""
   from openmoe_jax import decoding
   room = budget - 1 - spec.max_new_tokens
   if room < 1:
@@ -204,6 +256,7 @@ def predict(params, cfg, vocabulary, contexts, spec: EvalSpec, budget: int, batc
   newline = list(vocabulary.encode("a\n"))[len(list(vocabulary.encode("a"))):]
   stops = [newline] if spec.stop_at_newline and newline else []
   gens = decoding.generate(params, cfg, prompts, max_new_tokens=spec.max_new_tokens,
+                           sampling=sampling or decoding.Sampling(), rng=rng,
                            stop_sequences=stops, batch_size=batch_size, mesh=mesh)
   texts = [vocabulary.decode(g.ids) for g in gens]
   return [t.split("\n")[0] if spec.stop_at_newline else t for t in texts]

@@ -9,7 +9,12 @@ The model comes from MODEL_DIR/model_config.json (written by openmoe-train); the
 MIXTURE_OR_TASK_NAME / TASK_FEATURE_LENGTHS (default: what the run trained on). Eval routing
 settings apply (EVAL_EXPERT_CAPACITY_FACTOR). Results are printed as JSON and appended to
 MODEL_DIR/eval_results.jsonl; metric results also go to TensorBoard
-(MODEL_DIR/tensorboard/inference_eval) at the checkpoint's step.
+(MODEL_DIR/tensorboard/inference_eval) at the checkpoint's step. Generation is greedy unless
+TEMPERATURE > 0; NUM_SAMPLES > 1 draws that many completions per prompt for a task with an
+execution hook (humaneval) and reports pass@k for its ks up to NUM_SAMPLES:
+
+    openmoe-eval --gin.MODEL_DIR="'runs/base'" --gin.MIXTURE_OR_TASK_NAME="'humaneval'" \
+        --gin.NUM_SAMPLES=200 --gin.TEMPERATURE=0.8 --gin.TOP_P=0.95
 """
 import json
 import sys
@@ -29,7 +34,8 @@ def evaluate_checkpoint(*, model_dir: str = gin.REQUIRED, mixture_or_task_name: 
                         split: str = "validation", eval_steps: int = 20, step: Optional[int] = None,
                         eval_capacity_factor: Optional[float] = None, num_shots: int = 0,
                         num_examples: Optional[int] = None, fewshot_seed: int = 0,
-                        no_drop: bool = False) -> dict:
+                        no_drop: bool = False, num_samples: int = 1, temperature: float = 0.0,
+                        top_p: float = 1.0, sample_seed: int = 0) -> dict:
   from openmoe_jax import data as data_lib
   from openmoe_jax import partitioning as part
   from openmoe_jax import steps
@@ -54,12 +60,19 @@ def evaluate_checkpoint(*, model_dir: str = gin.REQUIRED, mixture_or_task_name: 
   if downstream.eval_tasks(name):  # a task with metric_fns: generation / scoring metrics
     result = downstream.evaluate_all(
         params, cfg, name, split=split, budget=int(sum(lengths.values())), num_shots=num_shots,
-        num_examples=num_examples, fewshot_seed=fewshot_seed, batch_size=batch_size, mesh=mesh)
+        num_examples=num_examples, fewshot_seed=fewshot_seed, batch_size=batch_size, mesh=mesh,
+        num_samples=num_samples, temperature=temperature, top_p=top_p, sample_seed=sample_seed)
     result.update(step=step, split=split, mixture_or_task_name=name, num_shots=num_shots)
+    if num_samples > 1 or temperature > 0:  # sampled completions (greedy rows stay as they were)
+      result.update(num_samples=num_samples, temperature=temperature, top_p=top_p,
+                    sample_seed=sample_seed)
     if jax.process_index() == 0:
       fs.append_text(fs.join(model_dir, "eval_results.jsonl"), json.dumps(result) + "\n")
       downstream.write_tensorboard(model_dir, step, result)
     return result
+  if num_samples > 1 or temperature > 0:
+    raise gin_utils.UsageError(f"NUM_SAMPLES / TEMPERATURE sample completions for an eval task "
+                               f"with metrics; {name} is evaluated by its loss")
   fn = jax.jit(lambda p, b: steps.eval_step(p, b, cfg=cfg))
   it = data_lib.make_iterator(name, lengths, batch_size, split=split, shuffle=False, num_epochs=1)
   result = evaluate(params, fn, it, batch_sh, eval_steps)

@@ -3,7 +3,7 @@
 Predict-based (`targets`, `predictions`): exact match and token F1 with SQuAD's answer
 normalisation (TriviaQA's official metric; t5 `evaluation/metrics.py::trivia_qa`), a target may be
 a list of acceptable answers (the best one counts); pass@k with the unbiased estimator of Chen et
-al. 2021 (HumanEval, `pass_at_k`) over results of an execution hook.
+al. 2021 (HumanEval, `pass_at_k`) over results of an execution hook, n per example.
 Score-based (`targets`, `scores`): multiple choice by log-likelihood, lm-eval-harness style: `acc`
 picks the choice with the highest summed log-probability, `acc_norm` the highest per character
 of the choice (so long choices are not penalised for their length).
@@ -63,13 +63,15 @@ def pass_at_k_estimate(n: int, c: int, k: int) -> float:
 
 def pass_at_k(ks: Sequence[int] = (1,)) -> Callable:
   """A metric over predictions that are lists of booleans (one per sample: did it pass the
-  task's tests?), as an execution hook produces them."""
+  task's tests?), as an execution hook produces them. pass@k is reported for the ks that every
+  example has at least k samples for (so one greedy sample per prompt gives pass@1 only)."""
   def metric(targets, predictions) -> Dict[str, float]:
     del targets
     out = {}
     for k in ks:
-      values = [pass_at_k_estimate(len(p), int(sum(p)), k) for p in predictions if len(p) >= k]
-      out[f"pass@{k}"] = 100.0 * float(np.mean(values)) if values else 0.0
+      if predictions and all(len(p) >= k for p in predictions):
+        out[f"pass@{k}"] = 100.0 * float(np.mean(
+            [pass_at_k_estimate(len(p), int(sum(p)), k) for p in predictions]))
     return out
   return metric
 

@@ -1,12 +1,14 @@
 """OpenMoE's downstream evals (paper Tables 3-5; `openmoe_*_eval_{triqa,bblite,humaneval,mmlu}.gin`).
 
 Tasks: `triviaqa` (closed-book QA, exact match / F1 over the answer aliases), `mmlu`
-(57 subjects, 4-way multiple choice by log-likelihood), `humaneval` (code completion, pass@1
-through an execution hook), and `bigbench_lite` (the 24 BIG-bench Lite tasks as
-`bigbench_lite_<task>`, generative ones by exact match, the rest multiple choice). Data is read
-from local directories (gin `tasks.downstream.eval_data_dirs.*`, or $OPENMOE_<NAME>_DIR), TriviaQA
-also from TFDS (`trivia_qa/unfiltered.nocontext:1.1.0` in tasks.sources' tfds_data_dir); a missing
-directory or file is a one-line error naming the path and the setting. Vocabulary: umT5.
+(57 subjects, 4-way multiple choice by log-likelihood), `humaneval` (code completion, pass@k
+through an execution hook: pass@1 of greedy completions, or pass@1/10/100 for the ks up to the
+number of sampled completions per prompt, openmoe-eval's NUM_SAMPLES), and `bigbench_lite` (the
+24 BIG-bench Lite tasks as `bigbench_lite_<task>`, generative ones by exact match, the rest
+multiple choice). Data is read from local directories (gin `tasks.downstream.eval_data_dirs.*`,
+or $OPENMOE_<NAME>_DIR), TriviaQA also from TFDS (`trivia_qa/unfiltered.nocontext:1.1.0` in
+tasks.sources' tfds_data_dir); a missing directory or file is a one-line error naming the path
+and the setting. Vocabulary: umT5.
 HumanEval executes generated code: it runs only with OPENMOE_ALLOW_CODE_EXECUTION=1.
 """
 import csv
@@ -190,7 +192,7 @@ def register() -> None:
       [metrics.multiple_choice], downstream.EvalSpec())
   downstream.register_task(
       "humaneval", _source(humaneval_examples, ("inputs", "targets", "test", "entry_point"),
-                           ("test",)), voc, [metrics.pass_at_k((1,))],
+                           ("test",)), voc, [metrics.pass_at_k((1, 10, 100))],
       downstream.EvalSpec(max_new_tokens=256, stop_at_newline=False, fewshot_split="test",
                           execute=run_humaneval_tests), postprocess_fn=humaneval_postprocess)
   for task in BIGBENCH_LITE:

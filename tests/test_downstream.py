@@ -163,3 +163,135 @@ def test_openmoe_eval_bad_input_is_one_line(run_dir, capsys, monkeypatch):  # no
   assert _eval(run_dir, "--gin.MIXTURE_OR_TASK_NAME='test_mc_without_choices'") == 2
   err = capsys.readouterr().err.strip().splitlines()
   assert "lacks the feature(s) choices, label its score metrics need" in err[-1]
+
+
+# --------------------------------------------------------------------------- sampled pass@k
+def _comb_reference(n: int, c: int, k: int) -> float:
+  """pass@k = 1 - C(n-c, k) / C(n, k), with exact integer binomials, as a float64."""
+  return float(np.float64(1) - np.float64(math.comb(n - c, k)) / np.float64(math.comb(n, k)))
+
+
+def test_pass_at_k_estimator_equals_the_binomial_formula_in_float64():
+  cases = [(n, c, k) for n in range(1, 31) for c in range(n + 1) for k in range(1, n + 1)]
+  cases += [(200, c, k) for c in (0, 1, 2, 7, 50, 150, 199, 200) for k in (1, 10, 100)]
+  for n, c, k in cases:
+    assert metrics.pass_at_k_estimate(n, c, k) == pytest.approx(_comb_reference(n, c, k),
+                                                                rel=1e-12, abs=1e-12), (n, c, k)
+  # Reported for the ks every example has samples for: n = 10 gives pass@1 and pass@10 only.
+  results = [[True] + [False] * 9, [False] * 10, [True] * 3 + [False] * 7]
+  got = metrics.pass_at_k((1, 10, 100))(None, results)
+  assert got == {"pass@1": pytest.approx(100 * (0.1 + 0 + 0.3) / 3),
+                 "pass@10": pytest.approx(100 * 2 / 3)}
+  assert metrics.pass_at_k((1, 10, 100))(None, [[True], [False]]) == {"pass@1": 50.0}
+
+
+def _hook_task(name: str, calls: list):
+  """A predict task of 3 prompts whose execute hook passes a completion containing 'e'."""
+  rows = [{"inputs": p, "targets": ""} for p in ("def add(a, b):", "import os", "class A:")]
+
+  def execute(example, completion):
+    calls.append((example["inputs"], completion))
+    return "e" in completion
+  downstream.register_task(
+      name, openmoe_tasks._source(lambda split: rows, ("inputs", "targets"), ("validation",)),  # pylint: disable=protected-access
+      vocab.builtin_vocabulary(), [metrics.pass_at_k((1, 10, 100))],
+      downstream.EvalSpec(max_new_tokens=4, stop_at_newline=False, execute=execute))
+
+
+@pytest.fixture(scope="module")
+def tiny_params():
+  import jax
+  import jax.numpy as jnp
+  from openmoe_jax import partitioning
+  from openmoe_jax.model import Transformer
+  from test_export import CFG
+  cfg = CFG.replace(no_drop=True)
+  return cfg, partitioning.unbox(
+      Transformer(cfg).init(jax.random.key(5), jnp.ones((1, 8), jnp.int32))["params"])
+
+
+def _spy_generate(monkeypatch):
+  from openmoe_jax import decoding
+  seen, real = [], decoding.generate
+
+  def spy(*args, **kwargs):
+    seen.append(kwargs)
+    return real(*args, **kwargs)
+  monkeypatch.setattr(decoding, "generate", spy)
+  return seen
+
+
+def test_sampled_pass_at_k_draws_n_samples_with_distinct_keys(tiny_params, monkeypatch):
+  import jax
+  from openmoe_jax import decoding
+  cfg, params = tiny_params
+  calls = []
+  _hook_task("test_sampled_pass_at_k", calls)
+  seen = _spy_generate(monkeypatch)
+  res = downstream.evaluate_task(params, cfg, "test_sampled_pass_at_k", split="validation",
+                                 budget=32, batch_size=4, num_samples=10, temperature=1.0,
+                                 top_p=0.95, sample_seed=3)
+  # One decoding pass per sample, each with its own key fold_in(key(3), j).
+  assert len(seen) == 10
+  assert all(kw["sampling"] == decoding.Sampling(temperature=1.0, top_p=0.95) for kw in seen)
+  keys = [tuple(np.asarray(jax.random.key_data(kw["rng"])).ravel()) for kw in seen]
+  assert len(set(keys)) == 10
+  assert keys == [tuple(np.asarray(jax.random.key_data(
+      jax.random.fold_in(jax.random.key(3), j))).ravel()) for j in range(10)]
+  # The hook ran on every sample of every prompt; the samples differ.
+  by_prompt = {}
+  for prompt, completion in calls:
+    by_prompt.setdefault(prompt, []).append(completion)
+  assert sorted(len(v) for v in by_prompt.values()) == [10, 10, 10]
+  assert all(len(set(v)) > 1 for v in by_prompt.values())
+  passed = [sum("e" in c for c in v) for v in by_prompt.values()]
+  assert set(res) == {"pass@1", "pass@10", "num_examples"}  # no pass@100 from 10 samples
+  assert res["pass@1"] == pytest.approx(100 * np.mean([c / 10 for c in passed]))
+  assert res["pass@10"] == pytest.approx(100 * np.mean([c > 0 for c in passed]))
+  assert res["num_examples"] == 3
+
+
+def test_default_pass_at_k_is_one_greedy_sample(tiny_params, monkeypatch):
+  from openmoe_jax import decoding
+  cfg, params = tiny_params
+  calls = []
+  _hook_task("test_greedy_pass_at_k", calls)
+  seen = _spy_generate(monkeypatch)
+  res = downstream.evaluate_task(params, cfg, "test_greedy_pass_at_k", split="validation",
+                                 budget=32, batch_size=4)
+  assert len(seen) == 1 and seen[0]["sampling"] == decoding.Sampling() and seen[0]["rng"] is None
+  assert set(res) == {"pass@1", "num_examples"}
+  # The completions are plain greedy decoding, as before sampling existed.
+  voc = vocab.builtin_vocabulary()
+  prompts = ["def add(a, b):", "import os", "class A:"]
+  greedy = decoding.generate(params, cfg, [list(voc.encode(p)) for p in prompts],
+                             max_new_tokens=4, batch_size=4)
+  assert [c for _, c in calls] == [voc.decode(g.ids) for g in greedy]
+  assert res["pass@1"] == pytest.approx(100 * np.mean(["e" in c for _, c in calls]))
+
+
+def test_sampling_settings_are_checked(tiny_params):
+  cfg, params = tiny_params
+  _hook_task("test_greedy_pass_at_k", [])
+  kw = dict(split="validation", budget=32)
+  with pytest.raises(UsageError, match="NUM_SAMPLES=4 needs TEMPERATURE > 0"):
+    downstream.evaluate_task(params, cfg, "test_greedy_pass_at_k", num_samples=4, **kw)
+  with pytest.raises(UsageError, match="TOP_P must be in"):
+    downstream.evaluate_task(params, cfg, "test_greedy_pass_at_k", temperature=0.8, top_p=0.0,
+                             **kw)
+  with pytest.raises(UsageError, match="builtin_function_name has no execution hook"):
+    downstream.evaluate_task(params, cfg, "builtin_function_name", num_samples=2,
+                             temperature=0.8, **kw)
+
+
+def test_openmoe_eval_samples_for_pass_at_k(run_dir, capsys):  # noqa: F811
+  _hook_task("test_eval_pass_at_k", [])
+  binding = "--gin.openmoe_jax.evaluate.evaluate_checkpoint."
+  assert _eval(run_dir, "--gin.MIXTURE_OR_TASK_NAME='test_eval_pass_at_k'",
+               f"{binding}num_samples=10", f"{binding}temperature=0.8",
+               f"{binding}sample_seed=1") == 0
+  res = json.loads(capsys.readouterr().out)
+  assert {"test_eval_pass_at_k/pass@1", "test_eval_pass_at_k/pass@10"} <= set(res)
+  assert "test_eval_pass_at_k/pass@100" not in res
+  assert (res["num_samples"], res["temperature"], res["top_p"], res["sample_seed"]) == (
+      10, 0.8, 1.0, 1)
