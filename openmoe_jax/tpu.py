@@ -139,24 +139,37 @@ def quiet_cpu_default(environ=os.environ) -> None:
         pass
 
 
-def compile_host(s: Slice) -> None:
+def compile_host(s: Slice) -> list:
   """Keeps JAX's default backend on the CPU (call before any JAX computation); the TPU devices
   come from `slice_devices`. libtpu is told what it would otherwise look up on a TPU VM's
   metadata server (and print a screen of errors about), and that compile-only use needs no
-  exclusive lock on TPU hardware."""
+  exclusive lock on TPU hardware. Returns the environment variables it set (the caller may
+  remove them when done: `restore_environment`)."""
   import jax
   if not libtpu_installed():
     raise UsageError(f"--tpu needs libtpu, the XLA:TPU compiler: {EXTRA_HINT}")
+  added = []
   for key, value in (("TPU_SKIP_MDS_QUERY", "1"), ("TPU_WORKER_HOSTNAMES", "localhost"),
                      ("TPU_ACCELERATOR_TYPE", accelerator_type(s)),
                      ("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")):
-    os.environ.setdefault(key, value)
+    if key not in os.environ:
+      os.environ[key] = value
+      added.append(key)
   if jax.config.jax_platforms != "cpu":
     try:
       jax.config.update("jax_platforms", "cpu")
     except RuntimeError:  # a backend is up already (a test process, a notebook): fine if CPU
       if jax.default_backend() != "cpu":
+        restore_environment(added)
         raise UsageError("--tpu plans from a CPU host: start with JAX_PLATFORMS=cpu") from None
+  return added
+
+
+def restore_environment(added) -> None:
+  """Removes the variables `compile_host` set, so that later code in the process (a training
+  run, `jax.distributed`'s TPU detection) does not take this machine for a TPU worker."""
+  for key in added:
+    os.environ.pop(key, None)
 
 
 def accelerator_type(s: Slice) -> str:

@@ -75,11 +75,25 @@ def plan(cfg, slice_name: str, *, num_expert_partitions: int, num_model_partitio
 
   Configuration errors (unknown slice, mesh, experts, batch, groups) raise UsageError.
   """
+  from openmoe_jax import tpu
+  s = tpu.parse_slice(slice_name)
+  added = tpu.compile_host(s)
+  try:
+    return _plan(cfg, s, slice_name, num_expert_partitions=num_expert_partitions,
+                 num_model_partitions=num_model_partitions, batch_size=batch_size,
+                 seq_len=seq_len, num_microbatches=num_microbatches, optimizer=optimizer,
+                 optimizer_kwargs=optimizer_kwargs, memory_budget_gib=memory_budget_gib,
+                 seed=seed, with_hlo=with_hlo)
+  finally:
+    tpu.restore_environment(added)  # the process is not a TPU worker afterwards
+
+
+def _plan(cfg, s, slice_name, *, num_expert_partitions, num_model_partitions, batch_size,
+          seq_len, num_microbatches, optimizer, optimizer_kwargs, memory_budget_gib, seed,
+          with_hlo):
   import jax
   from openmoe_jax import counts, hlo_stats, layout, partitioning, target, tpu
   from openmoe_jax.optimizer import make_optimizer
-  s = tpu.parse_slice(slice_name)
-  tpu.compile_host(s)
   devices = tpu.slice_devices(s)
   try:
     mesh = partitioning.make_mesh(num_expert_partitions, num_model_partitions, devices=devices)

@@ -129,17 +129,25 @@ def test_tiny_step_compiles_for_a_v4_expert_by_model_mesh(tiny_plan):
       assert not op["shape"].split("[")[1].startswith(f"{cfg.num_experts},"), op["shape"]
 
 
+TPU_ENV = ("TPU_SKIP_MDS_QUERY", "TPU_WORKER_HOSTNAMES", "TPU_ACCELERATOR_TYPE",
+           "ALLOW_MULTIPLE_LIBTPU_LOAD")
+
+
 @needs_libtpu
-def test_with_data_parallelism_expert_weights_and_buffers_are_never_all_gathered():
+def test_with_data_parallelism_expert_weights_and_buffers_are_never_all_gathered(monkeypatch):
   """Mesh data 4 x expert 2: the expert FFN stays expert-major, so its weight gradients are
   summed over `data` (all-reduce) and nothing is all-gathered (before the expert output was
   constrained, XLA gathered every expert's `wo` forward and the expert buffers backward)."""
   from openmoe_jax import gin_utils, train  # noqa: F401
   gin_utils.parse_gin(["models/tiny.gin"], [], finalize=False)
   cfg = gin_utils.model_config()
+  for k in TPU_ENV:
+    monkeypatch.delenv(k, raising=False)
   plan = tpu_plan.plan(cfg, "v4:2x2x1", num_expert_partitions=2, num_model_partitions=1,
                        batch_size=8, seq_len=128, with_hlo=True)
   assert plan["mesh"] == {"data": 4, "expert": 2, "model": 1}
+  # What libtpu was told for the compile is not left in the process's environment.
+  assert not any(k in os.environ for k in TPU_ENV)
   assert plan["collectives"]["all-gather"] == {"count": 0, "bytes": 0}
   ops = hlo_stats.collective_ops(plan["hlo"])
   assert any(op["kind"] == "all-to-all" and op["group_size"] == 2 for op in ops)
