@@ -121,7 +121,7 @@ def test_random_sigkills_of_a_two_process_run_resume_bitwise(tmp_path):
                       "--num_cpu_devices=2", "--", *FLAGS, *steps, f"--gin.TRAIN_STEPS={n}",
                       f"--gin.MODEL_DIR='{d}'"]
   wanted = int(os.environ.get("OPENMOE_KILLS", "2"))
-  total = 12 + 8 * wanted  # room for every kill: a start gets at most ~2 s of training
+  total = 12 + 8 * wanted  # room for every kill: a start trains at most ~6 steps
   ref = subprocess.run(cmd(tmp_path / "ref", total), cwd=ROOT, env=env, capture_output=True,
                        text=True, timeout=600)
   assert ref.returncode == 0, ref.stdout[-4000:]
@@ -133,13 +133,14 @@ def test_random_sigkills_of_a_two_process_run_resume_bitwise(tmp_path):
     attempts += 1
     launcher = subprocess.Popen(cmd(d, total), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)
-    before = sum(map(len, _logged_losses(d).values())) if (d / "metrics.jsonl").exists() else 0
+    logged = lambda: sum(map(len, _logged_losses(d).values())) if (d / "metrics.jsonl").exists() else 0
+    # Kill after a random number (1-6) of this start's steps, then a random fraction of a
+    # second: a step, a save (every 2 steps) or an evaluation (every 3) is under way.
+    before, rows = logged(), rng.randint(1, 6)
     deadline = time.time() + 300
-    while time.time() < deadline and launcher.poll() is None:  # until this start trains
-      if (d / "metrics.jsonl").exists() and sum(map(len, _logged_losses(d).values())) > before:
-        break
-      time.sleep(0.05)
-    time.sleep(rng.uniform(0.0, 2.0))
+    while time.time() < deadline and launcher.poll() is None and logged() < before + rows:
+      time.sleep(0.02)
+    time.sleep(rng.uniform(0.0, 1.0))
     if launcher.poll() is not None:
       break  # finished before the kill: the run is done
     for p in psutil.Process(launcher.pid).children(recursive=True) + [psutil.Process(launcher.pid)]:
