@@ -1,6 +1,7 @@
 """Training iterator: packed features, loss masks, determinism, exact resume, host sharding."""
 import collections
 import functools
+import itertools
 import json
 
 import numpy as np
@@ -147,7 +148,9 @@ GENERATOR_TASK = "test_generator_source_full_lm"
 def _generator_sentences(split, shuffle_files, seed=None):
   del split, shuffle_files, seed
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  texts = lambda: (f"Generated sentence {i} of a Python generator." for i in range(400))
+  # Endless: a generator that has run out can be saved (its state is "done"), and the
+  # pipeline's prefetching could exhaust a short one before the save.
+  texts = lambda: (f"Generated sentence {i} of a Python generator." for i in itertools.count())
   return tf.data.Dataset.from_generator(
       texts, output_signature=tf.TensorSpec([], tf.string)).map(lambda t: {"text": t})
 
