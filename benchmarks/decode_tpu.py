@@ -37,9 +37,10 @@ import argparse
 import json
 import math
 import os
-import re
 import sys
 import time
+
+import cases  # benchmarks/cases.py, beside this script (its folder is on sys.path)
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
@@ -65,31 +66,6 @@ def _estimate(compiled, s) -> dict:
           "roofline_seconds": roofline, "flops": flops, "bytes_accessed": nbytes}
 
 
-def _computations(hlo: str) -> dict:
-  """{computation name: its instruction lines} of an HLO module's text."""
-  out, current = {}, None
-  for line in hlo.splitlines():
-    m = re.match(r"^(?:ENTRY )?%?(\S+) .*\{\s*$", line)
-    if m:
-      current = out.setdefault(m.group(1), [])
-    elif current is not None and line.startswith("  "):
-      current.append(line)
-  return out
-
-
-def hlo_cycles(hlo: str) -> dict:
-  """XLA:TPU's per-instruction `estimated_cycles` (backend_config of the optimized HLO), summed:
-  {"total": all computations, "loop_body": the body computation of the while loop(s) of the
-  entry computation}. A cross-check of where a program's time goes; no overlap is modelled."""
-  comps = _computations(hlo)
-  cycles = lambda lines: sum(int(c) for l in lines
-                             for c in re.findall(r'"estimated_cycles":"(\d+)"', l))
-  bodies = {b for lines in comps.values() for l in lines if " while(" in l
-            for b in re.findall(r"body=%?([\w.\-]+)", l)}
-  return {"total": sum(cycles(v) for v in comps.values()),
-          "loop_body": sum(cycles(comps.get(b, [])) for b in bodies)}
-
-
 def _memory(compiled) -> dict:
   from openmoe_jax import layout
   return {k.replace("_per_device", ""): v for k, v in layout.memory(compiled).items()}
@@ -100,7 +76,7 @@ def run_case(case: str, *, cache_len: int, prompt_len: int, temperature: float) 
   import jax.numpy as jnp
   from flax import linen as nn
   from jax.sharding import NamedSharding, PartitionSpec
-  from openmoe_jax import decoding, gin_utils, partitioning as part, target, tpu, tpu_plan
+  from openmoe_jax import decoding, gin_utils, hlo_stats, partitioning as part, target, tpu, tpu_plan
   from openmoe_jax.model import DecodeCache, Transformer
   gin_file, slice_name, batch, *rest = case.split()
   batch = int(batch)
@@ -170,7 +146,8 @@ def run_case(case: str, *, cache_len: int, prompt_len: int, temperature: float) 
         params, cache, arg((rows, cfg.vocab_size), jnp.float32), key).compile()
     out["compile_seconds"] = round(time.perf_counter() - t, 1)
   est = {name: _estimate(p, s) for name, p in programs.items()}
-  cycles = {name: hlo_cycles(p.as_text()) for name, p in programs.items() if name != "prefill"}
+  cycles = {name: hlo_stats.estimated_cycles(p.as_text()) for name, p in programs.items()
+            if name != "prefill"}
   loop_step = {k: est["decode"][k] - est["prefill"][k]
                for k in ("seconds", "roofline_seconds", "flops", "bytes_accessed")}
   out.update({
@@ -244,17 +221,9 @@ def main(argv=None):
   args = p.parse_args(argv)
   if args.table:
     print(table(args.table))
-  for case in args.case:
-    try:
-      row = run_case(case, cache_len=args.cache_len, prompt_len=args.prompt_len,
-                     temperature=args.temperature)
-    except Exception as e:  # pylint: disable=broad-except
-      row = {"case": case, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
-    line = json.dumps(row)
-    print(line, flush=True)
-    if args.out:
-      with open(args.out, "a") as f:
-        f.write(line + "\n")
+  cases.run_cases(args.case, lambda case: run_case(
+      case, cache_len=args.cache_len, prompt_len=args.prompt_len,
+      temperature=args.temperature), args.out)
   return 0
 
 

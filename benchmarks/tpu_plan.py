@@ -14,6 +14,8 @@ import json
 import sys
 import time
 
+import cases  # benchmarks/cases.py, beside this script (its folder is on sys.path)
+
 KEYS = ("accelerator_type", "num_devices", "mesh", "batch_size", "num_microbatches", "seq_len",
         "remat_policy", "dispatch", "capacity_mode", "grouped_matmul", "argument_bytes_per_device",
         "temp_bytes_per_device", "peak_bytes_per_device", "hbm_bytes_per_device", "fits",
@@ -83,16 +85,7 @@ def main(argv=None):
   args = p.parse_args(argv)
   if args.table:
     print(table(args.table))
-  for case in args.case:
-    try:
-      row = run_case(case)
-    except Exception as e:  # pylint: disable=broad-except
-      row = {"case": case, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
-    line = json.dumps(row)
-    print(line, flush=True)
-    if args.out:
-      with open(args.out, "a") as f:
-        f.write(line + "\n")
+  cases.run_cases(args.case, run_case, args.out)
   return 0
 
 

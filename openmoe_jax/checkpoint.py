@@ -94,26 +94,28 @@ def _position_file(shard_index: int) -> str:
 
 
 class _PositionsHandler(ocp.AsyncCheckpointHandler):
-  """Writes the data positions of this process's shards (every process writes its own files)."""
+  """Writes the data positions of this process's shards (every process writes its own files).
+  They are read back with `read_positions`, for the shards the resuming process reads."""
 
-  async def _write(self, directory: epath.Path, shards: Mapping[int, bytes]) -> None:
+  @staticmethod
+  def _write(directory: epath.Path, shards: Mapping[int, bytes]) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     for index, blob in shards.items():
       (directory / _position_file(int(index))).write_bytes(blob)
 
   async def async_save(self, directory: epath.Path, args: 'PositionsSave'):
     from orbax.checkpoint import future  # pylint: disable=g-import-not-at-top
-    return [future.CommitFutureAwaitingContractedSignals(
-        self._write(directory, args.shards), name='data_positions_save')]
+
+    async def write():
+      self._write(directory, args.shards)
+    return [future.CommitFutureAwaitingContractedSignals(write(), name='data_positions_save')]
 
   def save(self, directory: epath.Path, args: 'PositionsSave') -> None:
-    for index, blob in args.shards.items():
-      directory.mkdir(parents=True, exist_ok=True)
-      (directory / _position_file(int(index))).write_bytes(blob)
+    self._write(directory, args.shards)
 
-  def restore(self, directory: epath.Path, args: Optional['PositionsRestore'] = None) -> dict:
-    indices = (args.shard_indices if args is not None else None) or []
-    return {k: (directory / _position_file(k)).read_bytes() for k in indices}
+  def restore(self, directory: epath.Path, args=None) -> dict:
+    del args
+    return {int(p.name[6:11]): p.read_bytes() for p in directory.glob('shard_*.tfdata')}
 
 
 @ocp.args.register_with_handler(_PositionsHandler, for_save=True)
@@ -125,7 +127,7 @@ class PositionsSave(ocp.args.CheckpointArgs):
 @ocp.args.register_with_handler(_PositionsHandler, for_restore=True)
 @dataclasses.dataclass
 class PositionsRestore(ocp.args.CheckpointArgs):
-  shard_indices: Optional[list] = None
+  """orbax requires a restore type for every handler it manages (resume uses read_positions)."""
 
 
 def read_positions(model_dir, step: int, shard_indices) -> Optional[dict]:

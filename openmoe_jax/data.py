@@ -349,7 +349,14 @@ class ShardedIterator:
     Collective in multi-process runs (every process calls it), because the checkpoint's data
     item is written by process 0 alone.
     """
-    return self.checkpoint_items()[0]
+    return {"shards": self._gather([it.get_state() for it in self._its])}
+
+  @staticmethod
+  def _gather(mine: list) -> list:
+    """Every process's shard states, in shard order (collective)."""
+    from openmoe_jax.checkpoint import allgather_json  # pylint: disable=g-import-not-at-top
+    return sorted((s for part in allgather_json(mine) for s in part),
+                  key=lambda s: s["shard_index"])
 
   def checkpoint_items(self):
     """(`get_state()`, {shard index: saved tf.data position} of this process's shards or None).
@@ -357,12 +364,9 @@ class ShardedIterator:
     The positions are None on every process alike when any shard's pipeline cannot save one
     (collective, like `get_state`).
     """
-    from openmoe_jax.checkpoint import allgather_json  # pylint: disable=g-import-not-at-top
     positions = {it.shard_index: it.save_position() for it in self._its}
-    mine = [{**it.get_state(), "position_saved": positions[it.shard_index] is not None}
-            for it in self._its]
-    shards = sorted((s for part in allgather_json(mine) for s in part),
-                    key=lambda s: s["shard_index"])
+    shards = self._gather([{**it.get_state(), "position_saved": positions[it.shard_index] is not None}
+                           for it in self._its])
     saved = all(s.pop("position_saved") for s in shards)
     return {"shards": shards}, (positions if saved else None)
 

@@ -121,3 +121,16 @@ def collectives(hlo: str) -> Dict[str, Dict[str, int]]:
     out[op["kind"]]["count"] += op["runs"]
     out[op["kind"]]["bytes"] += op["bytes"] * op["runs"]
   return out
+
+
+def estimated_cycles(hlo: str) -> Dict[str, int]:
+  """XLA:TPU's per-instruction `estimated_cycles` (backend_config of the optimized HLO), summed:
+  {"total": all computations, "loop_body": the body computations of the while loops}. A
+  cross-check of where a program's time goes; no overlap is modelled."""
+  comps, _ = _computations(hlo)
+  cycles = lambda lines: sum(int(c) for l in lines
+                             for c in re.findall(r'"estimated_cycles":"(\d+)"', l))
+  bodies = {b for lines in comps.values() for l in lines if " while(" in l
+            for b in re.findall(r"body=%?([\w.\-]+)", l)}
+  return {"total": sum(cycles(v) for v in comps.values()),
+          "loop_body": sum(cycles(comps.get(b, [])) for b in bodies)}

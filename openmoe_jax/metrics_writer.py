@@ -65,8 +65,11 @@ class MetricsWriter:
       # A run killed in the middle of a row leaves it unterminated: end it, so the rows of the
       # resumed run start on their own lines (readers skip the broken one).
       with open(self._path, "rb+") as f:
-        if f.seek(0, os.SEEK_END) and (f.seek(-1, os.SEEK_END), f.read(1))[1] != b"\n":
-          f.write(b"\n")
+        size = f.seek(0, os.SEEK_END)
+        if size:
+          f.seek(size - 1)
+          if f.read(1) != b"\n":
+            f.write(b"\n")
     if fs.is_url(model_dir):
       text = fs.read_text(self._path) if fs.exists(self._path) else ""
       self._rows = [line + "\n" for line in text.splitlines() if line]

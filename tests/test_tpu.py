@@ -247,3 +247,19 @@ def test_plain_cpu_run_prints_no_tpu_start_up(tmp_path):
                         capture_output=True, text=True, env=env, timeout=120, cwd=tmp_path)
   assert proc.returncode == 0 and "CpuDevice" in proc.stdout
   assert "TPU" not in proc.stderr and "libtpu" not in proc.stderr, proc.stderr
+
+
+def test_estimated_cycles_sum_every_computation_and_the_loop_bodies():
+  hlo = """HloModule m
+
+%body (p: (s32[])) -> (s32[]) {
+  %a = f32[4]{0} add(%x, %y), backend_config={"estimated_cycles":"30"}
+  ROOT %t = (s32[]) tuple(%a), backend_config={"estimated_cycles":"5"}
+}
+
+ENTRY %main (p: s32[]) -> s32[] {
+  %w = (s32[]) while(%i), condition=%cond, body=%body, backend_config={"estimated_cycles":"2"}
+  ROOT %r = s32[] get-tuple-element(%w), index=0, backend_config={"estimated_cycles":"1"}
+}
+"""
+  assert hlo_stats.estimated_cycles(hlo) == {"total": 38, "loop_body": 35}
