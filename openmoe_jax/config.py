@@ -10,7 +10,7 @@ import jax.numpy as jnp
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 DISPATCH_MODES = ("auto", "gather", "einsum")
-REMAT_POLICIES = ("none", "full", "dots")
+REMAT_POLICIES = ("none", "full", "dots", "attention")
 CAPACITY_FORMULAS = ("flaxformer", "colossalai")
 CAPACITY_MODES = ("fixed", "adaptive", "dropless")
 CAPACITY_ORDERS = ("openmoe", "random", "confidence")
@@ -73,7 +73,9 @@ class ModelConfig:
     router_init_stddev: router kernel init normal stddev.
     position_buckets: how many position buckets the drop metrics use.
     remat_policy: recompute each decoder layer in the backward pass: 'none', 'full' (keep only
-      layer inputs) or 'dots' (keep matmul outputs without batch dims). Trades FLOPs for memory.
+      layer inputs) or 'dots' (keep matmul outputs without batch dims); or 'attention': keep
+      everything but the attention probabilities [B, N, T, S], recomputed from q and k (one
+      more q k^T matmul and softmax per layer). Trades FLOPs for memory; the numbers are the same.
     moe_float32_output: OpenMoE (True): the experts' outputs are combined with the router's
       float32 weights and stay float32, so the residual stream is float32 from the first MoE
       layer on (flaxformer `moe_layers.MoeLayer`, router dtype 'float32'). False: cast to the

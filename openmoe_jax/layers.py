@@ -4,6 +4,7 @@ Legend: B batch, L length, D embed, N heads, H head dim, F mlp hidden, V vocab.
 Kernels are stored 2-D ([D, N*H] for attention) as flaxformer's DenseGeneral stores them, so
 original checkpoints load without reshaping.
 """
+import functools
 from typing import Optional
 
 import flax.linen as nn
@@ -103,6 +104,24 @@ def attention_mask(segment_ids, token_mask):
   return mask[:, None]
 
 
+def attend(q, k, v, mask, keep, *, cfg: ModelConfig):
+  """Scaled-dot-product attention core: softmax(q k^T, masked) v, dropout where `keep` is False.
+
+  q: [B, T, N, H]; k, v: [B, S, N, H]; mask: bool [B, 1, T, S]; keep: None or bool [B, N, 1, S]
+  (kept attention probabilities are divided by 1 - dropout_rate, as nn.Dropout does).
+  """
+  # flaxformer dense_attention (float32_logits=False): logits and softmax in the activation dtype.
+  logit_dtype = jnp.float32 if cfg.float32_attention_logits else cfg.dtype
+  logits = jnp.einsum("bqnh,bknh->bnqk", q.astype(logit_dtype), k.astype(logit_dtype))
+  logits = jnp.where(mask, logits, jnp.asarray(MASK_BIAS, logit_dtype))
+  weights = jax.nn.softmax(logits, axis=-1).astype(cfg.dtype)
+  if keep is not None:  # bitwise nn.Dropout: select(keep, x / keep_prob, 0)
+    keep_prob = 1.0 - cfg.dropout_rate
+    weights = jax.lax.select(jnp.broadcast_to(keep, weights.shape), weights / keep_prob,
+                             jnp.zeros_like(weights))
+  return jnp.einsum("bnqk,bknh->bqnh", weights, v)
+
+
 class Attention(nn.Module):
   """Multi-head causal self-attention, no biases, no runtime 1/sqrt(H) (folded into query init)."""
   cfg: ModelConfig
@@ -131,14 +150,17 @@ class Attention(nn.Module):
       k, v = (p.constrain(jax.lax.dynamic_update_slice(c, y.astype(c.dtype), (0, cache_index, 0, 0)),
                           (p.BATCH, p.LENGTH, p.HEADS, p.KV)) for c, y in zip(cache, (k, v)))
       cache = (k, v)
-    # flaxformer dense_attention (float32_logits=False): logits and softmax in the activation dtype.
-    logit_dtype = jnp.float32 if cfg.float32_attention_logits else cfg.dtype
-    logits = jnp.einsum("bqnh,bknh->bnqk", q.astype(logit_dtype), k.astype(logit_dtype))
-    logits = jnp.where(mask, logits, jnp.asarray(MASK_BIAS, logit_dtype))
-    weights = jax.nn.softmax(logits, axis=-1).astype(cfg.dtype)
-    # Attention-probability dropout, broadcast over the query axis (flaxformer broadcast_dropout).
-    weights = dropout(cfg, weights, deterministic)
-    out = jnp.einsum("bnqk,bknh->bqnh", weights, v)
+    # Attention-probability dropout, broadcast over the query axis (flaxformer broadcast_dropout):
+    # its keep mask [B, N, 1, S] is drawn here, with nn.Dropout's own key, so that the scores
+    # can be recomputed in the backward pass ('attention' remat) from q, k, v and the masks.
+    keep = None
+    if cfg.dropout_rate > 0 and not deterministic:
+      ones = jnp.ones((q.shape[0], cfg.num_heads, 1, k.shape[1]), cfg.dtype)
+      keep = dropout(cfg, ones, deterministic) > 0
+    core = functools.partial(attend, cfg=cfg)
+    if cfg.remat_policy == "attention" and cache is None:
+      core = jax.checkpoint(core)
+    out = core(q, k, v, mask, keep)
     out = out.reshape(*out.shape[:2], joined)
     out = Dense(cfg.emb_dim, (p.JOINED_KV, p.EMBED), cfg.scale, "normal", cfg, name="out")(out)
     return out if cache is None else (out, cache)

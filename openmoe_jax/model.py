@@ -82,7 +82,7 @@ class Decoder(nn.Module):
     h = dropout(cfg, h, deterministic)  # flaxformer Decoder.input_dropout on the embeddings
     all_metrics, new_kv = [], []
     layer_cls = DecoderLayer
-    if cfg.remat_policy != "none" and cache is None:
+    if cfg.remat_policy in ("full", "dots") and cache is None:  # 'attention': layers.attend
       policy = (None if cfg.remat_policy == "full"
                 else jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
       layer_cls = nn.remat(DecoderLayer, policy=policy, static_argnums=(5,))

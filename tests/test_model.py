@@ -171,7 +171,7 @@ def test_invalid_config_names_the_field(change, field):
     CFG.replace(**change)
 
 
-@pytest.mark.parametrize("policy", ["full", "dots"])
+@pytest.mark.parametrize("policy", ["full", "dots", "attention"])
 def test_remat_gives_the_same_loss_and_gradients(policy):
   params, tokens = _init(CFG)
   def loss(p, cfg):
@@ -181,3 +181,50 @@ def test_remat_gives_the_same_loss_and_gradients(policy):
   l1, g1 = jax.value_and_grad(loss)(params, CFG.replace(remat_policy=policy))
   assert float(l0) == pytest.approx(float(l1), rel=1e-6)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), g0, g1)
+
+
+def test_attention_remat_with_dropout_gives_bitwise_the_same_loss_and_gradients():
+  cfg = CFG.replace(dropout_rate=0.3, activation_dtype="bfloat16")
+  params, tokens = _init(cfg)
+  def loss(p, policy):
+    logits, moe = Transformer(cfg.replace(remat_policy=policy)).apply(
+        {"params": p}, tokens, deterministic=False, rngs={"dropout": jax.random.key(7)})
+    return compute_loss(cfg, logits, moe, tokens, jnp.ones(tokens.shape))[0]
+  step = jax.jit(jax.value_and_grad(loss), static_argnums=1)
+  (l0, g0), (l1, g1) = step(params, "none"), step(params, "attention")
+  assert float(l0) == float(l1)
+  jax.tree.map(np.testing.assert_array_equal, g0, g1)
+  # the dropout is live: without it the loss differs
+  l_det = jax.jit(lambda p: compute_loss(cfg, *_apply(cfg, p, tokens), tokens,
+                                         jnp.ones(tokens.shape))[0])(params)
+  assert float(l_det) != float(l0)
+
+
+def test_attention_dropout_keep_mask_is_nn_dropouts_mask_broadcast_over_queries():
+  import flax.linen as nn
+  from openmoe_jax.layers import attend, dropout
+  cfg = CFG.replace(dropout_rate=0.4)
+  b, n, t = 2, 2, 6
+  q, k, v = jax.random.normal(jax.random.key(0), (3, b, t, n, 4))
+  mask = jnp.tril(jnp.ones((t, t), bool))[None, None].repeat(b, 0)
+
+  class Direct(nn.Module):  # the weights through nn.Dropout, as flaxformer applies it
+    @nn.compact
+    def __call__(self):
+      logits = jnp.where(mask, jnp.einsum("bqnh,bknh->bnqk", q, k), -1e10)
+      w = dropout(cfg, jax.nn.softmax(logits, axis=-1), False)
+      return jnp.einsum("bnqk,bknh->bqnh", w, v), w
+
+  class Keep(nn.Module):  # the keep mask drawn on its own, then attend
+    @nn.compact
+    def __call__(self):
+      keep = dropout(cfg, jnp.ones((b, n, 1, t)), False) > 0
+      return attend(q, k, v, mask, keep, cfg=cfg), keep
+
+  rngs = {"dropout": jax.random.key(3)}
+  want, w = Direct().apply({}, rngs=rngs)
+  got, keep = Keep().apply({}, rngs=rngs)
+  np.testing.assert_array_equal(got, want)
+  dropped = np.asarray(w == 0) & np.asarray(mask)  # a dropped key column is dropped for every query
+  assert 0 < (~np.asarray(keep)).sum() < keep.size
+  np.testing.assert_array_equal(dropped, np.broadcast_to(~np.asarray(keep), w.shape) & np.asarray(mask))

@@ -263,3 +263,25 @@ ENTRY %main (p: s32[]) -> s32[] {
 }
 """
   assert hlo_stats.estimated_cycles(hlo) == {"total": 38, "loop_body": 35}
+
+
+@needs_libtpu
+def test_attention_remat_drops_the_attention_probabilities_for_one_more_qk_matmul():
+  """REMAT_POLICY='attention' on XLA:TPU: the step's temporaries shrink by about the attention
+  probabilities of every layer, and the compiled FLOPs grow by at most one q k^T per layer."""
+  from openmoe_jax import gin_utils, train  # noqa: F401
+  gin_utils.parse_gin(["models/tiny.gin"], ["ACTIVATION_DTYPE='bfloat16'"], finalize=False)
+  cfg = gin_utils.model_config().replace(num_layers=4)
+  seq, batch = 2048, 16
+  plans = {pol: tpu_plan.plan(cfg.replace(remat_policy=pol), "v4:2x2x1", num_expert_partitions=4,
+                              num_model_partitions=2, batch_size=batch, seq_len=seq)
+           for pol in ("none", "attention")}
+  none, att = plans["none"], plans["attention"]
+  # Per device: batch / expert rows, heads / model heads, [T, T] bf16 probabilities per layer.
+  probs = batch // 4 * (cfg.num_heads // 2) * seq * seq * 2 * cfg.num_layers
+  saved = none["temp_bytes_per_device"] - att["temp_bytes_per_device"]
+  # (one or two layers' probabilities are live again while the backward recomputes them)
+  assert saved >= 0.5 * probs, (saved, probs)
+  qk = 2 * batch // 4 * (cfg.num_heads // 2) * seq * seq * cfg.head_dim * cfg.num_layers
+  extra = att["xla_flops_per_device"] - none["xla_flops_per_device"]
+  assert 0 < extra <= 1.25 * qk, (extra, qk)
