@@ -149,11 +149,14 @@ def _metrics(r: routing.Routing, token_mask, cfg: ModelConfig) -> MoeMetrics:
   dropped = (1.0 - r.kept.astype(jnp.float32)) * real_k
   n_assign = jnp.maximum(real_k.sum(), 1.0)
   buckets = cfg.position_buckets
-  bucket_of_pos = (jnp.arange(length) * buckets) // length
+  # Positions into equal buckets by a [L, buckets] one-hot and a sum, not a scatter-add: XLA
+  # offloads scatters to the SparseCore on TPU v5p/v6e, which its cost model cannot time.
+  in_bucket = (((jnp.arange(length) * buckets) // length)[:, None]
+               == jnp.arange(buckets)[None, :]).astype(jnp.float32)
   per_pos_dropped = dropped.reshape(b, length, k).sum(axis=(0, 2))
   per_pos_total = real_k.reshape(b, length, k).sum(axis=(0, 2))
-  by_bucket = jax.ops.segment_sum(per_pos_dropped, bucket_of_pos, buckets)
-  by_bucket /= jnp.maximum(jax.ops.segment_sum(per_pos_total, bucket_of_pos, buckets), 1.0)
+  by_bucket = jnp.sum(per_pos_dropped[:, None] * in_bucket, axis=0)
+  by_bucket /= jnp.maximum(jnp.sum(per_pos_total[:, None] * in_bucket, axis=0), 1.0)
   kept_any = jnp.max(r.kept.astype(jnp.float32), axis=-1, keepdims=True) * real
   load = jnp.sum(jax.nn.one_hot(r.expert_index, cfg.num_experts) * real_k[..., None], axis=(0, 1, 2))
   n_kept = jnp.maximum(jnp.sum(r.kept * real_k), 1.0)

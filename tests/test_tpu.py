@@ -285,3 +285,20 @@ def test_attention_remat_drops_the_attention_probabilities_for_one_more_qk_matmu
   qk = 2 * batch // 4 * (cfg.num_heads // 2) * seq * seq * cfg.head_dim * cfg.num_layers
   extra = att["xla_flops_per_device"] - none["xla_flops_per_device"]
   assert 0 < extra <= 1.25 * qk, (extra, qk)
+
+
+@needs_libtpu
+@pytest.mark.parametrize("slice_name", ["v5p-16", "v6e-8"])
+def test_v5p_and_v6e_steps_get_the_cost_models_time_not_a_roofline(slice_name):
+  """XLA offloads scatters to the SparseCore on v5p/v6e and its cost model then times nothing
+  (optimal_seconds -4): the step has no scatter in its forward pass, so the whole-step time is
+  the compiler's estimate there too."""
+  from openmoe_jax import gin_utils, train  # noqa: F401
+  gin_utils.parse_gin(["models/tiny.gin"], ["ACTIVATION_DTYPE='bfloat16'"], finalize=False)
+  cfg = gin_utils.model_config()
+  plan = tpu_plan.plan(cfg, slice_name, num_expert_partitions=4, num_model_partitions=2,
+                       batch_size=16, seq_len=256, num_microbatches=2, with_hlo=True)
+  assert plan["estimate_method"] == "xla optimal_seconds", plan["estimate_method"]
+  assert plan["estimated_step_seconds"] > plan["estimated_update_seconds"] > 0
+  assert 0 < plan["estimated_mfu"] < 1
+  assert 'execution_thread="sparsecore"' not in plan["hlo"]
