@@ -130,8 +130,10 @@ def _plan(cfg, s, slice_name, *, num_expert_partitions, num_model_partitions, ba
   step_cost, update_cost = layout.cost(step), layout.cost(update)
   whole = lambda key: (update_cost.get(key, 0.0) + num_microbatches *
                        max(step_cost.get(key, 0.0) - update_cost.get(key, 0.0), 0.0))
-  # libtpu's cost model gives no time for some generations (v5p, v6e: optimal_seconds < 0);
-  # then the estimate is the roofline of XLA's own FLOP and byte counts.
+  # libtpu's cost model gives no time (optimal_seconds < 0) for some programs: on v5p and v6e
+  # any with a scatter offloaded to the SparseCore, on v4 OpenMoE-size steps and updates (it
+  # returns negative values, not additive); then the estimate is the roofline of XLA's own
+  # FLOP and byte counts.
   roofline = max(whole("flops") / s.peak_flops_per_device,
                  whole("bytes accessed") / s.hbm_bandwidth_per_device)
   has_time = min(step_cost.get("optimal_seconds", -1), update_cost.get("optimal_seconds", -1)) > 0
@@ -160,7 +162,7 @@ def _plan(cfg, s, slice_name, *, num_expert_partitions, num_model_partitions, ba
       "estimated_update_seconds": update_cost.get("optimal_seconds", 0.0) if has_time else None,
       "estimate_method": ("xla optimal_seconds" if has_time else
                           "roofline of XLA's flops and bytes accessed (this libtpu's cost model "
-                          f"gives no time for {s.generation})"),
+                          f"gives no time for this step on {s.generation})"),
       "roofline_step_seconds": roofline,
       "xla_bytes_accessed_per_device": whole("bytes accessed"),
       "xla_flops_per_device": whole("flops"),
