@@ -131,7 +131,7 @@ def _plan(cfg, s, slice_name, *, num_expert_partitions, num_model_partitions, ba
   whole = lambda key: (update_cost.get(key, 0.0) + num_microbatches *
                        max(step_cost.get(key, 0.0) - update_cost.get(key, 0.0), 0.0))
   # libtpu's cost model gives no time (optimal_seconds < 0) for some programs: on v5p and v6e
-  # any with a scatter offloaded to the SparseCore, on v4 OpenMoE-size steps and updates (it
+  # any with a scatter offloaded to the SparseCore, on v4 and v6e OpenMoE-size steps (it
   # returns negative values, not additive); then the estimate is the roofline of XLA's own
   # FLOP and byte counts.
   roofline = max(whole("flops") / s.peak_flops_per_device,
