@@ -112,14 +112,14 @@ def _gather_combine(expert_out, slot, r: routing.Routing, dtype):
   """expert_out: [E, G, C, D] -> [G, T, D] in `dtype`, weighting each kept assignment by its gate."""
   e, g, c, d = expert_out.shape
   flat = jnp.swapaxes(expert_out, 0, 1).reshape(g, e * c, d)
-  gg, t, k = r.kept.shape
+  t, k = r.kept.shape[1:]
   # Gathered k-major ([G, K*T] rows), so that each of the K terms is a contiguous [G, T, D],
   # and the K products added in order: XLA:TPU lowers einsum('gtkd,gtk->gtd') on the
   # token-major gather to a float32 loop fusion tiled (2, 128) on K, ~4x slower than its bytes
   # (compiler estimate). Dropped assignments (the dump slot E*C, out of range) read zeros.
-  slot_k = jnp.swapaxes(slot.reshape(gg, t, k), 1, 2).reshape(gg, k * t)
+  slot_k = jnp.swapaxes(slot.reshape(g, t, k), 1, 2).reshape(g, k * t)
   picked = jnp.take_along_axis(flat, slot_k[..., None], axis=1, mode="fill", fill_value=0)
-  picked = picked.reshape(gg, k, t, d)
+  picked = picked.reshape(g, k, t, d)
   w = r.combine_weights.astype(dtype)
   out = picked[:, 0].astype(dtype) * w[:, :, 0, None]
   for j in range(1, k):

@@ -291,7 +291,7 @@ def test_attention_remat_drops_the_attention_probabilities_for_one_more_qk_matmu
 @pytest.mark.parametrize("slice_name", ["v5p-16", "v6e-8"])
 def test_v5p_and_v6e_steps_get_the_cost_models_time_not_a_roofline(slice_name):
   """XLA offloads scatters to the SparseCore on v5p/v6e and its cost model then times nothing
-  (optimal_seconds -4): the step has no scatter in its forward pass, so the whole-step time is
+  (optimal_seconds -4): no scatter in the step is offloaded there, so the whole-step time is
   the compiler's estimate there too."""
   from openmoe_jax import gin_utils, train  # noqa: F401
   gin_utils.parse_gin(["models/tiny.gin"], ["ACTIVATION_DTYPE='bfloat16'"], finalize=False)
