@@ -29,7 +29,7 @@ setuptools.setup(
     install_requires=_requirements("requirements.txt"),
     extras_require={
         "export": ["torch==2.13.0", "safetensors==0.8.0", "transformers==5.24.0"],
-        "test": ["pytest==9.2.0", "torch==2.13.0", "safetensors==0.8.0", "transformers==5.24.0",
+        "test": ["pytest==9.2.0", "pytest-xdist==3.8.0", "torch==2.13.0", "safetensors==0.8.0", "transformers==5.24.0",
                  "libtpu==0.0.42.*"],
         # XLA:TPU for TPU runs and for compile-only TPU plans on any machine (openmoe-info
         # --tpu, openmoe-train --compile_only): the libtpu that jax[tpu]==0.10.2 pins.
@@ -37,14 +37,14 @@ setuptools.setup(
     },
     entry_points={
         "console_scripts": [
-            "openmoe-info=openmoe_jax.info:main",
-            "openmoe-train=openmoe_jax.main:main",
-            "openmoe-eval=openmoe_jax.evaluate:main",
-            "openmoe-score=openmoe_jax.score:main",
-            "openmoe-analyze=openmoe_jax.analyze:main",
-            "openmoe-export=openmoe_jax.export:main",
-            "openmoe-import=openmoe_jax.hf_import:main",
-            "openmoe-infer=openmoe_jax.infer:main",
+            "openmoe-info=openmoe_jax.commands.info:main",
+            "openmoe-train=openmoe_jax.commands.train:main",
+            "openmoe-eval=openmoe_jax.commands.evaluate:main",
+            "openmoe-score=openmoe_jax.commands.score:main",
+            "openmoe-analyze=openmoe_jax.commands.analyze:main",
+            "openmoe-export=openmoe_jax.commands.export:main",
+            "openmoe-import=openmoe_jax.commands.import_model:main",
+            "openmoe-infer=openmoe_jax.commands.infer:main",
         ],
     },
 )

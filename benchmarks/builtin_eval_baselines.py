@@ -25,7 +25,11 @@ def main(argv=None):
   parser.add_argument("--num_examples", type=int, help="first N validation examples (all)")
   args = parser.parse_args(argv)
   import tasks  # noqa: F401
-  from openmoe_jax import corpus, downstream, likelihood, metrics, vocab
+  from openmoe_jax.data import corpus
+  from openmoe_jax.evaluation import downstream
+  from openmoe_jax.evaluation import likelihood
+  from openmoe_jax.evaluation import metrics
+  from openmoe_jax.data import vocab
   voc = vocab.builtin_vocabulary()
   counts = np.ones(voc.vocab_size, np.float64)  # add-one smoothing
   for path in corpus.list_files("train"):

@@ -26,7 +26,7 @@ def main() -> None:
   args = p.parse_args()
   t0 = time.perf_counter()
   import tasks  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
-  from openmoe_jax import data  # pylint: disable=g-import-not-at-top
+  from openmoe_jax.data import pipeline as data  # pylint: disable=g-import-not-at-top
   it = data.make_iterator(args.mixture_or_task_name, {"inputs": 1024, "targets": 1024},
                           args.batch_size, seed=0, shard_index=0, num_shards=1)
   for _ in range(args.warmup):

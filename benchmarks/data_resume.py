@@ -32,7 +32,7 @@ def main() -> None:
   args = p.parse_args()
   import numpy as np  # pylint: disable=g-import-not-at-top
   import tasks  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
-  from openmoe_jax import data  # pylint: disable=g-import-not-at-top
+  from openmoe_jax.data import pipeline as data  # pylint: disable=g-import-not-at-top
 
   make = lambda: data.make_iterator(args.mixture_or_task_name,
                                     {"targets": args.targets_length}, args.batch_size, seed=0,

@@ -26,8 +26,10 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 def _random_run(model_dir: str):
   import jax
   import jax.numpy as jnp
-  from openmoe_jax import checkpoint as ckpt_lib, gin_utils, partitioning
-  from openmoe_jax.model import Transformer
+  from openmoe_jax import gin_utils
+  from openmoe_jax.training import checkpoint as ckpt_lib
+  from openmoe_jax.model import partitioning
+  from openmoe_jax.model.transformer import Transformer
   gin_utils.parse_gin(["models/small.gin"], [])
   cfg = gin_utils.model_config()
   params = partitioning.unbox(Transformer(cfg).init(jax.random.key(0),
@@ -59,7 +61,10 @@ def main(argv=None):
   args = parser.parse_args(argv)
   import jax
   import torch
-  from openmoe_jax import checkpoint, decoding, export, run_dir
+  from openmoe_jax.training import checkpoint
+  from openmoe_jax.evaluation import decoding
+  from openmoe_jax.interop import hf_export as export
+  from openmoe_jax.training import run_dir
   work = tempfile.mkdtemp(prefix="decode_bench-")
   model_dir = args.model_dir or os.path.join(work, "run")
   if not args.model_dir:

@@ -6,11 +6,11 @@
     .venv/bin/python benchmarks/decode_tpu.py --table decode.jsonl   # the markdown table
 
 A case is "<model gin> <slice> <batch> [expert=E] [model=M] [MACRO=value ...]": the model of a
-gin under gin/ (`models/small.gin` is the quick start's), a TPU slice (`openmoe_jax/tpu.py`),
+gin under gin/ (`models/small.gin` is the quick start's), a TPU slice (`openmoe_jax/planning/tpu.py`),
 the number of prompts decoded together, the mesh's expert / model partitions (default 1 / 1:
 every device on `data`, as `openmoe-infer` builds its mesh) and gin macro overrides. Nothing runs
 on a TPU: the programs are compiled from abstract shapes for the slice's compile-only devices
-(`jax.experimental.topologies`), as `openmoe_jax/tpu_plan.py` compiles the train step, and
+(`jax.experimental.topologies`), as `openmoe_jax/planning/plan.py` compiles the train step, and
 every time below is a **compiler estimate**.
 
 Compiled per case, all with decoding.py's own code under the training mesh and axis rules
@@ -25,7 +25,7 @@ Compiled per case, all with decoding.py's own code under the training mesh and a
     then the `while_loop` of steps) for a cache of P + N = --cache_len columns.
 The step time is the compiler's `optimal_seconds`, or, where this libtpu's cost model gives none
 (v4 for these programs; v5p and v6e for the train step), the roofline max(flops / peak FLOP/s, bytes accessed / HBM bandwidth) of
-XLA's own counts (as `openmoe_jax/tpu_plan.py` does), marked "roofline". Two cross-checks of the
+XLA's own counts (as `openmoe_jax/planning/plan.py` does), marked "roofline". Two cross-checks of the
 step inside generate: XLA's cost analysis counts a loop body once, so `decode - prefill` is one
 loop step plus what XLA hoists out of the loop (one-time parameter relayouts and casts): an upper
 estimate; and the sum of XLA:TPU's per-instruction `estimated_cycles` of the loop body against
@@ -56,7 +56,7 @@ def _abstract(tree, shardings):
 
 def _estimate(compiled, s) -> dict:
   """optimal_seconds (else the roofline), flops and bytes accessed per device."""
-  from openmoe_jax import layout
+  from openmoe_jax.training import state_layout as layout
   c = layout.cost(compiled)
   flops, nbytes = c.get("flops", 0.0), c.get("bytes accessed", 0.0)
   roofline = max(flops / s.peak_flops_per_device, nbytes / s.hbm_bandwidth_per_device)
@@ -67,7 +67,7 @@ def _estimate(compiled, s) -> dict:
 
 
 def _memory(compiled) -> dict:
-  from openmoe_jax import layout
+  from openmoe_jax.training import state_layout as layout
   return {k.replace("_per_device", ""): v for k, v in layout.memory(compiled).items()}
 
 
@@ -76,8 +76,14 @@ def run_case(case: str, *, cache_len: int, prompt_len: int, temperature: float) 
   import jax.numpy as jnp
   from flax import linen as nn
   from jax.sharding import NamedSharding, PartitionSpec
-  from openmoe_jax import decoding, gin_utils, hlo_stats, partitioning as part, target, tpu, tpu_plan
-  from openmoe_jax.model import DecodeCache, Transformer
+  from openmoe_jax import gin_utils
+  from openmoe_jax.evaluation import decoding
+  from openmoe_jax.planning import hlo_stats
+  from openmoe_jax.model import partitioning as part
+  from openmoe_jax.planning import target
+  from openmoe_jax.planning import tpu
+  from openmoe_jax.planning import plan as tpu_plan
+  from openmoe_jax.model.transformer import DecodeCache, Transformer
   gin_file, slice_name, batch, *rest = case.split()
   batch = int(batch)
   parts = {k: int(v) for k, v in (r.split("=") for r in rest if r.split("=")[0] in

@@ -25,9 +25,9 @@ CFG = dict(vocab_size=256384, emb_dim=1024, num_heads=16, head_dim=64, mlp_dim=2
 
 def build(model_dir):
   import jax
-  from openmoe_jax import checkpoint as ckpt_lib
-  from openmoe_jax.config import ModelConfig
-  from openmoe_jax.counts import abstract_params
+  from openmoe_jax.training import checkpoint as ckpt_lib
+  from openmoe_jax.model.config import ModelConfig
+  from openmoe_jax.model.counts import abstract_params
   cfg = ModelConfig(**CFG)
   rng = np.random.default_rng(0)
   params = jax.tree.map(lambda s: rng.standard_normal(s.shape, np.float32) * 0.02,

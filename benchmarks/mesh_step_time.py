@@ -23,9 +23,11 @@ def main():
   args = parser.parse_args()
   import jax
   import jax.numpy as jnp
-  from openmoe_jax import layout, partitioning as part, steps
-  from openmoe_jax.config import ModelConfig
-  from openmoe_jax.optimizer import make_optimizer
+  from openmoe_jax.training import state_layout as layout
+  from openmoe_jax.model import partitioning as part
+  from openmoe_jax.training import steps
+  from openmoe_jax.model.config import ModelConfig
+  from openmoe_jax.training.optimizer import make_optimizer
   cfg = ModelConfig(vocab_size=512, emb_dim=64, num_heads=4, head_dim=16, mlp_dim=128,
                     expert_mlp_dim=128, num_layers=4, num_experts=8, num_sparse_layers=2,
                     group_size=256, activation_dtype="float32")

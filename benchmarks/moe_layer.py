@@ -31,9 +31,10 @@ import time
 import jax
 import jax.numpy as jnp
 
-from openmoe_jax import layers, moe
-from openmoe_jax import routing
-from openmoe_jax.config import ModelConfig
+from openmoe_jax.model import layers
+from openmoe_jax.model import moe
+from openmoe_jax.model import routing
+from openmoe_jax.model.config import ModelConfig
 
 
 def _median_seconds(fn, args, repeats: int, warmup: int = 1) -> float:

@@ -25,13 +25,15 @@ KEYS = ("accelerator_type", "num_devices", "mesh", "batch_size", "num_microbatch
 
 
 def run_case(case: str) -> dict:
-  from openmoe_jax import gin_utils, tpu, tpu_plan
+  from openmoe_jax import gin_utils
+  from openmoe_jax.planning import tpu
+  from openmoe_jax.commands import compile_only as tpu_plan
   gin_file, slice_name, *macros = case.split()
   if "/" not in gin_file and not gin_file.endswith(".gin"):
     gin_file = f"openmoe/{gin_file}.gin"
   tpu.compile_host(tpu.parse_slice(slice_name))
   import tasks  # noqa: F401  the run gins import it
-  from openmoe_jax import train  # noqa: F401
+  from openmoe_jax.commands import configurables  # noqa: F401  registers `train` for the run gins
   gin_utils.parse_gin([gin_file], list(macros), finalize=False)
   cfg = gin_utils.model_config()
   s = tpu_plan.train_settings()

@@ -30,7 +30,13 @@ def main():
   import numpy as np
   from flax import linen as nn
   import tasks  # noqa: F401
-  from openmoe_jax import checkpoint, counts, data, gin_utils, partitioning as part, steps, train
+  from openmoe_jax import gin_utils
+  from openmoe_jax.training import checkpoint
+  from openmoe_jax.model import counts
+  from openmoe_jax.data import pipeline as data
+  from openmoe_jax.model import partitioning as part
+  from openmoe_jax.training import steps
+  from openmoe_jax.training import loop as train
   import gin
   gin_utils.parse_gin([args.gin_file], args.gin_bindings)
   cfg = gin_utils.model_config()
@@ -40,7 +46,7 @@ def main():
   kwargs = {k: (gin.query_parameter("%" + v.scoped_selector.split("/")[0])
                 if isinstance(v, gin.config.ConfigurableReference) else v)
             for k, v in gin.query_parameter("%OPTIMIZER_KWARGS").items()}
-  from openmoe_jax.optimizer import make_optimizer
+  from openmoe_jax.training.optimizer import make_optimizer
   tx, schedule = make_optimizer(gin.query_parameter("%OPTIMIZER"), param_axes=steps.param_axes(cfg),
                                 **kwargs)
   length = sum(lengths.values())

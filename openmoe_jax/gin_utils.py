@@ -15,7 +15,7 @@ from typing import List, Sequence
 import gin
 from gin import config_parser
 
-from openmoe_jax.config import ModelConfig
+from openmoe_jax.model.config import ModelConfig
 from openmoe_jax.errors import (UsageError, UsageFileNotFoundError,  # noqa: F401  re-exported
                                 UsageValueError, error_line)
 

@@ -6,7 +6,7 @@ OpenMoE's code + text mix: `builtin_mix` (UL2, the quick start) and `builtin_mix
 code at 52.25% as in `mix_ul2`. Vocabulary: the shipped 7892-piece model + 300 sentinels
 (`openmoe_jax.vocab.builtin_vocabulary`, 8192 ids).
 """
-from openmoe_jax import vocab
+from openmoe_jax.data import vocab
 from tasks import common
 from tasks import sources
 

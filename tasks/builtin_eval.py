@@ -16,7 +16,10 @@ import zlib
 
 import numpy as np
 
-from openmoe_jax import corpus, downstream, metrics, vocab
+from openmoe_jax.data import corpus
+from openmoe_jax.evaluation import downstream
+from openmoe_jax.evaluation import metrics
+from openmoe_jax.data import vocab
 
 CONTEXT_LINES = 4
 CHOICES = 4

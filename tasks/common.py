@@ -4,7 +4,7 @@ from typing import Callable, Sequence, Tuple
 
 import seqio
 
-from openmoe_jax import ul2
+from openmoe_jax.data import ul2
 
 OBJECTIVES = ("ul2", "full_lm")
 

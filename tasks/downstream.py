@@ -23,7 +23,9 @@ from typing import Optional
 
 import gin
 
-from openmoe_jax import downstream, metrics, vocab
+from openmoe_jax.evaluation import downstream
+from openmoe_jax.evaluation import metrics
+from openmoe_jax.data import vocab
 from openmoe_jax.gin_utils import UsageError, UsageFileNotFoundError
 
 BIGBENCH_LITE = ("auto_debugging", "bbq_lite_json", "code_line_description",

@@ -10,7 +10,7 @@ Tasks: `redpajama_{c4,wikipedia,stackexchange,arxiv,github,book,common_crawl}_{u
 """
 import functools
 
-from openmoe_jax import vocab
+from openmoe_jax.data import vocab
 from tasks import common
 from tasks import sources
 

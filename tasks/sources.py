@@ -27,7 +27,7 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
-from openmoe_jax import corpus
+from openmoe_jax.data import corpus
 from openmoe_jax.gin_utils import UsageFileNotFoundError
 
 SOURCE_STATS = corpus.SOURCE_STATS  # one registry: the training loop reports these counts

@@ -8,6 +8,18 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")  # libtpu is installed (the [tpu] 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+# JAX's persistent compilation cache, one folder per test run, shared by the xdist workers and
+# the commands tests start in subprocesses (they inherit the environment): programs that
+# several tests compile the same way are compiled once. Set before the workers start.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  import atexit  # noqa: E402
+  import shutil  # noqa: E402
+  import tempfile  # noqa: E402
+  _CACHE = tempfile.mkdtemp(prefix="openmoe-test-jax-cache-")
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+  atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+
 import jax  # noqa: E402
 
 jax.config.update("jax_numpy_rank_promotion", "raise")

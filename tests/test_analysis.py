@@ -9,9 +9,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from openmoe_jax import analysis, analyze, routing
-from openmoe_jax.config import ModelConfig
-from openmoe_jax.model import Transformer
+from openmoe_jax.evaluation import routing_stats as analysis
+from openmoe_jax.commands import analyze
+from openmoe_jax.model import routing
+from openmoe_jax.model.config import ModelConfig
+from openmoe_jax.model.transformer import Transformer
 from test_train import _run
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from openmoe_jax import baselines
+from openmoe_jax.commands import baselines
 
 
 def test_unigram_cross_entropy_hand_computed():

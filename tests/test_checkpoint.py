@@ -9,7 +9,7 @@ import orbax.checkpoint as ocp
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from openmoe_jax import checkpoint
+from openmoe_jax.training import checkpoint
 
 DATA_STATE = {'iterator': {'shard': 3, 'offset': 12345}, 'seed': 0, 'files': ['a', 'b']}
 

@@ -7,7 +7,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 SCRIPT = r"""
 import os, sys
-from openmoe_jax import cli
+from openmoe_jax.commands import cli
 cli.filter_native_stderr()
 w = lambda s: os.write(2, s.encode())
 w("WARNING: All log messages before absl::InitializeLog() is called are written to STDERR\n")

@@ -10,9 +10,9 @@ import pytest
 seqio = pytest.importorskip("seqio")
 
 import tasks  # noqa: E402,F401  pylint: disable=unused-import
-from openmoe_jax import data  # noqa: E402
-from openmoe_jax import ul2  # noqa: E402
-from openmoe_jax import vocab as vocab_lib  # noqa: E402
+from openmoe_jax.data import pipeline as data  # noqa: E402
+from openmoe_jax.data import ul2  # noqa: E402
+from openmoe_jax.data import vocab as vocab_lib  # noqa: E402
 from tasks import common  # noqa: E402
 
 UL2 = {"inputs": 64, "targets": 64}

@@ -7,10 +7,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from openmoe_jax import decoding, routing
-from openmoe_jax import partitioning as part
-from openmoe_jax.config import ModelConfig
-from openmoe_jax.model import Transformer
+from openmoe_jax.evaluation import decoding
+from openmoe_jax.model import routing
+from openmoe_jax.model import partitioning as part
+from openmoe_jax.model.config import ModelConfig
+from openmoe_jax.model.transformer import Transformer
 import reference
 
 CFG = ModelConfig(vocab_size=512, emb_dim=32, num_heads=2, head_dim=16, mlp_dim=64,

@@ -24,16 +24,17 @@ CONFIG_DOC = ROOT / "docs" / "configuration.md"
 
 # command as written in the docs -> module whose main(argv) builds its parser
 COMMANDS = {
-    "openmoe-train": "openmoe_jax.main", "openmoe-eval": "openmoe_jax.evaluate",
-    "openmoe-info": "openmoe_jax.info", "openmoe-score": "openmoe_jax.score",
-    "openmoe-analyze": "openmoe_jax.analyze", "openmoe-export": "openmoe_jax.export",
-    "openmoe-import": "openmoe_jax.hf_import", "openmoe-infer": "openmoe_jax.infer",
+    "openmoe-train": "openmoe_jax.main", "openmoe-eval": "openmoe_jax.commands.evaluate",
+    "openmoe-info": "openmoe_jax.commands.info", "openmoe-score": "openmoe_jax.commands.score",
+    "openmoe-analyze": "openmoe_jax.analyze", "openmoe-export": "openmoe_jax.commands.export",
+    "openmoe-import": "openmoe_jax.commands.import_model", "openmoe-infer": "openmoe_jax.commands.infer",
 }
-for _name in ("main", "evaluate", "info", "score", "analyze", "export", "hf_import",
-              "inspect_data", "baselines", "corpus"):
+for _name in ("main", "analyze", "inspect_data", "baselines", "data.corpus",
+              *(f"commands.{c}" for c in ("train", "evaluate", "info", "score", "analyze", "export",
+                                          "import_model", "infer", "inspect_data", "baselines"))):
   COMMANDS[f"openmoe_jax.{_name}"] = f"openmoe_jax.{_name}"
 _COMMAND_RE = re.compile(r"(?<![\w./-])(openmoe-(?:train|eval|info|score|analyze|export|import|infer))"
-                         r"(?![\w-])|-m\s+(openmoe_jax\.\w+)")
+                         r"(?![\w-])|-m\s+(openmoe_jax\.[\w.]+\w)")
 # `--gin.X=` in the docs that name nothing on purpose: placeholders, and the typos that
 # troubleshooting.md / configuration.md show as examples.
 PLACEHOLDERS_AND_DELIBERATE_TYPOS = {"NAME", "ModelConfig.F", "EVAL_PERIODS", "train.log_periods"}
@@ -159,13 +160,13 @@ def test_the_flag_check_catches_an_unknown_flag():
   found = [(command, rest.split()) for command, rest in found]
   assert ("openmoe-export", ["--model_dir=D", "--outptu_dir=O"]) in found
   assert ("openmoe-info", ["--gin_file=x", "--no_such_flag"]) in found
-  flags = set(_parser_of("openmoe_jax.export")._option_string_actions)
+  flags = set(_parser_of("openmoe_jax.commands.export")._option_string_actions)
   assert "--output_dir" in flags and "--outptu_dir" not in flags
 
 
 def test_gin_overrides_in_docs_name_real_things():
-  from openmoe_jax import train
-  from openmoe_jax.config import ModelConfig
+  from openmoe_jax.training import loop as train
+  from openmoe_jax.model.config import ModelConfig
   macros = set(gin_macros())
   train_params = set(inspect.signature(inspect.unwrap(train.train)).parameters)
   fields = {f.name for f in dataclasses.fields(ModelConfig)}

@@ -9,7 +9,11 @@ import numpy as np
 import pytest
 
 import tasks  # noqa: F401
-from openmoe_jax import downstream, evaluate, likelihood, metrics, vocab
+from openmoe_jax.evaluation import downstream
+from openmoe_jax.commands import evaluate
+from openmoe_jax.evaluation import likelihood
+from openmoe_jax.evaluation import metrics
+from openmoe_jax.data import vocab
 from openmoe_jax.gin_utils import UsageError
 from tasks import downstream as openmoe_tasks
 from test_infer import run_dir  # noqa: F401  (fixture)
@@ -103,8 +107,10 @@ def test_split_pair_keeps_running_text_tokenization():
 
 def test_choice_log_likelihoods_equal_exported_model(run_dir, tmp_path):  # noqa: F811
   torch = pytest.importorskip("torch")
-  from openmoe_jax import checkpoint, export
-  from openmoe_jax import run_dir as run_dir_lib
+  from openmoe_jax.training import checkpoint
+  from openmoe_jax.interop import hf_export as export
+  from openmoe_jax.commands import export as export_cmd
+  from openmoe_jax.training import run_dir as run_dir_lib
   from test_export import _torch_model
   cfg = run_dir_lib.load_model_config(str(run_dir), ["no_drop=true"])
   params = checkpoint.restore_params(str(run_dir))
@@ -113,7 +119,7 @@ def test_choice_log_likelihoods_equal_exported_model(run_dir, tmp_path):  # noqa
   contexts, choices = [e["inputs"] for e in examples], [e["choices"] for e in examples]
   got = likelihood.choice_scores(params, cfg, voc, contexts, choices, budget=64, batch_size=8)
   hf = tmp_path / "hf"
-  assert export.main([f"--model_dir={run_dir}", f"--output_dir={hf}"]) == 0
+  assert export_cmd.main([f"--model_dir={run_dir}", f"--output_dir={hf}"]) == 0
   model = _torch_model(hf, router_no_drop=True)
   for ctx_text, options, scores in zip(contexts, choices, got):
     want = []
@@ -202,8 +208,8 @@ def _hook_task(name: str, calls: list):
 def tiny_params():
   import jax
   import jax.numpy as jnp
-  from openmoe_jax import partitioning
-  from openmoe_jax.model import Transformer
+  from openmoe_jax.model import partitioning
+  from openmoe_jax.model.transformer import Transformer
   from test_export import CFG
   cfg = CFG.replace(no_drop=True)
   return cfg, partitioning.unbox(
@@ -211,7 +217,7 @@ def tiny_params():
 
 
 def _spy_generate(monkeypatch):
-  from openmoe_jax import decoding
+  from openmoe_jax.evaluation import decoding
   seen, real = [], decoding.generate
 
   def spy(*args, **kwargs):
@@ -223,7 +229,7 @@ def _spy_generate(monkeypatch):
 
 def test_sampled_pass_at_k_draws_n_samples_with_distinct_keys(tiny_params, monkeypatch):
   import jax
-  from openmoe_jax import decoding
+  from openmoe_jax.evaluation import decoding
   cfg, params = tiny_params
   calls = []
   _hook_task("test_sampled_pass_at_k", calls)
@@ -252,7 +258,7 @@ def test_sampled_pass_at_k_draws_n_samples_with_distinct_keys(tiny_params, monke
 
 
 def test_default_pass_at_k_is_one_greedy_sample(tiny_params, monkeypatch):
-  from openmoe_jax import decoding
+  from openmoe_jax.evaluation import decoding
   cfg, params = tiny_params
   calls = []
   _hook_task("test_greedy_pass_at_k", calls)

@@ -6,11 +6,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from openmoe_jax import grouped, ragged_dispatch, routing
-from openmoe_jax import partitioning as part
-from openmoe_jax.config import ModelConfig
-from openmoe_jax.model import Transformer, compute_loss
-from openmoe_jax.moe import MoeLayer
+from openmoe_jax.model import grouped
+from openmoe_jax.model import ragged_dispatch
+from openmoe_jax.model import routing
+from openmoe_jax.model import partitioning as part
+from openmoe_jax.model.config import ModelConfig
+from openmoe_jax.model.transformer import Transformer, compute_loss
+from openmoe_jax.model.moe import MoeLayer
 import reference
 
 CFG = ModelConfig(emb_dim=16, expert_mlp_dim=24, num_experts=8, num_selected_experts=2,

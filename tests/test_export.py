@@ -13,12 +13,16 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from openmoe_jax import checkpoint as ckpt_lib  # noqa: E402
-from openmoe_jax import export, gin_utils, hf_import  # noqa: E402
-from openmoe_jax.config import ModelConfig  # noqa: E402
-from openmoe_jax.hf import name_map  # noqa: E402
-from openmoe_jax.counts import abstract_params  # noqa: E402
-from openmoe_jax.model import Transformer  # noqa: E402
+from openmoe_jax.training import checkpoint as ckpt_lib  # noqa: E402
+from openmoe_jax import gin_utils  # noqa: E402
+from openmoe_jax.interop import hf_export as export
+from openmoe_jax.commands import export as export_cmd
+from openmoe_jax.interop import hf_import
+from openmoe_jax.commands import import_model as import_cmd
+from openmoe_jax.model.config import ModelConfig  # noqa: E402
+from openmoe_jax.interop.hf import name_map  # noqa: E402
+from openmoe_jax.model.counts import abstract_params  # noqa: E402
+from openmoe_jax.model.transformer import Transformer  # noqa: E402
 
 # models/tiny.gin with NUM_EMBEDDINGS=8192 (the built-in corpus vocabulary); larger init scales
 # so logits and routing are far from uniform and capacity routing really drops assignments.
@@ -46,7 +50,7 @@ def run_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def hf_dir(run_dir):
   out = run_dir.parent / "hf"
-  assert export.main([f"--model_dir={run_dir}", f"--output_dir={out}",
+  assert export_cmd.main([f"--model_dir={run_dir}", f"--output_dir={out}",
                       "--max_shard_size_mb=0.5"]) == 0
   return out
 
@@ -64,7 +68,7 @@ def _params(model_dir):
 def test_folder_layout_config_and_tokenizer(hf_dir):
   from safetensors import safe_open
   from transformers import AutoTokenizer
-  from openmoe_jax import vocab
+  from openmoe_jax.data import vocab
   index = json.loads((hf_dir / "model.safetensors.index.json").read_text())
   shards = sorted(set(index["weight_map"].values()))
   assert len(shards) > 1 and all((hf_dir / s).is_file() for s in shards)
@@ -142,7 +146,7 @@ def test_bfloat16_export(run_dir, tmp_path):
   import ml_dtypes
   from safetensors import safe_open
   out = tmp_path / "bf16"
-  assert export.main([f"--model_dir={run_dir}", f"--output_dir={out}", "--dtype=bfloat16"]) == 0
+  assert export_cmd.main([f"--model_dir={run_dir}", f"--output_dir={out}", "--dtype=bfloat16"]) == 0
   assert not (out / "model.safetensors.index.json").exists()
   params = _params(run_dir)
   with safe_open(out / "model.safetensors", framework="pt") as f:
@@ -207,7 +211,7 @@ def test_released_layout_abstractly(name):
           "mlp_gated": True, "bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 0,
           "architectures": ["OpenMoeForCausalLM"], "model_type": "llama"}
   assert {k: config[k] for k in want} == want
-  from openmoe_jax.hf.modeling_openmoe import OpenMoeConfig, OpenMoeForCausalLM
+  from openmoe_jax.interop.hf.modeling_openmoe import OpenMoeConfig, OpenMoeForCausalLM
   with torch.device("meta"):  # the PyTorch model declares the same keys and shapes
     model = OpenMoeForCausalLM(OpenMoeConfig(**config))
   assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == got
@@ -217,7 +221,7 @@ def test_released_layout_abstractly(name):
 def test_round_trip_is_bitwise_and_trainable(run_dir, hf_dir, tmp_path):
   from test_train import _run
   imported = tmp_path / "imported"
-  assert hf_import.main([f"--hf_dir={hf_dir}", f"--model_dir={imported}", *TINY_GIN]) == 0
+  assert import_cmd.main([f"--hf_dir={hf_dir}", f"--model_dir={imported}", *TINY_GIN]) == 0
   a, b = _params(run_dir), _params(imported)
   assert jax.tree.structure(a) == jax.tree.structure(b)
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
@@ -243,7 +247,7 @@ def test_import_released_config_without_our_fields(run_dir, hf_dir, tmp_path):
   config["auto_map"] = {"AutoModelForCausalLM": "modeling_openmoe.OpenMoeForCausalLM"}
   (released / "config.json").write_text(json.dumps(config))
   dest = tmp_path / "dest"
-  assert hf_import.main([f"--hf_dir={released}", f"--model_dir={dest}"]) == 0
+  assert import_cmd.main([f"--hf_dir={released}", f"--model_dir={dest}"]) == 0
   got = json.loads((dest / "model_config.json").read_text())
   assert name_map.shape_mismatch(ModelConfig(**got), CFG) == []
   assert got["group_size"] == 4096 and got["capacity_formula"] == "flaxformer"
@@ -258,7 +262,7 @@ def test_import_to_a_url_model_dir_writes_in_place(run_dir, hf_dir, tmp_path, mo
   from openmoe_jax import fs
   dest = tmp_path / "bucket" / "imported"
   monkeypatch.setattr(fs, "is_url", lambda path: True)
-  assert hf_import.main([f"--hf_dir={hf_dir}", f"--model_dir={dest}", *TINY_GIN]) == 0
+  assert import_cmd.main([f"--hf_dir={hf_dir}", f"--model_dir={dest}", *TINY_GIN]) == 0
   monkeypatch.undo()
   assert os.listdir(tmp_path / "bucket") == ["imported"]
   assert sorted(os.listdir(dest)) == ["checkpoints", "imported_from.json", "model_config.json"]
@@ -277,7 +281,7 @@ def _last_error(capsys, prog):
 def test_cli_error_is_one_line(tmp_path):
   import subprocess
   import sys
-  r = subprocess.run([sys.executable, "-m", "openmoe_jax.export", f"--model_dir={tmp_path}",
+  r = subprocess.run([sys.executable, "-m", "openmoe_jax.commands.export", f"--model_dir={tmp_path}",
                       f"--output_dir={tmp_path / 'o'}"], capture_output=True, text=True,
                      timeout=120, cwd=pathlib.Path(__file__).resolve().parent.parent)
   assert r.returncode == 2 and r.stdout == ""
@@ -286,27 +290,27 @@ def test_cli_error_is_one_line(tmp_path):
 
 def test_export_bad_input(run_dir, tmp_path, capsys):
   out = tmp_path / "out"
-  assert export.main([f"--model_dir={tmp_path / 'missing'}", f"--output_dir={out}"]) == 2
+  assert export_cmd.main([f"--model_dir={tmp_path / 'missing'}", f"--output_dir={out}"]) == 2
   assert "model_config.json" in _last_error(capsys, "openmoe-export")
-  assert export.main([f"--model_dir={run_dir}", "--step=7", f"--output_dir={out}"]) == 2
+  assert export_cmd.main([f"--model_dir={run_dir}", "--step=7", f"--output_dir={out}"]) == 2
   assert "step 7" in _last_error(capsys, "openmoe-export")
-  assert export.main([f"--model_dir={run_dir}", "--dtype=float16", f"--output_dir={out}"]) == 2
+  assert export_cmd.main([f"--model_dir={run_dir}", "--dtype=float16", f"--output_dir={out}"]) == 2
   _last_error(capsys, "openmoe-export")
   assert not out.exists()
   out.mkdir()
   (out / "keep.txt").write_text("mine")
-  assert export.main([f"--model_dir={run_dir}", f"--output_dir={out}"]) == 2
+  assert export_cmd.main([f"--model_dir={run_dir}", f"--output_dir={out}"]) == 2
   assert "--overwrite" in _last_error(capsys, "openmoe-export")
   assert os.listdir(out) == ["keep.txt"]
   # --overwrite replaces only what openmoe-export wrote: a user's folder is refused, kept.
-  assert export.main([f"--model_dir={run_dir}", f"--output_dir={out}", "--overwrite"]) == 2
+  assert export_cmd.main([f"--model_dir={run_dir}", f"--output_dir={out}", "--overwrite"]) == 2
   assert "not one" in _last_error(capsys, "openmoe-export")
   assert os.listdir(out) == ["keep.txt"]
   done = tmp_path / "done"
   old_umask = os.umask(0o022)
   try:
-    assert export.main([f"--model_dir={run_dir}", f"--output_dir={done}"]) == 0
-    assert export.main([f"--model_dir={run_dir}", f"--output_dir={done}", "--overwrite"]) == 0
+    assert export_cmd.main([f"--model_dir={run_dir}", f"--output_dir={done}"]) == 0
+    assert export_cmd.main([f"--model_dir={run_dir}", f"--output_dir={done}", "--overwrite"]) == 0
   finally:
     os.umask(old_umask)
   assert (done / "model.safetensors").is_file()
@@ -322,7 +326,7 @@ def test_export_never_touches_the_model_dir(run_dir, capsys):
   for out, word in ((run_dir, "is the model dir"), (run_dir.parent, "contains the model dir"),
                     (run_dir / "hf", "is inside the model dir")):
     for extra in ([], ["--overwrite"]):
-      assert export.main([f"--model_dir={run_dir}", f"--output_dir={out}", *extra]) == 2
+      assert export_cmd.main([f"--model_dir={run_dir}", f"--output_dir={out}", *extra]) == 2
       assert word in _last_error(capsys, "openmoe-export")
   assert sorted(str(p) for p in run_dir.parent.rglob("*")) == before
 
@@ -340,7 +344,7 @@ def test_import_bad_input(hf_dir, tmp_path, capsys):
       ([f"--hf_dir={hf_dir}", *TINY_GIN, "--gin.NUM_EXPERTS=4"], "num_experts"),
   ]
   for args, message in cases:
-    assert hf_import.main([*args, f"--model_dir={dest}"]) == 2, args
+    assert import_cmd.main([*args, f"--model_dir={dest}"]) == 2, args
     assert message in _last_error(capsys, "openmoe-import"), args
   # Weights of another model under a matching config.json: refused, nothing written.
   wrong = tmp_path / "wrong"
@@ -351,11 +355,11 @@ def test_import_bad_input(hf_dir, tmp_path, capsys):
   index = json.loads((hf_dir / "model.safetensors.index.json").read_text())
   index["weight_map"].pop("lm_head.weight")
   (wrong / "model.safetensors.index.json").write_text(json.dumps(index))
-  assert hf_import.main([f"--hf_dir={wrong}", f"--model_dir={dest}"]) == 2
+  assert import_cmd.main([f"--hf_dir={wrong}", f"--model_dir={dest}"]) == 2
   assert "lm_head.weight" in _last_error(capsys, "openmoe-import")
   (dest / "x").parent.mkdir()
   (dest / "x").write_text("")
-  assert hf_import.main([f"--hf_dir={hf_dir}", f"--model_dir={dest}"]) == 2
+  assert import_cmd.main([f"--hf_dir={hf_dir}", f"--model_dir={dest}"]) == 2
   assert "not empty" in _last_error(capsys, "openmoe-import")
   assert sorted(p.name for p in tmp_path.iterdir()) == ["dest", "llama", "wrong"]
 
@@ -379,7 +383,7 @@ def test_import_released_pytorch_bin_shards(run_dir, hf_dir, tmp_path):
     weight_map.update({k: name for k in part})
   (released / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
   dest = tmp_path / "from_bin"
-  assert hf_import.main([f"--hf_dir={released}", f"--model_dir={dest}"]) == 0
+  assert import_cmd.main([f"--hf_dir={released}", f"--model_dir={dest}"]) == 0
   for x, y in zip(jax.tree.leaves(_params(run_dir)), jax.tree.leaves(_params(dest))):
     assert np.array_equal(x, y)
 
@@ -404,5 +408,5 @@ def test_a_failed_import_to_a_url_leaves_nothing(run_dir, hf_dir, tmp_path, monk
   monkeypatch.undo()
   dest.mkdir(parents=True)
   (dest / "imported_from.json").write_text("{}")
-  assert hf_import.main([f"--hf_dir={hf_dir}", f"--model_dir={dest}", *TINY_GIN]) == 2
+  assert import_cmd.main([f"--hf_dir={hf_dir}", f"--model_dir={dest}", *TINY_GIN]) == 2
   assert "unfinished import" in capsys.readouterr().err.strip().splitlines()[-1]

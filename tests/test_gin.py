@@ -9,9 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from openmoe_jax import counts, gin_utils
-from openmoe_jax import train  # noqa: F401  registers the `train` configurable run gins bind
-from openmoe_jax.model import Transformer
+from openmoe_jax import gin_utils
+from openmoe_jax.model import counts
+from openmoe_jax.commands import configurables  # noqa: F401  registers `train` for the run gins
+from openmoe_jax.model.transformer import Transformer
 
 GIN_DIR = pathlib.Path(__file__).resolve().parent.parent / "gin"
 GIN_FILES = sorted(str(p.relative_to(GIN_DIR)) for p in GIN_DIR.rglob("*.gin"))
@@ -74,7 +75,7 @@ def test_openmoe_sizes_match_the_layer_shapes(gin_file, total, moe_layers):
 
 
 def test_info_cli_prints_json_and_fails_cleanly():
-  run = lambda *a: subprocess.run([sys.executable, "-m", "openmoe_jax.info", *a],
+  run = lambda *a: subprocess.run([sys.executable, "-m", "openmoe_jax.commands.info", *a],
                                   capture_output=True, text=True, timeout=120)
   ok = run("--gin_file=models/tiny.gin", "--gin.NUM_EXPERTS=16", "--gin.GROUP_SIZE=32")
   assert ok.returncode == 0, ok.stderr
@@ -103,7 +104,7 @@ def test_a_macro_set_on_the_command_line_but_used_nowhere_is_refused():
                                        ["models/tiny.gin", "runs/finetune.gin"]])
 def test_info_accepts_run_gins(gin_files):
   # A fresh process: this module imports `train`, which the CLI must register itself.
-  r = subprocess.run([sys.executable, "-m", "openmoe_jax.info",
+  r = subprocess.run([sys.executable, "-m", "openmoe_jax.commands.info",
                       *[f"--gin_file={f}" for f in gin_files]],
                      capture_output=True, text=True, timeout=120)
   assert r.returncode == 0, r.stderr[-2000:]

@@ -9,9 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from openmoe_jax import checkpoint as ckpt_lib
-from openmoe_jax import infer, partitioning
-from openmoe_jax.model import Transformer
+from openmoe_jax.training import checkpoint as ckpt_lib
+from openmoe_jax.commands import infer
+from openmoe_jax.model import partitioning
+from openmoe_jax.model.transformer import Transformer
 from test_export import CFG, STEP
 
 PROMPTS = ["def add(a, b):", "Return the value", "import os", "class A(object):"]
@@ -46,7 +47,7 @@ def test_greedy_output_rows_and_batch_independence(run_dir, tmp_path, capsys):
   assert code == 0
   assert capsys.readouterr().err.strip().splitlines()[-1].endswith(str(tmp_path / "out.jsonl"))
   assert [r["prompt"] for r in rows] == PROMPTS
-  from openmoe_jax import vocab
+  from openmoe_jax.data import vocab
   voc = vocab.builtin_vocabulary()
   for r in rows:
     assert set(r) == {"prompt", "completion", "completion_ids", "log_probs", "finish"}
@@ -62,10 +63,11 @@ def test_greedy_output_rows_and_batch_independence(run_dir, tmp_path, capsys):
 def test_greedy_tokens_equal_exported_generate(run_dir, tmp_path):
   torch = pytest.importorskip("torch")
   pytest.importorskip("transformers")
-  from openmoe_jax import export
+  from openmoe_jax.interop import hf_export as export
+  from openmoe_jax.commands import export as export_cmd
   from test_export import _torch_model
   hf = tmp_path / "hf"
-  assert export.main([f"--model_dir={run_dir}", f"--output_dir={hf}"]) == 0
+  assert export_cmd.main([f"--model_dir={run_dir}", f"--output_dir={hf}"]) == 0
   code, rows = _infer(run_dir, tmp_path, "--max_new_tokens=10", "--no_drop", "--batch_size=4")
   assert code == 0
   model = _torch_model(hf, router_no_drop=True)
@@ -87,7 +89,8 @@ def test_greedy_tokens_equal_exported_generate(run_dir, tmp_path):
 
 
 def test_chat_template_and_eos_text(run_dir, tmp_path):
-  from openmoe_jax import chat, vocab
+  from openmoe_jax.data import chat
+  from openmoe_jax.data import vocab
   voc = vocab.builtin_vocabulary()
   ids = chat.prompt_ids(voc, "hi", "be brief")
   assert ids.count(0) == 1  # the template's inner BOS; decoding adds the leading one
@@ -119,7 +122,7 @@ def test_beam_search_flags(run_dir, tmp_path):
   assert one == greedy  # --num_beams=1 (the default) is the decoding of before, alpha unused
   code, beams = _infer(run_dir, tmp_path, *flags, "--num_beams=3")
   assert code == 0 and [r["prompt"] for r in beams] == PROMPTS
-  from openmoe_jax import vocab
+  from openmoe_jax.data import vocab
   voc = vocab.builtin_vocabulary()
   for r in beams:
     assert set(r) == {"prompt", "completion", "completion_ids", "log_probs", "finish"}

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from openmoe_jax import cli as main_lib
+from openmoe_jax.commands import cli as main_lib
 from openmoe_jax.gin_utils import UsageError
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent

@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from openmoe_jax import routing
-from openmoe_jax.config import ModelConfig
-from openmoe_jax.layers import apply_rope
-from openmoe_jax.model import Transformer, compute_loss
-from openmoe_jax.partitioning import unbox
+from openmoe_jax.model import routing
+from openmoe_jax.model.config import ModelConfig
+from openmoe_jax.model.layers import apply_rope
+from openmoe_jax.model.transformer import Transformer, compute_loss
+from openmoe_jax.model.partitioning import unbox
 import reference
 
 CFG = ModelConfig(vocab_size=64, emb_dim=16, num_heads=2, head_dim=8, mlp_dim=24,
@@ -202,7 +202,7 @@ def test_attention_remat_with_dropout_gives_bitwise_the_same_loss_and_gradients(
 
 def test_attention_dropout_keep_mask_is_nn_dropouts_mask_broadcast_over_queries():
   import flax.linen as nn
-  from openmoe_jax.layers import attend, dropout
+  from openmoe_jax.model.layers import attend, dropout
   cfg = CFG.replace(dropout_rate=0.4)
   b, n, t = 2, 2, 6
   q, k, v = jax.random.normal(jax.random.key(0), (3, b, t, n, 4))

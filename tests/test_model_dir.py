@@ -13,9 +13,12 @@ import uuid
 import pytest
 import tensorflow as tf
 
-from openmoe_jax import analyze, fs, run_dir, train
-from openmoe_jax.config import ModelConfig
-from openmoe_jax.metrics_writer import MetricsWriter
+from openmoe_jax import fs
+from openmoe_jax.commands import analyze
+from openmoe_jax.training import run_dir
+from openmoe_jax.training import loop as train
+from openmoe_jax.model.config import ModelConfig
+from openmoe_jax.training.metrics_writer import MetricsWriter
 
 gfile = tf.io.gfile
 RUN_FILES = {"metrics.jsonl", "model_config.json", "config.gin", "run.json", "tensorboard"}

@@ -4,10 +4,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from openmoe_jax import routing
-from openmoe_jax.config import ModelConfig
-from openmoe_jax.moe import MoeLayer
-from openmoe_jax.partitioning import unbox
+from openmoe_jax.model import routing
+from openmoe_jax.model.config import ModelConfig
+from openmoe_jax.model.moe import MoeLayer
+from openmoe_jax.model.partitioning import unbox
 import reference
 
 CFG = ModelConfig(emb_dim=16, expert_mlp_dim=24, num_experts=4, num_selected_experts=2,

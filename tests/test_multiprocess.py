@@ -44,7 +44,7 @@ def test_two_processes_match_one_process_and_resume(tmp_path):
   steps_b, b = _steps_and_losses(tmp_path / "multi")
   assert steps_a == [1, 2, 3, 4, 5] and steps_b == [1, 2, 3]  # one metrics writer: process 0
   assert a[:3] == pytest.approx(b, rel=1e-5)
-  from openmoe_jax import checkpoint
+  from openmoe_jax.training import checkpoint
   assert checkpoint.list_steps(tmp_path / "multi") == [3]
   assert (tmp_path / "multi" / "config.gin").exists()
   # The checkpoint holds both processes' data positions, so both resume where they stopped.
@@ -79,7 +79,7 @@ def test_sigterm_to_one_process_saves_the_same_step_on_both(tmp_path):
   second[0].send_signal(signal.SIGTERM)
   out, _ = launcher.communicate(timeout=300)
   assert launcher.returncode == 0, out[-4000:]
-  from openmoe_jax import checkpoint
+  from openmoe_jax.training import checkpoint
   steps = checkpoint.list_steps(d)
   assert len(steps) == 1, (steps, out[-3000:])
   assert f"[0] openmoe-train: SIGTERM received: saved checkpoint {steps[0]} in" in out
@@ -113,7 +113,7 @@ def test_random_sigkills_of_a_two_process_run_resume_bitwise(tmp_path):
   import signal
   import time
   import numpy as np
-  from openmoe_jax import checkpoint
+  from openmoe_jax.training import checkpoint
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   steps = ["--gin.CHECKPOINT_PERIOD=2", "--gin.EVAL_PERIOD=3", "--gin.EVAL_STEPS=1",
            "--gin.KEEP_CHECKPOINTS=2"]

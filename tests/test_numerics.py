@@ -12,11 +12,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from openmoe_jax import routing
-from openmoe_jax.config import ModelConfig
-from openmoe_jax.hf import name_map
-from openmoe_jax.model import Transformer
-from openmoe_jax.partitioning import unbox
+from openmoe_jax.model import routing
+from openmoe_jax.model.config import ModelConfig
+from openmoe_jax.interop.hf import name_map
+from openmoe_jax.model.transformer import Transformer
+from openmoe_jax.model.partitioning import unbox
 import reference
 
 CFG = ModelConfig(vocab_size=64, emb_dim=32, num_heads=2, head_dim=16, mlp_dim=48,
@@ -88,7 +88,7 @@ def test_bfloat16_knobs_keep_their_documented_casts(setup, knob):
 def test_attention_logits_and_softmax_in_bfloat16():
   """One attention sublayer with large logits: bfloat16 logits and softmax (flaxformer
   float32_logits=False) or, with the knob, float32."""
-  from openmoe_jax.layers import Attention, attention_mask
+  from openmoe_jax.model.layers import Attention, attention_mask
   cfg = CFG
   x = jax.random.normal(jax.random.key(3), (1, 16, cfg.emb_dim)).astype(jnp.bfloat16)
   pos = jnp.arange(16)[None]
@@ -122,7 +122,7 @@ def test_float32_forward_pads_like_flaxformer(setup):
 
 def _torch_model(cfg, params, dtype):
   import torch
-  from openmoe_jax.hf.modeling_openmoe import OpenMoeConfig, OpenMoeForCausalLM
+  from openmoe_jax.interop.hf.modeling_openmoe import OpenMoeConfig, OpenMoeForCausalLM
   model = OpenMoeForCausalLM(OpenMoeConfig(**name_map.hf_config(cfg))).eval()
   state = {}
   for e in name_map.entries(cfg.num_layers, cfg.is_moe_layer):
@@ -159,7 +159,7 @@ def test_exported_pytorch_model_pads_and_casts_like_flaxformer(setup, dtype):
 def test_dropout_is_broadcast_over_length_as_flaxformer():
   """flaxformer's DROPOUT_FACTORY (broadcast_dims=(-2,)): one mask per row and feature, the same
   at every position; attention probabilities share one mask over the queries."""
-  from openmoe_jax.layers import dropout
+  from openmoe_jax.model.layers import dropout
   cfg = CFG.replace(dropout_rate=0.5)
   x = jnp.ones((3, 9, 16))
   y = nn_apply(lambda v: dropout(cfg, v, False), x)

@@ -6,7 +6,7 @@ import optax
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from openmoe_jax import optimizer as opt
+from openmoe_jax.training import optimizer as opt
 
 # path -> (shape, batch dim or None, row dim or None, col dim or None), written out by hand from
 # t5x's factor rules (`t5x/adafactor.py`, `t5x/contrib/moe/adafactor_utils.py`), independently
@@ -180,8 +180,8 @@ def test_factor_plans_for_openmoe_paths():
 
 def test_the_models_annotations_are_the_t5x_factor_layout():
   """The axes the optimizer factors by are the ones the model's parameters carry."""
-  from openmoe_jax import steps
-  from openmoe_jax.config import ModelConfig
+  from openmoe_jax.training import steps
+  from openmoe_jax.model.config import ModelConfig
   cfg = ModelConfig(vocab_size=256, emb_dim=32, num_heads=2, head_dim=16, mlp_dim=64,
                     expert_mlp_dim=64, num_layers=2, num_experts=4, num_sparse_layers=1)
   axes = steps.param_axes(cfg)

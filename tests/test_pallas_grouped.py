@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from openmoe_jax import grouped, pallas_grouped
+from openmoe_jax.model import grouped
+from openmoe_jax.model import pallas_grouped
 
 N, D, F, E = 40, 16, 8, 4
 SIZES = np.array([10, 0, 17, 9], np.int32)  # 36 rows; the last 4 are padding
@@ -78,10 +79,11 @@ def test_grouped_expert_ffn_dispatches_to_pallas():
                              rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.skipif(not __import__("openmoe_jax.tpu", fromlist=["x"]).libtpu_installed(),
+@pytest.mark.skipif(not __import__("openmoe_jax.planning.tpu", fromlist=["x"]).libtpu_installed(),
                     reason="needs libtpu (pip install 'openmoe_jax[tpu]')")
 def test_compiles_for_tpu_forward_and_backward():
-  from openmoe_jax import target, tpu
+  from openmoe_jax.planning import target
+  from openmoe_jax.planning import tpu
   s = tpu.parse_slice("v5litepod-4")
   tpu.compile_host(s)
   device = tpu.slice_devices(s)[0]
@@ -104,9 +106,9 @@ def test_compiles_for_tpu_forward_and_backward():
 def test_dropless_model_on_an_expert_by_model_mesh_equals_blocked():
   """Under shard_map (expert 2 x model 2 x data 2 of the 8 CPU devices), forward and gradients."""
   import flax.linen as nn
-  from openmoe_jax import partitioning as part
-  from openmoe_jax.config import ModelConfig
-  from openmoe_jax.model import Transformer, compute_loss
+  from openmoe_jax.model import partitioning as part
+  from openmoe_jax.model.config import ModelConfig
+  from openmoe_jax.model.transformer import Transformer, compute_loss
   cfg = ModelConfig(vocab_size=64, emb_dim=32, num_heads=2, head_dim=16, mlp_dim=64,
                     expert_mlp_dim=64, num_layers=1, num_experts=4, num_sparse_layers=1,
                     group_size=32, activation_dtype="float32", capacity_mode="dropless",

@@ -8,9 +8,9 @@ import pytest
 from flax import linen as nn
 from jax.sharding import PartitionSpec as P
 
-from openmoe_jax import partitioning as part
-from openmoe_jax.config import ModelConfig
-from openmoe_jax.model import Transformer, compute_loss
+from openmoe_jax.model import partitioning as part
+from openmoe_jax.model.config import ModelConfig
+from openmoe_jax.model.transformer import Transformer, compute_loss
 
 CFG = ModelConfig(vocab_size=64, emb_dim=32, num_heads=2, head_dim=16, mlp_dim=64,
                   expert_mlp_dim=64, num_layers=2, num_experts=8, num_sparse_layers=1,
@@ -126,7 +126,7 @@ def test_aot_compile_reports_memory_and_flops_and_enforces_a_budget():
   import json
   import subprocess
   import sys
-  base = [sys.executable, "-m", "openmoe_jax.info", "--gin_file=models/tiny.gin", "--compile",
+  base = [sys.executable, "-m", "openmoe_jax.commands.info", "--gin_file=models/tiny.gin", "--compile",
           "--num_devices=8", "--num_expert_partitions=4", "--batch_size=16", "--seq_len=64",
           "--num_microbatches=2"]
   ok = subprocess.run(base, capture_output=True, text=True, timeout=300)

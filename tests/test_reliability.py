@@ -15,7 +15,11 @@ import jax
 import numpy as np
 import pytest
 
-from openmoe_jax import checkpoint, console, fs, gin_utils, resume, run_lock
+from openmoe_jax import fs, gin_utils
+from openmoe_jax.training import checkpoint
+from openmoe_jax.training import console
+from openmoe_jax.training import resume
+from openmoe_jax.training import run_lock
 from openmoe_jax.errors import TrainingError, UsageError
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -213,7 +217,7 @@ def test_heartbeat_keeps_the_lock_fresh(tmp_path):
     (["--gin.TRAIN_STEPS=-5"], "TRAIN_STEPS=-5"),
 ])
 def test_late_checks_fail_before_model_dir_is_created(tmp_path, capsys, args, needle):
-  from openmoe_jax import main
+  from openmoe_jax.commands import train as main
   d = tmp_path / "run"
   assert main.main([*TINY, SANE, f"--gin.MODEL_DIR='{d}'", "--gin.TRAIN_STEPS=2", *args]) == 2
   last = _last_line(capsys.readouterr().err)
@@ -222,7 +226,7 @@ def test_late_checks_fail_before_model_dir_is_created(tmp_path, capsys, args, ne
 
 
 def test_model_dir_that_is_a_file_or_unwritable(tmp_path, capsys):
-  from openmoe_jax import main
+  from openmoe_jax.commands import train as main
   f = tmp_path / "file"
   f.write_text("mine")
   assert main.main([*TINY, SANE, f"--gin.MODEL_DIR='{f}'", "--gin.TRAIN_STEPS=2"]) == 2
@@ -238,7 +242,7 @@ def test_model_dir_that_is_a_file_or_unwritable(tmp_path, capsys):
 
 
 def test_misspelt_macro_in_a_users_gin_file(tmp_path, capsys, monkeypatch):
-  from openmoe_jax import main
+  from openmoe_jax.commands import train as main
   monkeypatch.chdir(tmp_path)
   (tmp_path / "mine.gin").write_text("include 'quickstart.gin'\nNUM_EXPRTS = 4\n")
   assert main.main(["--gin_file=mine.gin", f"--gin.MODEL_DIR='{tmp_path / 'run'}'"]) == 2
@@ -304,7 +308,7 @@ def test_leftovers_of_a_failed_read_are_dropped_and_nothing_else(monkeypatch, ca
   (unraisable exceptions, asyncio's 'exception was never retrieved'): those are dropped, any
   other unraisable or asyncio error still reaches the terminal."""
   import logging
-  from openmoe_jax import resume
+  from openmoe_jax.training import resume
   seen = []
   monkeypatch.setattr(sys, "unraisablehook", lambda u: seen.append(u.exc_value))
   asyncio_log = logging.getLogger("asyncio")

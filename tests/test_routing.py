@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import jax.numpy as jnp
 
-from openmoe_jax import routing
+from openmoe_jax.model import routing
 import reference
 
 

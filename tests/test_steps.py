@@ -5,11 +5,11 @@ import numpy as np
 import optax
 import pytest
 
-from openmoe_jax import steps
-from openmoe_jax.config import ModelConfig
-from openmoe_jax.model import Transformer, compute_loss
-from openmoe_jax.optimizer import make_optimizer
-from openmoe_jax.partitioning import unbox
+from openmoe_jax.training import steps
+from openmoe_jax.model.config import ModelConfig
+from openmoe_jax.model.transformer import Transformer, compute_loss
+from openmoe_jax.training.optimizer import make_optimizer
+from openmoe_jax.model.partitioning import unbox
 
 CFG = ModelConfig(vocab_size=64, emb_dim=16, num_heads=2, head_dim=8, mlp_dim=24,
                   expert_mlp_dim=20, num_layers=2, num_experts=4, num_sparse_layers=1,

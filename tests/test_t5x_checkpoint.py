@@ -13,10 +13,13 @@ import pytest
 import tensorstore as ts
 from flax import serialization, traverse_util
 
-from openmoe_jax import checkpoint as ckpt_lib
-from openmoe_jax import export, hf_import
-from openmoe_jax.config import ModelConfig
-from openmoe_jax.model import Transformer
+from openmoe_jax.training import checkpoint as ckpt_lib
+from openmoe_jax.interop import hf_export as export
+from openmoe_jax.commands import export as export_cmd
+from openmoe_jax.interop import hf_import
+from openmoe_jax.commands import import_model as import_cmd
+from openmoe_jax.model.config import ModelConfig
+from openmoe_jax.model.transformer import Transformer
 
 TINY_GIN = ["--gin_file=models/tiny.gin", "--gin.NUM_EMBEDDINGS=8192"]
 CFG = ModelConfig(vocab_size=8192, emb_dim=32, num_heads=2, head_dim=16, mlp_dim=64,
@@ -87,7 +90,7 @@ def t5x_dir(tmp_path_factory):
 
 
 def _import(src, dest, *extra):
-  return hf_import.main([f"--t5x_checkpoint={src}", f"--model_dir={dest}", *TINY_GIN, *extra])
+  return import_cmd.main([f"--t5x_checkpoint={src}", f"--model_dir={dest}", *TINY_GIN, *extra])
 
 
 def test_import_then_export_is_bitwise(t5x_dir, tmp_path):
@@ -100,7 +103,7 @@ def test_import_then_export_is_bitwise(t5x_dir, tmp_path):
     assert params[path].dtype == np.float32 and np.array_equal(params[path], array), path
   assert ckpt_lib.list_steps(str(dest)) == [STEP]
   out = tmp_path / "t5x_out"
-  assert export.main([f"--model_dir={dest}", f"--output_dir={out}", "--format=t5x"]) == 0
+  assert export_cmd.main([f"--model_dir={dest}", f"--output_dir={out}", "--format=t5x"]) == 0
   back, state = _read_t5x(str(out / f"checkpoint_{STEP}"))
   assert state["version"] == 3 and int(state["optimizer"]["state"]["step"]) == STEP
   assert set(back) == set(flat)
@@ -121,13 +124,13 @@ def test_ours_to_t5x_to_hf_equals_ours_to_hf(t5x_dir, tmp_path):
   assert _import(src, ours) == 0
   (ours / "run.json").write_text(json.dumps({"mixture_or_task_name": "builtin_corpus_full_lm"}))
   t5x_out, round_trip = tmp_path / "t5x", tmp_path / "round_trip"
-  assert export.main([f"--model_dir={ours}", f"--output_dir={t5x_out}", "--format=t5x"]) == 0
+  assert export_cmd.main([f"--model_dir={ours}", f"--output_dir={t5x_out}", "--format=t5x"]) == 0
   assert _import(t5x_out / f"checkpoint_{STEP}", round_trip) == 0
   shutil.copy(ours / "run.json", round_trip / "run.json")
   tensors = []
   for model_dir in (ours, round_trip):
     hf = tmp_path / f"hf_{model_dir.name}"
-    assert export.main([f"--model_dir={model_dir}", f"--output_dir={hf}"]) == 0
+    assert export_cmd.main([f"--model_dir={model_dir}", f"--output_dir={hf}"]) == 0
     tensors.append(load_file(str(hf / "model.safetensors")))
   assert tensors[0].keys() == tensors[1].keys()
   for k in tensors[0]:
@@ -187,7 +190,7 @@ def test_export_t5x_bad_input_leaves_nothing(t5x_dir, tmp_path, capsys):
   taken = tmp_path / "taken"
   taken.mkdir()
   (taken / "keep.txt").write_text("x")
-  argv = lambda *a: export.main([f"--model_dir={ours}", "--format=t5x", *a])
+  argv = lambda *a: export_cmd.main([f"--model_dir={ours}", "--format=t5x", *a])
   assert "exists" in _fails(capsys, argv, f"--output_dir={taken}")
   assert "openmoe-export wrote" in _fails(capsys, argv, f"--output_dir={taken}", "--overwrite")
   assert "step 99" in _fails(capsys, argv, f"--output_dir={tmp_path / 'o'}", "--step=99")
@@ -205,7 +208,7 @@ def test_released_hf_config_loads_as_is(t5x_dir, tmp_path):
   assert _import(src, ours) == 0
   (ours / "run.json").write_text(json.dumps({"mixture_or_task_name": "builtin_corpus_full_lm"}))
   hf = tmp_path / "hf"
-  assert export.main([f"--model_dir={ours}", f"--output_dir={hf}"]) == 0
+  assert export_cmd.main([f"--model_dir={ours}", f"--output_dir={hf}"]) == 0
   released = tmp_path / "released"
   shutil.copytree(hf, released)
   config = json.loads((hf / "config.json").read_text())
@@ -229,7 +232,7 @@ def test_released_hf_config_loads_as_is(t5x_dir, tmp_path):
 
 def test_optimizer_state_is_read_only_when_asked_for(tmp_path, capsys):
   """--t5x_optimizer_state: t5x's Adafactor slots (same fields and factored shapes as ours)."""
-  from openmoe_jax.hf_import import _fresh_opt_state
+  from openmoe_jax.interop.hf_import import _fresh_opt_state
   flat = _params()
   fresh = _fresh_opt_state(traverse_util.unflatten_dict(flat), CFG)
   rng = np.random.RandomState(0)

@@ -11,9 +11,9 @@ import pytest
 seqio = pytest.importorskip("seqio")
 
 import tasks  # noqa: E402
-from openmoe_jax import corpus  # noqa: E402
-from openmoe_jax import inspect_data  # noqa: E402
-from openmoe_jax import vocab as vocab_lib  # noqa: E402
+from openmoe_jax.data import corpus  # noqa: E402
+from openmoe_jax.commands import inspect_data  # noqa: E402
+from openmoe_jax.data import vocab as vocab_lib  # noqa: E402
 from tasks import openmoe  # noqa: E402
 from tasks import sources  # noqa: E402
 
@@ -245,7 +245,7 @@ def test_full_lm_rows_end_as_append_eos_after_trim_makes_them():
   """T5's full_lm task (OpenMoE's tasks, the default of common.add_task): full rows are 63
   tokens of the stream + EOS (the 64th is dropped). The built-in quick-start tasks keep every
   target token: the same stream, the 64th token instead of EOS."""
-  from openmoe_jax import vocab
+  from openmoe_jax.data import vocab
   from tasks import common, sources
   common.add_task("test_corpus_full_lm_t5", sources.stdlib_source("source"), "full_lm",
                   vocab.builtin_vocabulary())

@@ -33,13 +33,15 @@ def test_score_matches_the_model_log_softmax(model_dir, tmp_path):
   inp = tmp_path / "in.txt"
   inp.write_text("\n".join(lines) + "\n")
   out = tmp_path / "out.jsonl"
-  r = _tool("openmoe_jax.score", f"--model_dir={model_dir}", f"--input_file={inp}",
+  r = _tool("openmoe_jax.commands.score", f"--model_dir={model_dir}", f"--input_file={inp}",
             f"--output_file={out}", "--model_override=no_drop=true", "--step=2")
   assert r.returncode == 0, r.stderr[-2000:]
   rows = [json.loads(l) for l in out.read_text().splitlines()]
   assert [r["text"] for r in rows] == lines
-  from openmoe_jax import checkpoint, run_dir, vocab
-  from openmoe_jax.model import Transformer
+  from openmoe_jax.training import checkpoint
+  from openmoe_jax.training import run_dir
+  from openmoe_jax.data import vocab
+  from openmoe_jax.model.transformer import Transformer
   cfg = run_dir.load_model_config(str(model_dir), ["no_drop=true"])
   params = checkpoint.restore_params(str(model_dir), 2)
   voc = vocab.builtin_vocabulary()
@@ -66,30 +68,30 @@ def test_score_takes_model_settings_as_gin_flags(model_dir, tmp_path):
   for flag in ("--model_override=no_drop=true", "--gin.NO_DROP=True",
                "--gin.ModelConfig.no_drop=True"):
     out = tmp_path / f"{len(outs)}.jsonl"
-    r = _tool("openmoe_jax.score", f"--model_dir={model_dir}", f"--input_file={inp}",
+    r = _tool("openmoe_jax.commands.score", f"--model_dir={model_dir}", f"--input_file={inp}",
               f"--output_file={out}", flag, "--gin.MIN_EXPERT_CAPACITY=1")
     assert r.returncode == 0, r.stderr[-2000:]
     outs.append(out.read_text())
   assert outs[0] == outs[1] == outs[2]
-  r = _tool("openmoe_jax.score", f"--model_dir={model_dir}", f"--input_file={inp}",
+  r = _tool("openmoe_jax.commands.score", f"--model_dir={model_dir}", f"--input_file={inp}",
             f"--output_file={tmp_path / 'x.jsonl'}", "--gin.NO_SUCH_MACRO=1")
   assert r.returncode == 2 and "unsupported gin binding" in r.stderr.strip().splitlines()[-1]
 
 
 def test_score_bad_input(model_dir, tmp_path):
-  r = _tool("openmoe_jax.score", f"--model_dir={model_dir}", "--input_file=/nope.txt",
+  r = _tool("openmoe_jax.commands.score", f"--model_dir={model_dir}", "--input_file=/nope.txt",
             f"--output_file={tmp_path / 'o.jsonl'}")
   assert r.returncode == 2 and "input file not found" in r.stderr
-  r = _tool("openmoe_jax.score", f"--model_dir={tmp_path}", f"--input_file={__file__}",
+  r = _tool("openmoe_jax.commands.score", f"--model_dir={tmp_path}", f"--input_file={__file__}",
             f"--output_file={tmp_path / 'o.jsonl'}")
   assert r.returncode == 2 and "not an openmoe_jax model dir" in r.stderr
-  r = _tool("openmoe_jax.score", f"--model_dir={model_dir}", "--step=99",
+  r = _tool("openmoe_jax.commands.score", f"--model_dir={model_dir}", "--step=99",
             f"--input_file={__file__}", f"--output_file={tmp_path / 'o.jsonl'}")
   assert r.returncode == 2 and "step 99" in r.stderr
   assert not (tmp_path / "o.jsonl").exists() and not (tmp_path / "o.jsonl.tmp").exists()
   bad = tmp_path / "bad.txt"
   bad.write_bytes(b"def f():\n  return '\xff'\n")
-  r = _tool("openmoe_jax.score", f"--model_dir={model_dir}", f"--input_file={bad}",
+  r = _tool("openmoe_jax.commands.score", f"--model_dir={model_dir}", f"--input_file={bad}",
             f"--output_file={tmp_path / 'o.jsonl'}")
   assert r.returncode == 2
   assert r.stderr.strip().splitlines()[-1] == (
@@ -98,7 +100,7 @@ def test_score_bad_input(model_dir, tmp_path):
 
 
 def test_eval_reports_loss_perplexity_accuracy(model_dir):
-  r = _tool("openmoe_jax.evaluate", f"--gin.MODEL_DIR='{model_dir}'", "--gin.BATCH_SIZE=8",
+  r = _tool("openmoe_jax.commands.evaluate", f"--gin.MODEL_DIR='{model_dir}'", "--gin.BATCH_SIZE=8",
             "--gin.EVAL_STEPS=2")
   assert r.returncode == 0, r.stderr[-2000:]
   res = json.loads(r.stdout)

@@ -8,8 +8,13 @@ import pathlib
 import jax
 import pytest
 
-from openmoe_jax import hlo_stats, info, main as train_main, steps, tpu, tpu_plan
-from openmoe_jax.optimizer import make_optimizer
+from openmoe_jax.planning import hlo_stats
+from openmoe_jax.commands import info
+from openmoe_jax.commands import train as train_main
+from openmoe_jax.training import steps
+from openmoe_jax.planning import tpu
+from openmoe_jax.planning import plan as tpu_plan
+from openmoe_jax.training.optimizer import make_optimizer
 
 needs_libtpu = pytest.mark.skipif(not tpu.libtpu_installed(),
                                   reason="needs libtpu (pip install 'openmoe_jax[tpu]')")
@@ -52,7 +57,9 @@ def test_quiet_cpu_default_only_without_a_tpu(monkeypatch):
 
 
 def test_auto_choices_follow_the_compiled_estimates():
-  from openmoe_jax import grouped, moe, target
+  from openmoe_jax.model import grouped
+  from openmoe_jax.model import moe
+  from openmoe_jax.planning import target
   assert grouped.resolve("auto") == "blocked" and moe.resolve_dispatch("auto") == "gather"  # CPU
   with target.compiling_for("tpu"):
     assert grouped.resolve("auto") == "ragged_dot" and moe.resolve_dispatch("auto") == "gather"
@@ -92,7 +99,8 @@ ENTRY %main (a: f32[16]) -> f32[16] {
 @pytest.fixture(scope="module")
 def tiny_plan():
   """The tiny model's step on v4:2x2x1 (8 devices), mesh data 1 x expert 4 x model 2."""
-  from openmoe_jax import gin_utils, train  # noqa: F401
+  from openmoe_jax import gin_utils  # noqa: F401
+  from openmoe_jax.commands import configurables  # noqa: F401  registers `train` for the run gins
   gin_utils.parse_gin(["models/tiny.gin"], [], finalize=False)
   cfg = gin_utils.model_config()
   plan = tpu_plan.plan(cfg, "v4:2x2x1", num_expert_partitions=4, num_model_partitions=2,
@@ -138,7 +146,8 @@ def test_with_data_parallelism_expert_weights_and_buffers_are_never_all_gathered
   """Mesh data 4 x expert 2: the expert FFN stays expert-major, so its weight gradients are
   summed over `data` (all-reduce) and nothing is all-gathered (before the expert output was
   constrained, XLA gathered every expert's `wo` forward and the expert buffers backward)."""
-  from openmoe_jax import gin_utils, train  # noqa: F401
+  from openmoe_jax import gin_utils  # noqa: F401
+  from openmoe_jax.commands import configurables  # noqa: F401  registers `train` for the run gins
   gin_utils.parse_gin(["models/tiny.gin"], [], finalize=False)
   cfg = gin_utils.model_config()
   for k in TPU_ENV:
@@ -184,7 +193,9 @@ def test_compile_only_plans_exactly_the_runs_step(tmp_path, capsys):
   assert out["mesh"] == {"data": 1, "expert": 4, "model": 2} and out["optimizer"] == "adafactor"
   # The state the CPU run builds (train.py: init_state at the microbatch size, Adafactor):
   # its bytes, split over the 8 devices as the plan's mesh splits them, are the plan's arguments.
-  from openmoe_jax import gin_utils, layout, partitioning
+  from openmoe_jax import gin_utils
+  from openmoe_jax.training import state_layout as layout
+  from openmoe_jax.model import partitioning
   cfg = gin_utils.model_config().replace(num_expert_replicas=1)
   tx, _ = make_optimizer("adafactor", param_axes=steps.param_axes(cfg))
   mesh = partitioning.make_mesh(4, 2)  # the 8 fake CPU devices of conftest
@@ -243,7 +254,9 @@ def test_plain_cpu_run_prints_no_tpu_start_up(tmp_path):
   import subprocess
   import sys
   env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
-  proc = subprocess.run([sys.executable, "-c", "import openmoe_jax, jax; print(jax.devices())"],
+  code = ("from openmoe_jax.commands import cli; cli.start_command([]); import jax; "
+          "print(jax.devices())")
+  proc = subprocess.run([sys.executable, "-c", code],
                         capture_output=True, text=True, env=env, timeout=120, cwd=tmp_path)
   assert proc.returncode == 0 and "CpuDevice" in proc.stdout
   assert "TPU" not in proc.stderr and "libtpu" not in proc.stderr, proc.stderr
@@ -269,7 +282,8 @@ ENTRY %main (p: s32[]) -> s32[] {
 def test_attention_remat_drops_the_attention_probabilities_for_one_more_qk_matmul():
   """REMAT_POLICY='attention' on XLA:TPU: the step's temporaries shrink by about the attention
   probabilities of every layer, and the compiled FLOPs grow by at most one q k^T per layer."""
-  from openmoe_jax import gin_utils, train  # noqa: F401
+  from openmoe_jax import gin_utils  # noqa: F401
+  from openmoe_jax.commands import configurables  # noqa: F401  registers `train` for the run gins
   gin_utils.parse_gin(["models/tiny.gin"], ["ACTIVATION_DTYPE='bfloat16'"], finalize=False)
   cfg = gin_utils.model_config().replace(num_layers=4)
   seq, batch = 2048, 16
@@ -293,7 +307,8 @@ def test_v5p_and_v6e_steps_get_the_cost_models_time_not_a_roofline(slice_name):
   """XLA offloads scatters to the SparseCore on v5p/v6e and its cost model then times nothing
   (optimal_seconds -4): no scatter in the step is offloaded there, so the whole-step time is
   the compiler's estimate there too."""
-  from openmoe_jax import gin_utils, train  # noqa: F401
+  from openmoe_jax import gin_utils  # noqa: F401
+  from openmoe_jax.commands import configurables  # noqa: F401  registers `train` for the run gins
   gin_utils.parse_gin(["models/tiny.gin"], ["ACTIVATION_DTYPE='bfloat16'"], finalize=False)
   cfg = gin_utils.model_config()
   plan = tpu_plan.plan(cfg, slice_name, num_expert_partitions=4, num_model_partitions=2,
@@ -302,3 +317,15 @@ def test_v5p_and_v6e_steps_get_the_cost_models_time_not_a_roofline(slice_name):
   assert plan["estimated_step_seconds"] > plan["estimated_update_seconds"] > 0
   assert 0 < plan["estimated_mfu"] < 1
   assert 'execution_thread="sparsecore"' not in plan["hlo"]
+
+
+def test_importing_the_package_leaves_jax_and_the_environment_alone(tmp_path):
+  import subprocess
+  import sys
+  env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+  code = ("import os, openmoe_jax, openmoe_jax.model, openmoe_jax.training.loop; "
+          "print(os.environ.get('JAX_PLATFORMS'))")
+  proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                        timeout=120, cwd=tmp_path)
+  assert proc.returncode == 0, proc.stderr
+  assert proc.stdout.strip() == "None"

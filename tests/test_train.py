@@ -84,7 +84,7 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
   time.sleep(2)
   p.send_signal(signal.SIGTERM)
   assert p.wait(timeout=120) == 0, p.stderr.read()[-2000:]
-  from openmoe_jax import checkpoint
+  from openmoe_jax.training import checkpoint
   steps = checkpoint.list_steps(d)
   assert len(steps) == 1 and steps[0] >= max(_metrics(d)) - 1
 
@@ -95,7 +95,7 @@ def test_nan_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
   r = _run(d, "--gin.TRAIN_STEPS=6", "--gin.CHECKPOINT_PERIOD=1", "--gin.Z_LOSS=1e38")
   assert r.returncode == 1
   assert "at step 3" in r.stderr and "step 2" in r.stderr
-  from openmoe_jax import checkpoint
+  from openmoe_jax.training import checkpoint
   assert checkpoint.list_steps(d) == [2]
   params = checkpoint.restore_params(d, 2)
   assert all(np.isfinite(x).all() for x in __import__("jax").tree.leaves(params))
@@ -130,7 +130,7 @@ def test_bad_configuration_fails_with_one_line_and_exit_2(tmp_path, monkeypatch,
 
 
 def test_missing_required_macros_are_named_together(capsys):
-  from openmoe_jax import main
+  from openmoe_jax.commands import train as main
   assert main.main(["--gin_file=models/tiny.gin", "--gin_file=runs/pretrain.gin"]) == 2
   err = capsys.readouterr().err.strip().splitlines()
   assert err == ["openmoe-train: error: required macros not set: MODEL_DIR, MIXTURE_OR_TASK_NAME, "
@@ -159,8 +159,8 @@ def test_incompatible_model_dir_is_refused_and_untouched(tmp_path):
 
 def test_finetuning_continues_the_schedule_and_writes_config_gin(tmp_path):
   import jax
-  from openmoe_jax import checkpoint
-  from openmoe_jax.optimizer import make_schedule
+  from openmoe_jax.training import checkpoint
+  from openmoe_jax.training.optimizer import make_schedule
   base, tuned = tmp_path / "base", tmp_path / "tuned"
   assert _run(base, "--gin.TRAIN_STEPS=2", "--gin.CHECKPOINT_PERIOD=2").returncode == 0
   r = _run(tuned, "--gin.TRAIN_STEPS=3", "--gin.CHECKPOINT_PERIOD=3",
@@ -181,7 +181,8 @@ def test_finetuning_continues_the_schedule_and_writes_config_gin(tmp_path):
 def test_step_offset_of_a_finetuning_run_drives_the_applied_learning_rate():
   # pylint: disable=protected-access
   import jax.numpy as jnp
-  from openmoe_jax import resume, train
+  from openmoe_jax.training import resume
+  from openmoe_jax.training import loop as train
   params, grads = {"w": jnp.ones((4, 4))}, {"w": jnp.full((4, 4), 0.5)}
   for name in ("adafactor", "adamw"):
     tx, _ = train._make_optimizer(name, {"decay_steps": 10_000})

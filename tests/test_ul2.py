@@ -5,8 +5,8 @@ import pytest
 seqio = pytest.importorskip("seqio")
 tf = pytest.importorskip("tensorflow")
 
-from openmoe_jax import ul2  # noqa: E402
-from openmoe_jax import vocab as vocab_lib  # noqa: E402
+from openmoe_jax.data import ul2  # noqa: E402
+from openmoe_jax.data import vocab as vocab_lib  # noqa: E402
 
 LENGTHS = {"inputs": 128, "targets": 128}
 

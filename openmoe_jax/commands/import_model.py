@@ -1,0 +1,72 @@
+"""`openmoe-import`: a Hugging Face OpenMoE folder (ours or the released one) as a checkpoint.
+
+    openmoe-import --hf_dir=hf/openmoe-8b --model_dir=runs/from_hf \
+        [--gin_file=models/openmoe_8b.gin] [--step=0] [--param_dtype=float32]
+    openmoe-import --t5x_checkpoint=gs_copy/openmoe_8b/checkpoint_1000000 \
+        --gin_file=models/openmoe_8b.gin --model_dir=runs/from_t5x [--gin.X=V ...]
+
+--t5x_checkpoint reads OpenMoE's t5x checkpoints (`t5x_checkpoint.py`: the msgpack `checkpoint`
+file and its tensorstore arrays, t5x `checkpoints.py`), one array at a time, every shape checked
+against the model gin (required: shapes alone cannot tell heads from head_dim); the optimizer
+state in it is not read (a fresh one is written) unless --t5x_optimizer_state (t5x's Adafactor
+slots, checked against ours). The step is the checkpoint's unless --step.
+
+Reads the safetensors (single file or sharded with model.safetensors.index.json) or the
+PyTorch pickles of the released repos (pytorch_model.bin, sharded or not) under the
+released key names (`hf/name_map.py`), maps them back onto our Flax parameter tree and writes
+MODEL_DIR/checkpoints/<step> = {"step", "params", "opt_state"} (a fresh OpenMoE Adafactor state)
+with an empty data state, plus model_config.json. Fine-tune from it with
+`--gin_file=runs/finetune.gin --gin.INITIAL_CHECKPOINT_DIR="'MODEL_DIR'"` and the matching
+model gin. Without --gin_file the model config comes from config.json; with it, the gin's
+shapes must agree with config.json. A local MODEL_DIR is written to MODEL_DIR.tmp-XXXX first and
+renamed, so a failure leaves nothing behind; a URL MODEL_DIR (gs://...) is written in place,
+model_config.json last, and removed again when the import fails (a killed import leaves a
+folder without model_config.json, which no tool reads as a model dir and a rerun names).
+"""
+import argparse
+import json
+import sys
+
+
+from openmoe_jax import gin_utils
+from openmoe_jax.errors import UsageError
+from openmoe_jax.interop.hf_import import import_checkpoint  # noqa: F401
+from openmoe_jax.interop.hf_import import import_t5x  # noqa: F401
+
+
+def main(argv=None):
+  from openmoe_jax.commands import cli  # pylint: disable=g-import-not-at-top
+  cli.start_command(argv)
+  parser = argparse.ArgumentParser(prog="openmoe-import", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  source = parser.add_mutually_exclusive_group(required=True)
+  source.add_argument("--hf_dir", help="Hugging Face OpenMoE folder")
+  source.add_argument("--t5x_checkpoint", help="an OpenMoE t5x checkpoint folder (checkpoint_N)")
+  parser.add_argument("--model_dir", required=True, help="new openmoe_jax MODEL_DIR")
+  gin_utils.add_gin_flags(parser)
+  parser.add_argument("--step", type=int,
+                      help="step to record (default: 0 for --hf_dir, the checkpoint's for t5x)")
+  parser.add_argument("--param_dtype", default="float32", help="stored parameter dtype")
+  parser.add_argument("--t5x_optimizer_state", action="store_true",
+                      help="with --t5x_checkpoint: also read its Adafactor state (default: fresh)")
+
+  def body() -> int:
+    bindings, rest = gin_utils.split_gin_dot_flags(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(rest)
+    kw = dict(gin_files=args.gin_file, gin_bindings=args.gin_bindings + bindings,
+              param_dtype=args.param_dtype)
+    if args.t5x_optimizer_state and not args.t5x_checkpoint:
+      raise UsageError("--t5x_optimizer_state needs --t5x_checkpoint")
+    if args.t5x_checkpoint:
+      out = import_t5x(args.t5x_checkpoint, args.model_dir, step=args.step,
+                       optimizer_state=args.t5x_optimizer_state, **kw)
+    else:
+      out = import_checkpoint(args.hf_dir, args.model_dir, step=args.step or 0, **kw)
+    print(json.dumps(out), file=sys.stderr)
+    return 0
+
+  return cli.run("openmoe-import", body, user_errors=(ValueError,))
+
+
+if __name__ == "__main__":
+  sys.exit(main())

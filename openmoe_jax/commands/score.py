@@ -1,0 +1,69 @@
+"""`openmoe-score`: per-token log-probabilities of text lines under a trained checkpoint.
+
+    openmoe-score --model_dir=runs/quickstart --input_file=lines.txt --output_file=scores.jsonl
+
+Each output line: {"text", "token_ids", "log_probs"} where log_probs[i] = ln p(token_ids[i] |
+BOS, token_ids[:i]) (BOS = id 0 at the first input position), under the eval routing settings
+(eval capacity factor). Lines are scored one at a time, padded to a multiple of the expert count,
+so a line's scores do not depend on its neighbours. Partial output goes to O.tmp and is renamed
+when complete.
+"""
+import argparse
+import json
+import os
+import sys
+
+from openmoe_jax.errors import UsageError, error_line
+from openmoe_jax.commands import cli
+from openmoe_jax.training import run_dir
+from openmoe_jax.evaluation.scoring import read_text_lines  # noqa: F401
+from openmoe_jax.evaluation.scoring import score_lines  # noqa: F401
+
+
+def _vocabulary(model_dir: str, task: str):
+  import tasks  # noqa: F401  registers tasks
+  from openmoe_jax.data import pipeline as data
+  name = task or run_dir.run_info(model_dir).get("mixture_or_task_name")
+  if not name:
+    raise UsageError("cannot tell the vocabulary: pass --mixture_or_task_name")
+  try:
+    return data.get_provider(name).output_features["targets"].vocabulary
+  except ValueError as e:
+    raise UsageError(error_line(e)) from None
+
+
+def main(argv=None):
+  cli.start_command(argv)
+  parser = argparse.ArgumentParser(prog="openmoe-score", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  cli.add_model_dir_flags(parser)
+  parser.add_argument("--input_file", required=True, help="UTF-8 text, one input per line")
+  parser.add_argument("--output_file", required=True, help="JSON lines to write")
+  parser.add_argument("--mixture_or_task_name",
+                      help="task whose vocabulary to use (default: the one the run trained on)")
+
+  def body() -> int:
+    args, overrides = cli.parse_tool_args(parser, argv)
+    tmp = args.output_file + ".tmp"
+    try:
+      if not os.path.isfile(args.input_file):
+        raise UsageError(f"input file not found: {args.input_file}")
+      cfg = run_dir.load_model_config(args.model_dir, overrides)
+      params, step = run_dir.load_params(args.model_dir, args.step)
+      vocabulary = _vocabulary(args.model_dir, args.mixture_or_task_name)
+      lines = read_text_lines(args.input_file)
+      with open(tmp, "w") as out:
+        for line, (ids, logp) in zip(lines, score_lines(cfg, params, vocabulary, lines)):
+          out.write(json.dumps({"text": line, "token_ids": ids, "log_probs": logp}) + "\n")
+      os.replace(tmp, args.output_file)
+    finally:
+      if os.path.exists(tmp):
+        os.remove(tmp)
+    print(f"scored {len(lines)} lines with step {step} -> {args.output_file}", file=sys.stderr)
+    return 0
+
+  return cli.run("openmoe-score", body)
+
+
+if __name__ == "__main__":
+  sys.exit(main())

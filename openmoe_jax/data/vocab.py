@@ -1,0 +1,103 @@
+"""Vocabularies with OpenMoE's conventions (umT5's SentencePiece model, XueFuzhao/text-to-text-transfer-transformer `t5/data/utils.py`).
+
+* ids: pad 0, eos 1, unk 2; BOS is the pad id 0 (decoder inputs are targets shifted right by 0);
+* sentinels: `extra_ids` (300 for OpenMoE) appended by seqio at the top of the vocabulary and
+  numbered downward: `<extra_id_0>` = vocab_size - 1;
+* OpenMoE's model is umT5's SentencePiece (256000 pieces + 300 = 256300 ids, embedding padded to
+  256384). Its path is configured, never downloaded:
+  gin `openmoe_jax.vocab.umt5_spm_path.path = %UMT5_SPM_PATH`, or env `OPENMOE_SPM_PATH`.
+  The path is resolved when the vocabulary is first used, so importing `tasks` before gin
+  parses its bindings is fine.
+* The built-in corpus uses `openmoe_jax.data.corpus.SPM_PATH` (7892 pieces + 300 = 8192 ids).
+"""
+import os
+from typing import Optional
+
+import gin
+import seqio
+
+from openmoe_jax.errors import UsageFileNotFoundError, UsageValueError
+
+PAD_ID = 0
+EOS_ID = 1
+UNK_ID = 2
+BOS_ID = PAD_ID
+OPENMOE_EXTRA_IDS = 300
+UMT5_PIECES = 256_000
+SPM_PATH_ENV = "OPENMOE_SPM_PATH"
+
+
+@gin.configurable(module="openmoe_jax.vocab")
+def umt5_spm_path(path: Optional[str] = None) -> str:
+  """Path of OpenMoE's umT5 SentencePiece model (gin, else $OPENMOE_SPM_PATH).
+
+  Args:
+    path: e.g. `gs://fuzhao/tokenizers/umt5.256000/sentencepiece.model` or a local copy.
+
+  Raises:
+    ValueError: nothing configured.
+    FileNotFoundError: the configured file does not exist.
+    (Both are UsageErrors: the commands report them in one line with exit code 2.)
+  """
+  path = path or os.environ.get(SPM_PATH_ENV)
+  if not path:
+    raise UsageValueError("no umT5 SentencePiece model configured: bind "
+                     "openmoe_jax.vocab.umt5_spm_path.path (gin macro UMT5_SPM_PATH) or set "
+                     f"${SPM_PATH_ENV}")
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  if not tf.io.gfile.exists(path):
+    raise UsageFileNotFoundError(f"umT5 SentencePiece model not found: {path}")
+  return path
+
+
+class LazySentencePieceVocabulary(seqio.SentencePieceVocabulary):
+  """A SentencePieceVocabulary whose model path is looked up on first use.
+
+  seqio tasks are registered at import time, before gin bindings exist; this class defers the
+  lookup (and any disk access) until a dataset actually needs the tokenizer.
+  """
+
+  def __init__(self, path_fn=umt5_spm_path, extra_ids: int = OPENMOE_EXTRA_IDS):
+    self._path_fn = path_fn
+    self._resolved_path = None
+    super().__init__(sentencepiece_model_file=None, extra_ids=extra_ids)
+
+  @property
+  def _sentencepiece_model_file(self):
+    if self._resolved_path is None:
+      self._resolved_path = self._path_fn()
+    return self._resolved_path
+
+  @_sentencepiece_model_file.setter
+  def _sentencepiece_model_file(self, value):
+    # seqio's __init__ assigns the path; None keeps the lazy lookup.
+    self._resolved_path = value
+
+  def __getstate__(self):
+    state = super().__getstate__()
+    state["_resolved_path"] = self._sentencepiece_model_file
+    return state
+
+
+
+def openmoe_vocabulary(extra_ids: int = OPENMOE_EXTRA_IDS) -> seqio.Vocabulary:
+  """OpenMoE's umT5 vocabulary (path from gin / env, resolved lazily)."""
+  return LazySentencePieceVocabulary(umt5_spm_path, extra_ids)
+
+
+def builtin_vocabulary(extra_ids: int = OPENMOE_EXTRA_IDS) -> seqio.Vocabulary:
+  """The built-in corpus vocabulary: 7892 stdlib pieces + `extra_ids` sentinels."""
+  from openmoe_jax.data import corpus  # pylint: disable=g-import-not-at-top
+  return seqio.SentencePieceVocabulary(str(corpus.SPM_PATH), extra_ids=extra_ids)
+
+
+def padded_vocab_size(vocabulary_size: int, multiple: int = 128) -> int:
+  """Embedding rows: the vocabulary size rounded up to `multiple` (256300 -> 256384)."""
+  return -(-vocabulary_size // multiple) * multiple
+
+
+def sentinel_id(vocabulary: seqio.Vocabulary, index: int) -> int:
+  """Id of `<extra_id_{index}>`: sentinels count down from the top of the vocabulary."""
+  if not 0 <= index < vocabulary.extra_ids:
+    raise ValueError(f"sentinel {index} out of range: vocabulary has {vocabulary.extra_ids}")
+  return vocabulary.vocab_size - 1 - index

@@ -1,0 +1,254 @@
+"""An openmoe_jax checkpoint as a Hugging Face folder in the released OpenMoE layout, or as an
+OpenMoE t5x checkpoint (the library behind `openmoe-export`; docs/export.md).
+"""
+import json
+import os
+import shutil
+import struct
+import tempfile
+
+import numpy as np
+
+from openmoe_jax import fs
+from openmoe_jax.training import run_dir
+from openmoe_jax.errors import error_line
+from openmoe_jax.interop.hf import name_map
+from openmoe_jax.errors import UsageError
+
+_ST_DTYPES = {"float32": "F32", "bfloat16": "BF16"}
+_HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _chunks(array: np.ndarray, transpose: bool, dtype: str, chunk_bytes: int = 64 * 2**20):
+  """The HF tensor's bytes in row blocks: transposing / casting block by block keeps the extra
+  memory at chunk_bytes instead of a second full copy of the tensor."""
+  import ml_dtypes
+  target = np.dtype(ml_dtypes.bfloat16 if dtype == "bfloat16" else np.float32)
+  view = array.T if transpose else array
+  row = max(int(np.prod(view.shape[1:])) * target.itemsize, 1)
+  step = max(1, chunk_bytes // row)
+  for start in range(0, view.shape[0], step):
+    block = np.ascontiguousarray(view[start:start + step].astype(target, copy=False))
+    yield block.reshape(-1).view(np.uint8)
+
+
+def plan_shards(items, max_bytes: int):
+  """Greedy split of [(key, shape, nbytes)] in order; a tensor above the limit gets its own."""
+  shards, current, size = [], [], 0
+  for item in items:
+    if current and size + item[2] > max_bytes:
+      shards.append(current)
+      current, size = [], 0
+    current.append(item)
+    size += item[2]
+  if current:
+    shards.append(current)
+  return shards
+
+
+def _write_shard(path, items, dtype, produce):
+  """Writes one safetensors file; the header comes first, then tensors one at a time."""
+  header, offset = {"__metadata__": {"format": "pt"}}, 0
+  for key, shape, nbytes in items:
+    header[key] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape),
+                   "data_offsets": [offset, offset + nbytes]}
+    offset += nbytes
+  blob = json.dumps(header, separators=(",", ":")).encode()
+  blob += b" " * (-len(blob) % 8)  # safetensors pads the header to 8-byte alignment
+  with open(path, "wb") as f:
+    f.write(struct.pack("<Q", len(blob)))
+    f.write(blob)
+    for key, shape, nbytes in items:
+      written = 0
+      for block in produce(key):
+        f.write(block)
+        written += block.nbytes
+      if written != nbytes:
+        raise AssertionError(f"{key}: wrote {written} bytes, header says {nbytes}")
+
+
+def _spm_path(model_dir: str, explicit) -> str:
+  if explicit:
+    if not fs.isfile(explicit):
+      raise UsageError(f"SentencePiece model not found: {explicit}")
+    return explicit
+  task = run_dir.run_info(model_dir).get("mixture_or_task_name", "")
+  if task.startswith("builtin"):
+    from openmoe_jax.data import corpus
+    return str(corpus.SPM_PATH)
+  env = os.environ.get("OPENMOE_SPM_PATH")
+  if env and fs.isfile(env):
+    return env
+  raise UsageError(f"cannot tell the SentencePiece model of {model_dir!r} (task "
+                             f"{task or 'unknown'}): pass --spm_path or set $OPENMOE_SPM_PATH")
+
+
+def _write_tokenizer(out_dir: str, spm: str) -> None:
+  fs.copy(spm, os.path.join(out_dir, "tokenizer.model"))
+  shutil.copyfile(os.path.join(_HERE, "hf", "tokenization_openmoe.py"),
+                  os.path.join(out_dir, "tokenization_openmoe.py"))
+  # Our SentencePiece tokenizer class (encodes exactly as seqio; BOS = pad id 0 prepended, no
+  # EOS), through auto_map like the released repos' OpenMoeTokenizer.
+  config = {"tokenizer_class": "OpenMoeTokenizer",
+            "auto_map": {"AutoTokenizer": ["tokenization_openmoe.OpenMoeTokenizer", None]},
+            "extra_ids": 300, "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>",
+            "bos_token": "<pad>", "model_max_length": 2048, "padding_side": "left"}
+  with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
+    json.dump(config, f, indent=1)
+
+
+# Written into every exported folder: --overwrite only ever replaces a folder that has it.
+EXPORT_MARKER = ".openmoe_export.json"
+
+
+def _umask() -> int:
+  mask = os.umask(0)
+  os.umask(mask)
+  return mask
+
+
+def _publish(tmp: str, output_dir: str, marker: dict) -> None:
+  """Gives the finished folder `tmp` the user's umask (mkdtemp makes 0700) and the export
+  marker, then puts it in place of `output_dir` (an earlier export, checked by
+  `check_output_dir`)."""
+  os.chmod(tmp, 0o777 & ~_umask())
+  with open(os.path.join(tmp, EXPORT_MARKER), "w") as f:
+    json.dump(marker, f)
+  if os.path.exists(output_dir):
+    shutil.rmtree(output_dir) if os.path.isdir(output_dir) else os.remove(output_dir)
+  os.replace(tmp, output_dir)
+
+
+def check_output_dir(model_dir: str, output_dir: str, overwrite: bool) -> None:
+  """Refuses an output folder that would put the run (or anything but an earlier export) at risk.
+
+  The output may not be the model dir, contain it or be inside it; an existing non-empty output
+  is replaced only with `overwrite`, and only when an earlier `openmoe-export` wrote it.
+  """
+  out = os.path.realpath(output_dir)
+  if not fs.is_url(model_dir):
+    run = os.path.realpath(model_dir)
+    if out == run or run.startswith(out + os.sep) or out.startswith(run + os.sep):
+      where = ("is" if out == run else "contains" if run.startswith(out + os.sep)
+               else "is inside")
+      raise UsageError(f"--output_dir {output_dir} {where} the model dir "
+                                 f"{model_dir}; choose a folder outside it")
+  if os.path.exists(output_dir) and (not os.path.isdir(output_dir) or os.listdir(output_dir)):
+    if not overwrite:
+      raise UsageError(f"output {output_dir} exists and is not empty (use --overwrite)")
+    if not os.path.isfile(os.path.join(output_dir, EXPORT_MARKER)):
+      raise UsageError(f"--overwrite replaces only a folder openmoe-export wrote; "
+                                 f"{output_dir} is not one (no {EXPORT_MARKER}): choose "
+                                 "another --output_dir or remove it yourself")
+
+
+def _checkpoint_step(model_dir: str, step):
+  from openmoe_jax.training import checkpoint as ckpt_lib
+  steps = ckpt_lib.list_steps(model_dir)
+  if not steps:
+    raise UsageError(f"no complete checkpoint in {model_dir}")
+  if step is not None and step not in steps:
+    raise UsageError(f"no checkpoint for step {step} in {model_dir} (have {steps})")
+  return steps[-1] if step is None else step
+
+
+def export_t5x(model_dir: str, output_dir: str, *, step=None, dtype: str = "float32",
+               overwrite: bool = False) -> dict:
+  """MODEL_DIR's checkpoint as OUTPUT_DIR/checkpoint_<step> in t5x's layout, array by array."""
+  from flax import traverse_util
+  from openmoe_jax.training import checkpoint as ckpt_lib
+  from openmoe_jax.interop import t5x as t5x_checkpoint
+  from openmoe_jax.model.counts import abstract_params
+  if dtype not in _ST_DTYPES:
+    raise UsageError(f"--dtype={dtype}: use float32 or bfloat16")
+  check_output_dir(model_dir, output_dir, overwrite)
+  cfg = run_dir.load_model_config(model_dir)
+  step = _checkpoint_step(model_dir, step)
+  paths = list(traverse_util.flatten_dict(abstract_params(cfg)))
+  reader = ckpt_lib.ParamReader(model_dir, step)
+  parent = os.path.dirname(os.path.abspath(output_dir))
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=os.path.basename(os.path.abspath(output_dir)) + ".tmp-",
+                         dir=parent)
+  try:
+    for path in paths:
+      try:
+        reader.spec(path)
+      except KeyError as err:
+        raise UsageError(error_line(err).strip('"')) from None
+    name = t5x_checkpoint.checkpoint_name(step)
+    count = t5x_checkpoint.write_checkpoint(
+        os.path.join(tmp, name), step, ((p, reader.read(p)) for p in paths), dtype)
+    _publish(tmp, output_dir, {"model_dir": os.path.abspath(model_dir), "step": step,
+                               "format": "t5x"})
+  finally:
+    reader.close()
+    if os.path.exists(tmp):
+      shutil.rmtree(tmp)
+  return {"step": step, "tensors": count, "format": "t5x",
+          "checkpoint": os.path.join(output_dir, name)}
+
+
+def export(model_dir: str, output_dir: str, *, step=None, dtype: str = "float32",
+           max_shard_size_mb: float = 5000, spm_path=None, overwrite: bool = False) -> dict:
+  """Exports MODEL_DIR's checkpoint to OUTPUT_DIR; returns a summary dict.
+
+  Raises:
+    UsageError: bad input (no checkpoint, output in the way, unknown dtype, ...).
+  """
+  from openmoe_jax.training import checkpoint as ckpt_lib
+  if dtype not in _ST_DTYPES:
+    raise UsageError(f"--dtype={dtype}: use float32 or bfloat16")
+  check_output_dir(model_dir, output_dir, overwrite)
+  cfg = run_dir.load_model_config(model_dir)
+  steps = ckpt_lib.list_steps(model_dir)
+  if not steps:
+    raise UsageError(f"no complete checkpoint in {model_dir}")
+  if step is not None and step not in steps:
+    raise UsageError(f"no checkpoint for step {step} in {model_dir} (have {steps})")
+  step = steps[-1] if step is None else step
+  spm = _spm_path(model_dir, spm_path)
+  reader = ckpt_lib.ParamReader(model_dir, step)
+  parent = os.path.dirname(os.path.abspath(output_dir))
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=os.path.basename(os.path.abspath(output_dir)) + ".tmp-",
+                         dir=parent)
+  try:
+    width = 2 if dtype == "bfloat16" else 4
+    table = {}
+    items = []
+    for e in name_map.entries(cfg.num_layers, cfg.is_moe_layer):
+      try:
+        shape, _ = reader.spec(e.flax_path)
+      except KeyError as err:
+        raise UsageError(error_line(err).strip('"')) from None
+      hf_shape = name_map.hf_shape(shape, e.transpose)
+      table[e.hf_key] = e
+      items.append((e.hf_key, hf_shape, int(np.prod(hf_shape)) * width))
+    produce = lambda key: _chunks(reader.read(table[key].flax_path), table[key].transpose, dtype)
+    shards = plan_shards(items, int(max_shard_size_mb * 2**20))
+    names = (["model.safetensors"] if len(shards) == 1 else
+             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    for name, shard in zip(names, shards):
+      _write_shard(os.path.join(tmp, name), shard, dtype, produce)
+    total = sum(n for _, _, n in items)
+    if len(shards) > 1:
+      index = {"metadata": {"total_size": total},
+               "weight_map": {k: name for name, s in zip(names, shards) for k, _, _ in s}}
+      with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
+        json.dump(index, f, indent=1)
+    with open(os.path.join(tmp, "config.json"), "w") as f:
+      json.dump(name_map.hf_config(cfg, dtype), f, indent=1)
+    with open(os.path.join(tmp, "generation_config.json"), "w") as f:
+      json.dump({"bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 0,
+                 "decoder_start_token_id": 0, "transformers_version": "4.34.0"}, f, indent=1)
+    _write_tokenizer(tmp, spm)
+    shutil.copyfile(os.path.join(_HERE, "hf", "modeling_openmoe.py"),
+                    os.path.join(tmp, "modeling_openmoe.py"))
+    _publish(tmp, output_dir, {"model_dir": os.path.abspath(model_dir), "step": step})
+  finally:
+    reader.close()
+    if os.path.exists(tmp):
+      shutil.rmtree(tmp)
+  return {"step": step, "tensors": len(items), "bytes": total, "shards": len(shards),
+          "output_dir": output_dir}

@@ -1,0 +1,233 @@
+"""A Hugging Face OpenMoE folder (ours or the released one) or an OpenMoE t5x checkpoint as an
+openmoe_jax MODEL_DIR (the library behind `openmoe-import`; docs/export.md).
+"""
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+
+import numpy as np
+
+from openmoe_jax import fs, gin_utils
+from openmoe_jax.model.config import ModelConfig
+from openmoe_jax.interop.hf import name_map
+from openmoe_jax.errors import UsageError
+
+
+def _fail(msg):
+  raise UsageError(msg)
+
+
+def read_hf_config(hf_dir: str) -> dict:
+  path = os.path.join(hf_dir, "config.json")
+  if not os.path.isfile(path):
+    _fail(f"{hf_dir} is not a Hugging Face model folder (no config.json)")
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except ValueError as e:
+    _fail(f"{path}: invalid JSON ({e})")
+
+
+def weight_files(hf_dir: str) -> dict:
+  """{hf key: weight file}: safetensors (index or single file) or, as the released OpenMoE repos
+  ship them, PyTorch pickles (pytorch_model.bin.index.json or pytorch_model.bin)."""
+  for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+    index = os.path.join(hf_dir, index_name)
+    if os.path.isfile(index):
+      with open(index) as f:
+        weight_map = json.load(f)["weight_map"]
+      return {k: os.path.join(hf_dir, v) for k, v in weight_map.items()}
+  single = os.path.join(hf_dir, "model.safetensors")
+  if os.path.isfile(single):
+    from safetensors import safe_open
+    with safe_open(single, framework="pt") as f:
+      return {k: single for k in f.keys()}
+  single = os.path.join(hf_dir, "pytorch_model.bin")
+  if os.path.isfile(single):
+    return {k: single for k in _load_bin(single)}
+  _fail(f"no model.safetensors, pytorch_model.bin or their index files in {hf_dir}")
+
+
+def _load_bin(path: str) -> dict:
+  import torch
+  # weights_only: a checkpoint is data, never code; mmap keeps one shard's pages on demand.
+  return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+
+
+class _Tensors:
+  """Reads tensors by key from safetensors or .bin shards, one open shard of each kind at a time."""
+
+  def __init__(self):
+    self._handles, self._bin_path, self._bin = {}, None, None
+
+  def get(self, path: str, key: str):
+    if path.endswith(".bin"):
+      if path != self._bin_path:
+        self._bin_path, self._bin = path, _load_bin(path)
+      return self._bin[key]
+    if path not in self._handles:
+      from safetensors import safe_open
+      self._handles[path] = safe_open(path, framework="pt").__enter__()
+    return self._handles[path].get_tensor(key)
+
+  def close(self):
+    for h in self._handles.values():
+      h.__exit__(None, None, None)
+    self._bin = None
+
+
+def _to_numpy(tensor) -> np.ndarray:
+  import ml_dtypes
+  import torch
+  if tensor.dtype == torch.bfloat16:  # numpy has no bfloat16: reinterpret the bits
+    return tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+  return tensor.numpy()
+
+
+def load_params(hf_dir: str, cfg: ModelConfig) -> dict:
+  """Our params tree (numpy, cfg.param_dtype) from the folder's safetensors; checks every shape."""
+  from flax import traverse_util
+  from openmoe_jax.model.counts import abstract_params
+  want = traverse_util.flatten_dict(abstract_params(cfg))
+  files = weight_files(hf_dir)
+  entries = list(name_map.entries(cfg.num_layers, cfg.is_moe_layer))
+  missing = [e.hf_key for e in entries if e.hf_key not in files]
+  if missing:
+    _fail(f"{hf_dir} lacks {len(missing)} OpenMoE tensors, e.g. {missing[0]}")
+  extra = sorted(set(files) - {e.hf_key for e in entries})
+  if extra:
+    _fail(f"{hf_dir} has tensors this model does not, e.g. {extra[0]} (mismatched model?)")
+  flat, tensors = {}, _Tensors()
+  try:
+    for e in entries:
+      array = _to_numpy(tensors.get(files[e.hf_key], e.hf_key).contiguous())
+      array = array.T if e.transpose else array
+      spec = want.get(e.flax_path)
+      if spec is None or tuple(array.shape) != tuple(spec.shape):
+        _fail(f"{e.hf_key}: shape {tuple(array.shape)} in {hf_dir} does not fit the model "
+              f"(want {None if spec is None else tuple(name_map.hf_shape(spec.shape, e.transpose))})")
+      flat[e.flax_path] = np.ascontiguousarray(array.astype(spec.dtype, copy=False))
+  finally:
+    tensors.close()
+  return traverse_util.unflatten_dict(flat)
+
+
+def model_config(hf: dict, gin_files, gin_bindings, param_dtype: str) -> ModelConfig:
+  try:
+    fields = name_map.model_config_fields(hf)
+  except ValueError as e:
+    _fail(str(e))
+  from_hf = ModelConfig(**fields, param_dtype=param_dtype)
+  if not gin_files:
+    return from_hf
+  gin_utils.parse_gin(gin_files, gin_bindings)
+  cfg = gin_utils.model_config().replace(param_dtype=param_dtype)
+  diff = name_map.shape_mismatch(cfg, from_hf)
+  if diff:
+    _fail("the model gin does not match config.json (" + ", ".join(diff) + ")")
+  return cfg
+
+
+def _check_empty(model_dir: str) -> None:
+  if not fs.exists(model_dir):
+    return
+  names = fs.listdir(model_dir) if fs.isdir(model_dir) else None
+  if names is None or names:
+    unfinished = names and "model_config.json" not in names and "imported_from.json" in names
+    hint = (" (an unfinished import: it has no model_config.json; delete it and import again)"
+            if unfinished else "")
+    _fail(f"model_dir {model_dir} exists and is not empty{hint}")
+
+
+def import_checkpoint(hf_dir: str, model_dir: str, *, gin_files=(), gin_bindings=(),
+                      step: int = 0, param_dtype: str = "float32") -> dict:
+  """Writes MODEL_DIR from HF_DIR; returns a summary. Raises UsageError."""
+  _check_empty(model_dir)
+  if not os.path.isdir(hf_dir):
+    _fail(f"hf_dir not found: {hf_dir}")
+  cfg = model_config(read_hf_config(hf_dir), gin_files, gin_bindings, param_dtype)
+  params = load_params(hf_dir, cfg)
+  return _commit(model_dir, cfg, params, step, {"hf_dir": os.path.abspath(hf_dir)})
+
+
+def import_t5x(checkpoint_path: str, model_dir: str, *, gin_files=(), gin_bindings=(),
+               step=None, param_dtype: str = "float32", optimizer_state: bool = False) -> dict:
+  """Writes MODEL_DIR from an OpenMoE t5x checkpoint; returns a summary. Raises UsageError."""
+  from flax import traverse_util
+  from openmoe_jax.interop import t5x as t5x_checkpoint
+  from openmoe_jax.model.counts import abstract_params
+  _check_empty(model_dir)
+  if not gin_files:
+    _fail("--t5x_checkpoint needs the model's --gin_file (e.g. models/openmoe_8b.gin)")
+  gin_utils.parse_gin(gin_files, gin_bindings)
+  cfg = gin_utils.model_config().replace(param_dtype=param_dtype)
+  want = traverse_util.flatten_dict(abstract_params(cfg))
+  flat, saved_step = t5x_checkpoint.load_params(checkpoint_path, want)
+  step = saved_step if step is None else step
+  params = traverse_util.unflatten_dict(flat)
+  opt_state = _fresh_opt_state(params, cfg)
+  if optimizer_state:  # t5x Adafactor slots into our AdafactorState (same fields)
+    import jax
+    slots = t5x_checkpoint.load_adafactor_state(checkpoint_path, opt_state)
+    opt_state = opt_state._replace(count=jax.numpy.asarray(slots.pop("count")), **{
+        k: traverse_util.unflatten_dict(v) for k, v in slots.items()})
+  return _commit(model_dir, cfg, params, step,
+                 {"t5x_checkpoint": os.path.abspath(checkpoint_path)}, opt_state)
+
+
+def _commit(model_dir: str, cfg: ModelConfig, params, step: int, source: dict,
+            opt_state=None) -> dict:
+  """MODEL_DIR with the checkpoint {step, params, opt_state (default: fresh)}, all or nothing."""
+  if opt_state is None:
+    opt_state = _fresh_opt_state(params, cfg)
+  state = {"step": np.int32(step), "params": params, "opt_state": opt_state}
+  summary = {"model_dir": model_dir, "step": step, "num_layers": cfg.num_layers,
+             "num_experts": cfg.num_experts}
+  if fs.is_url(model_dir):
+    # Object stores cannot rename a folder, so the files go straight to MODEL_DIR: the
+    # checkpoint is committed first, model_config.json last, so the tools never read an
+    # unfinished import as a model dir. A failure removes what this import wrote (MODEL_DIR
+    # was checked empty or absent), so a bucket is left as it was.
+    try:
+      _write_model_dir(model_dir, cfg, state, step, source)
+    except BaseException:
+      if fs.exists(model_dir):
+        fs.gfile().rmtree(model_dir)
+      raise
+    return summary
+  parent = os.path.dirname(os.path.abspath(model_dir))
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=os.path.basename(os.path.abspath(model_dir)) + ".tmp-", dir=parent)
+  try:
+    _write_model_dir(tmp, cfg, state, step, source)
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(tmp, 0o777 & ~mask)  # mkdtemp makes 0700; the model dir gets the user's umask
+    if os.path.isdir(model_dir):
+      os.rmdir(model_dir)  # checked empty above
+    os.replace(tmp, model_dir)
+  finally:
+    if os.path.exists(tmp):
+      shutil.rmtree(tmp)
+  return summary
+
+
+def _write_model_dir(dest: str, cfg: ModelConfig, state, step: int, source: dict) -> None:
+  """The checkpoint, imported_from.json, then model_config.json into `dest` (path or URL)."""
+  from openmoe_jax.training import checkpoint as ckpt_lib
+  with ckpt_lib.Checkpointer(dest, async_save=False) as ckpt:
+    ckpt.save(step, state, {}, force=True)
+  fs.write_text(fs.join(dest, "imported_from.json"), json.dumps(source))
+  fs.write_text(fs.join(dest, "model_config.json"), json.dumps(dataclasses.asdict(cfg), indent=1))
+
+
+def _fresh_opt_state(params, cfg: ModelConfig):
+  """A fresh OpenMoE Adafactor state for `params` (the train loop's default optimizer)."""
+  import jax
+  import jax.numpy as jnp
+  from openmoe_jax.training import steps
+  from openmoe_jax.training.optimizer import make_optimizer
+  tx, _ = make_optimizer("adafactor", param_axes=steps.param_axes(cfg))
+  return tx.init(jax.tree.map(jnp.asarray, params))

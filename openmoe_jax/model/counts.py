@@ -1,0 +1,54 @@
+"""Parameter and FLOP counts of a model, from its abstract parameter shapes (nothing allocated).
+
+Used by openmoe-info, by the training loop (MFU) and by openmoe-import (expected shapes).
+"""
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import traverse_util
+
+from openmoe_jax.model.config import ModelConfig
+from openmoe_jax.model.transformer import Transformer
+
+
+def abstract_params(cfg: ModelConfig):
+  """Parameter ShapeDtypeStructs of the model, without allocating them."""
+  tokens = max(cfg.num_experts, 1) * cfg.num_expert_replicas * 2
+  dummy = jax.ShapeDtypeStruct((1, tokens), jnp.int32)
+  model = Transformer(cfg)
+  variables = jax.eval_shape(lambda t: model.init(jax.random.key(0), t), dummy)
+  return jax.tree.map(lambda x: getattr(x, "value", x), variables["params"],
+                      is_leaf=lambda x: hasattr(x, "value"))
+
+
+def summarize(cfg: ModelConfig, seq_len: int = 2048) -> dict:
+  """Parameter and FLOP counts. FLOPs per trained token = 6 x activated matmul weights (the
+  output head included, the embedding lookup not) + attention 12 * layers * N*H * seq_len."""
+  flat = traverse_util.flatten_dict(abstract_params(cfg), sep="/")
+  sizes = {k: math.prod(v.shape) for k, v in flat.items()}
+  total = sum(sizes.values())
+  token_emb = sizes["token_embedder/embedding"]
+  head = sizes["decoder/logits_dense/kernel"]
+  expert = sum(v for k, v in sizes.items() if "/mlp/expert/" in k)
+  k, e = cfg.num_selected_experts, max(cfg.num_experts, 1)
+  inactive_expert = expert * (e - k) // e if cfg.num_sparse_layers else 0
+  activated = total - inactive_expert
+  norms = sum(v for key, v in sizes.items() if key.endswith("/scale"))
+  matmul_activated = activated - token_emb - norms
+  attn = 12 * cfg.num_layers * cfg.num_heads * cfg.head_dim * seq_len
+  return {
+      "total_params": total,
+      "activated_params": activated,
+      "activated_params_without_embeddings": activated - token_emb - head,
+      "embedding_params": token_emb + head,
+      "token_embedding_params": token_emb,
+      "lm_head_params": head,
+      "expert_params": expert,
+      "moe_layers": list(cfg.moe_layers),
+      "num_layers": cfg.num_layers,
+      "num_experts": cfg.num_experts,
+      "num_selected_experts": cfg.num_selected_experts,
+      "seq_len_for_flops": seq_len,
+      "train_flops_per_token": 6 * matmul_activated + attn,
+  }

@@ -1,0 +1,188 @@
+"""Dense building blocks of the OpenMoE decoder (flaxformer T5.1.1 decoder-only conventions).
+
+Legend: B batch, L length, D embed, N heads, H head dim, F mlp hidden, V vocab.
+Kernels are stored 2-D ([D, N*H] for attention) as flaxformer's DenseGeneral stores them, so
+original checkpoints load without reshaping.
+"""
+import functools
+from typing import Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from openmoe_jax.model import partitioning as p
+from openmoe_jax.model.config import ModelConfig
+
+MASK_BIAS = -1e10
+
+
+def kernel_init(scale: float, distribution: str = "truncated_normal", in_axis=-2, out_axis=-1,
+                batch_axis=()):
+  return nn.initializers.variance_scaling(scale, "fan_in", distribution, in_axis=in_axis,
+                                          out_axis=out_axis, batch_axis=batch_axis)
+
+
+class RMSNorm(nn.Module):
+  """T5 layer norm: x * rsqrt(mean(x^2) + eps) * scale, normalised in float32.
+
+  As flaxformer `components/layer_norm.py` `T5LayerNorm` (OpenMoE): the normalised value is cast
+  to the activation dtype, then multiplied by the scale in that dtype (`float32_norm`: in float32).
+  """
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x):
+    scale = self.param("scale", p.param_init(nn.initializers.ones, (p.EMBED,)),
+                       (x.shape[-1],), self.cfg.weight_dtype)
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.cfg.norm_eps)
+    dtype = jnp.float32 if self.cfg.float32_norm else self.cfg.dtype
+    scale = scale.astype(dtype).reshape((1,) * (y.ndim - 1) + (-1,))
+    return (y.astype(dtype) * scale).astype(self.cfg.dtype)
+
+
+def dropout(cfg: ModelConfig, x, deterministic: bool, broadcast_dims=(-2,)):
+  """flaxformer's dropout (`DROPOUT_FACTORY`, moe_decoder_only.gin): one mask per row, broadcast
+  over the length axis (-2 of [B, L, D])."""
+  return nn.Dropout(cfg.dropout_rate, broadcast_dims=broadcast_dims)(
+      x, deterministic=deterministic)
+
+
+class Dense(nn.Module):
+  """Bias-free projection of the last axis with a 2-D kernel [in, out]."""
+  features: int
+  axes: tuple
+  init_scale: float
+  distribution: str
+  cfg: ModelConfig
+  out_dtype: Optional[jnp.dtype] = None
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = self.param("kernel",
+                        p.param_init(kernel_init(self.init_scale, self.distribution), self.axes),
+                        (x.shape[-1], self.features), self.cfg.weight_dtype)
+    dtype = self.out_dtype or self.cfg.dtype
+    return jnp.einsum("...d,df->...f", x.astype(dtype), kernel.astype(dtype))
+
+
+class Embed(nn.Module):
+  """Token embedding [V, D], init normal(1.0), no scaling."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, tokens):
+    table = self.param("embedding", p.param_init(nn.initializers.normal(1.0), (p.VOCAB, p.EMBED)),
+                       (self.cfg.vocab_size, self.cfg.emb_dim), self.cfg.weight_dtype)
+    return jnp.take(table, tokens, axis=0).astype(self.cfg.dtype)
+
+
+def rotate_half(x):
+  x1, x2 = jnp.split(x, 2, axis=-1)
+  return jnp.concatenate([-x2, x1], axis=-1)
+
+
+def apply_rope(x, positions, max_timescale: float):
+  """Half-rotation RoPE over the full head dim. x: [B, L, N, H], positions: int[B, L]."""
+  head_dim = x.shape[-1]
+  fraction = 2 * jnp.arange(head_dim // 2, dtype=jnp.float32) / head_dim
+  timescale = max_timescale**fraction
+  angle = positions.astype(jnp.float32)[..., None] / timescale[None, None, :]
+  angle = jnp.concatenate([angle, angle], axis=-1)[:, :, None, :]
+  sin, cos = jnp.sin(angle).astype(x.dtype), jnp.cos(angle).astype(x.dtype)
+  return x * cos + rotate_half(x) * sin
+
+
+def attention_mask(segment_ids, token_mask):
+  """bool[B, 1, L, L]: causal by index, same segment, both tokens real."""
+  length = segment_ids.shape[-1]
+  idx = jnp.arange(length)
+  mask = (idx[:, None] >= idx[None, :])[None]
+  mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
+  mask = mask & token_mask[:, :, None] & token_mask[:, None, :]
+  return mask[:, None]
+
+
+def attend(q, k, v, mask, keep, *, cfg: ModelConfig):
+  """Scaled-dot-product attention core: softmax(q k^T, masked) v, dropout where `keep` is False.
+
+  q: [B, T, N, H]; k, v: [B, S, N, H]; mask: bool [B, 1, T, S]; keep: None or bool [B, N, 1, S]
+  (kept attention probabilities are divided by 1 - dropout_rate, as nn.Dropout does).
+  """
+  # flaxformer dense_attention (float32_logits=False): logits and softmax in the activation dtype.
+  logit_dtype = jnp.float32 if cfg.float32_attention_logits else cfg.dtype
+  logits = jnp.einsum("bqnh,bknh->bnqk", q.astype(logit_dtype), k.astype(logit_dtype))
+  logits = jnp.where(mask, logits, jnp.asarray(MASK_BIAS, logit_dtype))
+  weights = jax.nn.softmax(logits, axis=-1).astype(cfg.dtype)
+  if keep is not None:  # bitwise nn.Dropout: select(keep, x / keep_prob, 0)
+    keep_prob = 1.0 - cfg.dropout_rate
+    weights = jax.lax.select(jnp.broadcast_to(keep, weights.shape), weights / keep_prob,
+                             jnp.zeros_like(weights))
+  return jnp.einsum("bnqk,bknh->bqnh", weights, v)
+
+
+class Attention(nn.Module):
+  """Multi-head causal self-attention, no biases, no runtime 1/sqrt(H) (folded into query init)."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x, positions, mask, *, deterministic: bool, cache=None, cache_index=None):
+    """x: [B, T, D]; positions: int[B, T]; mask: bool[B, 1, T, T] (or [B, 1, T, S] with a cache).
+
+    cache: None (training, scoring) or (key, value) [B, S, N, H] preallocated for cached
+      decoding: this call's keys and values are written at columns cache_index..+T and the
+      queries attend over all S columns (mask decides which). Returns (out, new cache) then.
+    """
+    cfg = self.cfg
+    joined = cfg.num_heads * cfg.head_dim
+    def proj(name, scale):
+      y = Dense(joined, (p.EMBED, p.JOINED_KV), scale, "normal", cfg, name=name)(x)
+      return y.reshape(*y.shape[:-1], cfg.num_heads, cfg.head_dim)
+    q = proj("query", cfg.scale / cfg.head_dim)  # variance scale / H == stddev / sqrt(H)
+    k = proj("key", cfg.scale)
+    v = proj("value", cfg.scale)
+    q = apply_rope(q, positions, cfg.rope_max_timescale)
+    k = apply_rope(k, positions, cfg.rope_max_timescale)
+    q = p.constrain(q, (p.BATCH, p.LENGTH, p.HEADS, p.KV))
+    k = p.constrain(k, (p.BATCH, p.LENGTH, p.HEADS, p.KV))
+    if cache is not None:
+      k, v = (p.constrain(jax.lax.dynamic_update_slice(c, y.astype(c.dtype), (0, cache_index, 0, 0)),
+                          (p.BATCH, p.LENGTH, p.HEADS, p.KV)) for c, y in zip(cache, (k, v)))
+      cache = (k, v)
+    # Attention-probability dropout, broadcast over the query axis (flaxformer broadcast_dropout):
+    # its keep mask [B, N, 1, S] is drawn here, with nn.Dropout's own key, so that the scores
+    # can be recomputed in the backward pass ('attention' remat) from q, k, v and the masks.
+    keep = None
+    if cfg.dropout_rate > 0 and not deterministic:
+      ones = jnp.ones((q.shape[0], cfg.num_heads, 1, k.shape[1]), cfg.dtype)
+      keep = dropout(cfg, ones, deterministic) > 0
+    core = functools.partial(attend, cfg=cfg)
+    if cfg.remat_policy == "attention" and cache is None:
+      core = jax.checkpoint(core)
+    out = core(q, k, v, mask, keep)
+    out = out.reshape(*out.shape[:2], joined)
+    out = Dense(cfg.emb_dim, (p.JOINED_KV, p.EMBED), cfg.scale, "normal", cfg, name="out")(out)
+    return out if cache is None else (out, cache)
+
+
+def gated_activation(h0, h1):
+  """OpenMoE's ('swiglu', 'linear'): wi_0 output split in halves a, b -> a * silu(b) * wi_1 out."""
+  a, b = jnp.split(h0, 2, axis=-1)
+  return a * jax.nn.silu(b) * h1
+
+
+class MlpBlock(nn.Module):
+  """Three-projection FFN: wo((x wi_0)[:F] * silu((x wi_0)[F:]) * (x wi_1))."""
+  cfg: ModelConfig
+  hidden: int
+
+  @nn.compact
+  def __call__(self, x, *, deterministic: bool):
+    cfg = self.cfg
+    h0 = Dense(2 * self.hidden, (p.EMBED, p.MLP), cfg.scale, "truncated_normal", cfg, name="wi_0")(x)
+    h1 = Dense(self.hidden, (p.EMBED, p.MLP), cfg.scale, "truncated_normal", cfg, name="wi_1")(x)
+    h = gated_activation(h0, h1)
+    h = dropout(cfg, h, deterministic)  # intermediate dropout, broadcast over length
+    h = p.constrain(h, (p.BATCH, p.LENGTH, p.MLP))
+    return Dense(cfg.emb_dim, (p.MLP, p.EMBED), cfg.scale, "truncated_normal", cfg, name="wo")(h)

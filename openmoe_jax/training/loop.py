@@ -1,0 +1,337 @@
+"""The gin-configured training loop (t5x `train` conventions): train, evaluate, checkpoint, resume.
+
+Phases: mesh -> data -> state (restore the latest complete checkpoint or init) -> jit -> loop ->
+final checkpoint. Resume order: MODEL_DIR's latest complete checkpoint, else the parameters of
+`initial_checkpoint_dir` (fine-tuning), else a fresh init.
+"""
+import math
+import sys
+import time
+from typing import Any, Dict, Optional
+
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+from openmoe_jax.training import checkpoint as ckpt_lib
+from openmoe_jax.training import console
+from openmoe_jax.model import counts
+from openmoe_jax.data import pipeline as data_lib  # seqio / TF load on first use, not on import
+from openmoe_jax.evaluation import heldout as eval_loop
+from openmoe_jax import fs
+from openmoe_jax.training import state_layout as layout
+from openmoe_jax.model import partitioning as part
+from openmoe_jax.training import resume
+from openmoe_jax.training import run_dir
+from openmoe_jax.training import settings
+from openmoe_jax.training import steps
+from openmoe_jax.model.config import ModelConfig
+from openmoe_jax.errors import TrainingError, UsageError, error_line  # noqa: F401  TrainingError re-exported
+from openmoe_jax.training.metrics_writer import METRICS_FILE, MetricsWriter
+from openmoe_jax.training.optimizer import make_optimizer
+from openmoe_jax.evaluation.unigram import add_counts
+
+
+def matmul_peak_flops(n: int = 1024, repeats: int = 5) -> float:
+  """FLOP/s of an n^3 float32 matmul on this process's devices: the MFU reference when no peak
+  is configured (best of `repeats`, times the local device count)."""
+  a = jnp.ones((n, n), jnp.float32)
+  f = jax.jit(lambda x: x @ x)
+  f(a).block_until_ready()
+  best = float("inf")
+  for _ in range(repeats):
+    t = time.perf_counter()
+    f(a).block_until_ready()
+    best = min(best, time.perf_counter() - t)
+  return 2 * n**3 / best * jax.local_device_count()
+
+
+def train(model_config: ModelConfig, *, model_dir: str = gin.REQUIRED,
+          mixture_or_task_name: str = gin.REQUIRED, task_feature_lengths=gin.REQUIRED,
+          train_steps: int = gin.REQUIRED, batch_size: int = gin.REQUIRED,
+          checkpoint_period: int = 1000, eval_period: int = 1000, eval_steps: int = 10,
+          eval_split: str = "validation", log_period: int = 10, keep_checkpoints: int = 3,
+          num_microbatches: int = 1, seed: int = 0, num_expert_partitions: int = 1,
+          num_model_partitions: int = 1, optimizer: str = "adafactor",
+          optimizer_kwargs: Optional[dict] = None, peak_flops_per_device: Optional[float] = None,
+          pack: bool = True, progress_bar: bool = True, fail_on_nan: bool = True,
+          num_data_shards: Optional[int] = None, num_expert_replicas: Optional[int] = None,
+          initial_checkpoint_dir: Optional[str] = None) -> Dict[str, Any]:
+  """Trains `model_config` on a seqio task or mixture; returns a summary of the run.
+
+  Args mirror t5x's pretrain.gin macros: MODEL_DIR, MIXTURE_OR_TASK_NAME, TASK_FEATURE_LENGTHS,
+  TRAIN_STEPS (the absolute final step), BATCH_SIZE (global, in sequences), CHECKPOINT_PERIOD,
+  EVAL_PERIOD; NUM_EXPERT_PARTITIONS / NUM_MODEL_PARTITIONS shape the mesh.
+  num_data_shards: seqio shards of the training data (default: what the run recorded at its
+    start, else one per process), so a resumed run sees the batches it would have seen.
+  num_expert_replicas: the routing-group constraint (groups are a multiple of experts x
+    replicas; default: the data axis, as flaxformer). A resume whose mesh would change it
+    stops and asks for an explicit value.
+  fail_on_nan: stop at the first non-finite loss or state (True), or train on, skipping the
+    saves of non-finite states (False). A non-finite state is never saved either way.
+  initial_checkpoint_dir: when MODEL_DIR has no checkpoint, start from the latest parameters
+  of this MODEL_DIR (fine-tuning: the optimizer state is fresh; the step count continues and
+  the learning-rate schedule follows it, as in t5x).
+
+  Returns:
+    {"step", "seconds", "steps_run", "model_dir", "checkpoint", "metrics_file", "train",
+    "eval", "unigram_cross_entropy", "stopped_by"}: what `openmoe-train` prints at the end.
+  """
+  # --- checks: configuration errors are one line (exit code 2) before anything is written ---
+  settings.check(locals())
+  cfg = model_config
+  try:
+    fs.check_writable_dir(model_dir)
+  except ValueError as e:
+    raise UsageError(f"MODEL_DIR: {e}") from None
+  try:
+    data_lib.get_provider(mixture_or_task_name)
+    mesh = part.make_mesh(num_expert_partitions, num_model_partitions)
+    part.check_experts_divisible(cfg.num_experts, mesh)
+  except ValueError as e:
+    raise UsageError(error_line(e)) from None
+  # flaxformer: groups are a multiple of experts x replicas, so they split over (data, expert).
+  replicas = num_expert_replicas or mesh.shape["data"]
+  cfg = cfg.replace(num_expert_replicas=replicas)
+  resume_note = None
+  if ckpt_lib.list_steps(model_dir):
+    recorded_shards, resume_note = run_dir.check_resume_layout(
+        model_dir, num_expert_replicas=replicas, explicit_replicas=bool(num_expert_replicas),
+        mesh_shape=dict(mesh.shape), process_count=jax.process_count())
+    num_data_shards = num_data_shards or recorded_shards
+  try:
+    part.check_batch_divisible(batch_size, mesh, num_microbatches)
+  except ValueError as e:
+    raise UsageError(error_line(e)) from None
+  length = sum(task_feature_lengths.values())
+  optimizer_kwargs = dict(optimizer_kwargs or {})
+  param_axes = steps.param_axes(cfg)  # Adafactor factors by the parameters' logical axes
+  tx, schedule = _make_optimizer(optimizer, optimizer_kwargs, param_axes=param_axes)
+  run_dir.check_model_dir(model_dir, cfg)
+  data_lib.check_sources(mixture_or_task_name, "train")  # missing data or tokenizer: UsageError
+  try:
+    data_lib.check_features(mixture_or_task_name, task_feature_lengths, cfg.vocab_size)
+  except ValueError as e:
+    raise UsageError(error_line(e)) from None
+  init_fn = lambda rng: steps.init_state(cfg, tx, rng, batch_size // num_microbatches, length)
+  state_sh, abstract = layout.state_layout(init_fn, mesh, jax.random.key(seed))
+  _check_divisible(abstract["params"], mesh)
+  param_sh = state_sh["params"]
+  # --- data ---
+  train_iter = data_lib.ShardedIterator(
+      num_data_shards, mixture_or_task_name=mixture_or_task_name,
+      task_feature_lengths=task_feature_lengths, split="train", batch_size=batch_size,
+      shuffle=True, seed=seed, pack=pack)
+  train_iter.check_first_batch(mixture_or_task_name, task_feature_lengths)
+  # --- lock: from here on this process owns MODEL_DIR (a second trainer is refused) ---
+  lock = resume.acquire_lock(model_dir, console.Say(None))
+  try:
+    return _train_locked(**locals())
+  finally:
+    if lock is not None:
+      lock.release()
+
+
+def _train_locked(*, cfg, model_config, model_dir, mixture_or_task_name, task_feature_lengths,
+                  train_steps, batch_size, checkpoint_period, eval_period, eval_steps,
+                  eval_split, log_period, keep_checkpoints, num_microbatches, seed, optimizer,
+                  optimizer_kwargs, peak_flops_per_device, pack, progress_bar, fail_on_nan,
+                  num_data_shards, initial_checkpoint_dir, mesh, length, tx, schedule,
+                  init_fn, state_sh, abstract, param_sh, train_iter, resume_note, **_):
+  t_start = time.perf_counter()
+  # --- state: the newest checkpoint that reads, else an initial checkpoint, else init ---
+  resume.set_aside_incomplete(model_dir, console.Say(None))
+  restored = resume.restore_newest(model_dir, abstract, keep_checkpoints, console.Say(None))
+  ckpt, data_note = None, None
+  if restored is not None:
+    ckpt, state, data_state, restored_step = restored
+    positions = ckpt_lib.read_positions(model_dir, restored_step, train_iter.shard_indices)
+    # Another pipeline's position: UsageError. A saved tf.data position restores in constant
+    # time; without one the stream is replayed (said, with the reason).
+    data_note = train_iter.set_state(data_state, positions)
+  elif initial_checkpoint_dir:
+    state = resume.init_from(initial_checkpoint_dir, tx, abstract, state_sh, mesh)
+  else:
+    with jax.set_mesh(mesh), nn.logical_axis_rules(part.axis_rules()):
+      state = jax.jit(lambda r: part.unbox(init_fn(r)), out_shardings=state_sh)(
+          jax.random.key(seed))
+  step = first_step = int(jax.device_get(state["step"]))
+  # A run started from an initial checkpoint counts its updates from 0 (fresh optimizer state)
+  # while its step continues: the learning rate follows the step, as in t5x.
+  step_offset = step - resume.update_count(state["opt_state"], default=step)
+  if step_offset:
+    tx, _ = _make_optimizer(optimizer, optimizer_kwargs, step_offset=step_offset,
+                            param_axes=steps.param_axes(cfg))
+  # --- jit ---
+  batch_sh = part.batch_sharding(mesh)
+  step_fn = layout.jit_train_step(cfg, tx, schedule, state_sh, batch_sh,
+                                  num_microbatches=num_microbatches, seed=seed)
+  eval_fn = jax.jit(lambda p, b: steps.eval_step(p, b, cfg=cfg),
+                    in_shardings=(param_sh, batch_sh))
+  # --- files: only now, when every check has passed ---
+  ckpt = ckpt or ckpt_lib.Checkpointer(model_dir, max_to_keep=keep_checkpoints)
+  if jax.process_index() == 0:
+    # config.gin records the start of this MODEL_DIR: step 0, or a fine-tuning run's first step.
+    run_dir.write_run_files(
+        model_dir, mixture_or_task_name, task_feature_lengths,
+        operative_config=gin.operative_config_str(), model_config=model_config,
+        start_step=step, command=" ".join(sys.argv),
+        layout={"num_expert_replicas": cfg.num_expert_replicas,
+                "num_data_shards": num_data_shards or jax.process_count(),
+                "process_count": jax.process_count(), "mesh": dict(mesh.shape)})
+    for note in (resume_note, data_note):
+      if note:
+        console.Say(None)(note)
+  writer = MetricsWriter(model_dir, enabled=jax.process_index() == 0)
+  flops_per_token = counts.summarize(cfg, seq_len=length)["train_flops_per_token"]
+  peak = (peak_flops_per_device * jax.device_count() if peak_flops_per_device
+          else matmul_peak_flops() * jax.process_count())
+  # --- loop ---
+  interrupts = console.Interrupts()
+  last: Dict[str, float] = {}
+  last_eval: Dict[str, float] = {}
+  unigram_counts = np.zeros(cfg.vocab_size, np.float64)
+  end = train_steps
+  bar = console.progress_bar(progress_bar, step, train_steps)
+  say = console.Say(bar)
+  if step >= end:
+    say(f"MODEL_DIR is at step {step}, not before TRAIN_STEPS={end}: nothing to train "
+        f"(raise TRAIN_STEPS to continue)")
+  pending, t_last, logged_at = None, time.perf_counter(), step
+  saved_at = ckpt.latest_step()
+  try:
+    with jax.set_mesh(mesh), nn.logical_axis_rules(part.axis_rules()):
+      while step < end:
+        host_batch = next(train_iter)
+        add_counts(unigram_counts, host_batch)
+        state, metrics = step_fn(state, data_lib.to_global_arrays(host_batch, batch_sh))
+        step += 1
+        # Fetch the previous logged step's metrics only now, so the host never waits on the
+        # device.
+        if pending is not None:
+          last = _log(writer, bar, *pending, fail_on_nan=fail_on_nan, ckpt=ckpt)
+          pending = None
+        if step % log_period == 0 or step == end:
+          now = time.perf_counter()
+          pending = (step, metrics, (now - t_last) / max(step - logged_at, 1),
+                     length * batch_size, flops_per_token, peak)
+          t_last, logged_at = now, step
+        stop = interrupts.stop_at(step)
+        if step % checkpoint_period == 0 or step == end or stop:
+          if _finite_or_stop(step, metrics, ckpt, fail_on_nan, say):
+            data_state, positions = train_iter.checkpoint_items()
+            ckpt.save(step, state, data_state, force=True, data_positions=positions)
+            saved_at = step
+          writer.flush()  # URL model dirs rewrite metrics.jsonl at most every minute otherwise
+        if eval_period and step % eval_period == 0:
+          last_eval = eval_loop.evaluate_and_report(
+              state["params"], eval_fn, batch_sh, step, writer, say, unigram_counts,
+              data_lib.ShardedIterator(num_data_shards, mixture_or_task_name=mixture_or_task_name,
+                               task_feature_lengths=task_feature_lengths, split=eval_split,
+                               batch_size=batch_size, shuffle=False, seed=seed, pack=pack,
+                               num_epochs=1), eval_steps)
+          last.update(last_eval)
+        if stop:
+          break
+      if pending is not None:
+        last = _log(writer, bar, *pending, fail_on_nan=fail_on_nan, ckpt=ckpt)
+    ckpt.wait_until_finished()
+  finally:
+    interrupts.restore()
+    ckpt.close()
+    writer.close()
+    if bar is not None:
+      bar.close()
+  if interrupts.requested:
+    say(f"{interrupts.signal_name} received: saved checkpoint {saved_at} in "
+        f"{ckpt_lib.checkpoint_dir(model_dir)}; run the same command to resume")
+  return {"step": step, "steps_run": step - first_step, "train_steps": train_steps,
+          "seconds": time.perf_counter() - t_start, "model_dir": model_dir,
+          "checkpoint": None if saved_at is None else str(
+              ckpt_lib.checkpoint_dir(model_dir) / str(saved_at)),
+          "metrics_file": fs.join(model_dir, METRICS_FILE), "train": last, "eval": last_eval,
+          "stopped_by": interrupts.signal_name}
+
+
+def _check_divisible(params, mesh) -> None:
+  """Fails early (UsageError) when a parameter dimension does not split over its mesh axes."""
+  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    for dim, (size, axes) in enumerate(zip(leaf.shape, leaf.sharding.spec)):
+      names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+      n = math.prod(mesh.shape[a] for a in names)
+      if size % n:
+        raise UsageError(
+            f"parameter {jax.tree_util.keystr(path, simple=True, separator='/')} "
+            f"{tuple(leaf.shape)}: dimension {dim} ({size}) is not divisible by its {n} "
+            f"partitions over {'x'.join(names)}; choose sizes divisible by NUM_MODEL_PARTITIONS "
+            "(MLP_DIM, EXPERT_MLP_DIM, NUM_HEADS x HEAD_DIM, NUM_EMBEDDINGS) or fewer partitions")
+
+
+def _make_optimizer(name: str, kwargs: dict, step_offset: int = 0, param_axes=None):
+  """`make_optimizer(name, **kwargs)`; its errors (bad OPTIMIZER / OPTIMIZER_KWARGS) are
+  UsageErrors. With `step_offset`, the transformation applies the schedule at update count
+  + step_offset (the global step); the returned schedule is still the plain one, of the step."""
+  try:
+    tx, schedule = make_optimizer(name, param_axes=param_axes, **kwargs)
+    if step_offset:
+      shifted = lambda count: schedule(count + step_offset)
+      tx, _ = make_optimizer(name, param_axes=param_axes,
+                             **dict(kwargs, learning_rate_schedule=shifted))
+  except (ValueError, TypeError) as e:  # make_optimizer only validates its arguments here
+    raise UsageError(f"OPTIMIZER / OPTIMIZER_KWARGS: {error_line(e)}") from None
+  return tx, schedule
+
+
+def _finite_or_stop(step, metrics, ckpt, fail_on_nan: bool, say) -> bool:
+  """True when step `step`'s loss and updated state are finite, i.e. the state may be saved.
+
+  Otherwise stops (TrainingError) or, with fail_on_nan=False, says that the save is skipped.
+  """
+  m = jax.device_get({k: metrics[k] for k in ("loss", "grad_norm", steps.STATE_FINITE)})
+  loss, grad_norm = float(m["loss"]), float(m["grad_norm"])
+  if math.isfinite(loss) and m[steps.STATE_FINITE] > 0:
+    return True
+  what = (f"loss is {loss} at step {step}" if not math.isfinite(loss) else
+          f"the update of step {step} made the parameters or optimizer state non-finite "
+          f"(loss {loss:.4g}, grad_norm {grad_norm:.4g})")
+  ckpt.wait_until_finished()
+  latest = ckpt.latest_step()
+  kept = (f"the newest checkpoint, step {latest}, holds a finite state" if latest is not None
+          else "no checkpoint has been written")
+  if not fail_on_nan:
+    say(f"{what}: checkpoint {step} not saved; {kept}")
+    return False
+  raise TrainingError(f"{what}; stopped without saving it; {kept}: lower the learning rate "
+                      "(OPTIMIZER_KWARGS) and run the same command to resume")
+
+
+def _check_finite(step, metrics, ckpt):
+  """Stops (TrainingError) at a logged step whose loss is not finite; nothing is saved."""
+  loss = float(jax.device_get(metrics["loss"]))
+  if not math.isfinite(loss):
+    ckpt.wait_until_finished()
+    latest = ckpt.latest_step()
+    kept = (f"the newest checkpoint, step {latest}, holds a finite state" if latest is not None
+            else "no checkpoint has been written")
+    raise TrainingError(f"loss is {loss} at step {step}; stopped; {kept}: lower the learning "
+                        "rate (OPTIMIZER_KWARGS) and run the same command to resume")
+
+
+def _log(writer, bar, step, metrics, sec_per_step, tokens_per_step, flops_per_token, peak, *,
+         fail_on_nan, ckpt):
+  if fail_on_nan:
+    _check_finite(step, metrics, ckpt)
+  metrics = jax.device_get(metrics)
+  metrics.pop(steps.STATE_FINITE, None)
+  loss = float(metrics["loss"])
+  tps = tokens_per_step / max(sec_per_step, 1e-9)
+  out = dict(metrics, **{"perf/tokens_per_second": tps, "perf/seconds_per_step": sec_per_step,
+                         "perf/mfu": tps * flops_per_token / peak})
+  writer.write(step, out)
+  if bar is not None:
+    bar.n = step
+    bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+    bar.refresh()
+  return out

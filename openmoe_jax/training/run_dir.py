@@ -1,0 +1,137 @@
+"""The run directory (MODEL_DIR): the one module that writes and reads its files.
+
+Checkpoints live under MODEL_DIR/checkpoints (`checkpoint.py`); this module owns the rest:
+run.json and model_config.json (written at each start, read by the tools), config.gin, and the
+compatibility check of a restart. MODEL_DIR may be a local path or a URL such as gs://bucket/run
+(`openmoe_jax.fs`); every file is written through a temporary name.
+"""
+import dataclasses
+import json
+import time
+from typing import Optional, Sequence
+
+from openmoe_jax.training import checkpoint as ckpt_lib
+from openmoe_jax import fs
+from openmoe_jax.model.config import ModelConfig
+from openmoe_jax.errors import UsageError, error_line
+
+MODEL_CONFIG, RUN_INFO, CONFIG_GIN = "model_config.json", "run.json", "config.gin"
+SHAPE_FIELDS = ("vocab_size", "emb_dim", "num_heads", "head_dim", "mlp_dim", "expert_mlp_dim",
+                "num_layers", "num_experts", "num_sparse_layers")
+
+
+def check_model_dir(model_dir: str, cfg: ModelConfig) -> None:
+  """Refuses a MODEL_DIR that holds checkpoints of a different model (reads only)."""
+  path = fs.join(model_dir, MODEL_CONFIG)
+  ours = dataclasses.asdict(cfg)
+  if fs.exists(path) and ckpt_lib.list_steps(model_dir):
+    theirs = json.loads(fs.read_text(path))
+    diff = [k for k in SHAPE_FIELDS if theirs.get(k) != ours[k]]
+    if diff:
+      raise UsageError(f"MODEL_DIR {model_dir} holds a different model ("
+                       + ", ".join(f"{k}: {theirs.get(k)} != {ours[k]}" for k in diff) + ")")
+
+
+def write_run_files(model_dir: str, mixture_or_task_name: str, task_feature_lengths,
+                    operative_config: Optional[str] = None,
+                    model_config: Optional[ModelConfig] = None, *,
+                    start_step: Optional[int] = None, command: str = "",
+                    layout: Optional[dict] = None) -> None:
+  """MODEL_DIR/run.json (read by the tools and by the next start's checks) and, when given,
+  model_config.json and this start's operative config.
+
+  The operative config goes to config.gin at the first start (step 0, or a fine-tuning run's
+  first step) and to config-<step>.gin at every start, headed by the command line, so each
+  start of a run is on record. Each file is written to a temporary name and renamed; MODEL_DIR
+  may be a URL.
+
+  Args:
+    layout: what decides the batches and the routing groups, checked when the run resumes:
+      {"num_expert_replicas", "num_data_shards", "process_count", "mesh"}.
+  """
+  fs.makedirs(model_dir)
+  if model_config is not None:
+    fs.write_text(fs.join(model_dir, MODEL_CONFIG),
+                  json.dumps(dataclasses.asdict(model_config), indent=1))
+  if operative_config is not None:
+    if start_step in (None, 0) or not fs.exists(fs.join(model_dir, CONFIG_GIN)):
+      fs.write_text(fs.join(model_dir, CONFIG_GIN), operative_config)
+    if start_step is not None:
+      name, k = f"config-{start_step}.gin", 1
+      while fs.exists(fs.join(model_dir, name)):
+        name, k = f"config-{start_step}-{k}.gin", k + 1
+      header = (f"# openmoe-train started at step {start_step} on "
+                f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n# command: {command}\n\n")
+      fs.write_text(fs.join(model_dir, name), header + operative_config)
+  fs.write_text(fs.join(model_dir, RUN_INFO), json.dumps(
+      {"mixture_or_task_name": mixture_or_task_name,
+       "task_feature_lengths": dict(task_feature_lengths), **(layout or {})}))
+
+
+def check_resume_layout(model_dir: str, *, num_expert_replicas: int, explicit_replicas: bool,
+                        mesh_shape: dict, process_count: int) -> tuple:
+  """Compares a resumed run's grouping with what its last start recorded in run.json.
+
+  Returns:
+    (num_data_shards recorded or None, one line saying what changed or None).
+
+  Raises:
+    UsageError: the routing groups would change (num_expert_replicas follows the data axis)
+      and the user did not choose a value: the message gives both choices.
+  """
+  info = run_info(model_dir)
+  saved = info.get("num_expert_replicas")
+  if saved is not None and saved != num_expert_replicas and not explicit_replicas:
+    raise UsageError(
+        f"resuming on another mesh changes the routing groups: this run trained with "
+        f"num_expert_replicas={saved} (its data axis), the new mesh gives {num_expert_replicas}; "
+        f"keep the saved routing with --gin.train.num_expert_replicas={saved}, or accept the "
+        f"change with --gin.train.num_expert_replicas={num_expert_replicas}")
+  changed = []
+  old_mesh = info.get("mesh")
+  if old_mesh and old_mesh != mesh_shape:
+    fmt = lambda m: " x ".join(f"{k} {v}" for k, v in m.items())
+    changed.append(f"mesh {fmt(old_mesh)} -> {fmt(mesh_shape)}")
+  if info.get("process_count") not in (None, process_count):
+    changed.append(f"processes {info['process_count']} -> {process_count}")
+  if saved is not None and saved != num_expert_replicas:
+    changed.append(f"routing groups: num_expert_replicas {saved} -> {num_expert_replicas}")
+  note = "resuming with " + ", ".join(changed) if changed else None
+  return info.get("num_data_shards"), note
+
+
+def load_model_config(model_dir: str, overrides: Sequence[str] = ()) -> ModelConfig:
+  """The ModelConfig a run recorded in MODEL_DIR/model_config.json, with FIELD=VALUE overrides."""
+  path = fs.join(model_dir, MODEL_CONFIG)
+  if not fs.exists(path):
+    raise UsageError(f"{model_dir} is not an openmoe_jax model dir (no model_config.json)")
+  fields = json.loads(fs.read_text(path))
+  known = {f.name: f.type for f in dataclasses.fields(ModelConfig)}
+  for item in overrides:
+    name, sep, value = item.partition("=")
+    if not sep or name not in known:
+      raise UsageError(f"bad override {item!r}; use FIELD=VALUE with a ModelConfig field")
+    fields[name] = json.loads(value) if value[:1] in "0123456789-[{tfn\"" else value
+  try:
+    return ModelConfig(**fields)
+  except (TypeError, ValueError) as e:
+    raise UsageError(error_line(e)) from None
+
+
+def load_params(model_dir: str, step: Optional[int]):
+  """Params of checkpoint `step` (latest when None) as numpy arrays."""
+  steps = ckpt_lib.list_steps(model_dir)
+  if not steps:
+    raise UsageError(f"no complete checkpoint in {model_dir}")
+  if step is not None and step not in steps:
+    raise UsageError(f"no checkpoint for step {step} in {model_dir} (have {steps})")
+  step = steps[-1] if step is None else step
+  return ckpt_lib.restore_params(model_dir, step), step
+
+
+def run_info(model_dir: str) -> dict:
+  """What MODEL_DIR/run.json records (task, feature lengths), or {} without one."""
+  path = fs.join(model_dir, RUN_INFO)
+  if not fs.exists(path):
+    return {}
+  return json.loads(fs.read_text(path))
