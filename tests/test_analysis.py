@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from openmoe_jax.evaluation import routing_stats as analysis
-from openmoe_jax.commands import analyze
+from openmoe_jax.evaluation import routing_report
 from openmoe_jax.model import routing
 from openmoe_jax.model.config import ModelConfig
 from openmoe_jax.model.transformer import Transformer
@@ -108,7 +108,7 @@ def test_captured_routing_matches_the_model_and_identical_checkpoints_agree(mode
   _, metrics = Transformer(cfg).apply({"params": params}, batch["decoder_input_tokens"],
                                       batch["decoder_target_tokens"])
   copy = jax.tree.map(np.array, params)  # a second, identical checkpoint
-  [layer], [again] = (analyze.collect(cfg, p, [batch], [1.0], 1.0, 4) for p in (params, copy))
+  [layer], [again] = (routing_report.collect(cfg, p, [batch], [1.0], 1.0, 4) for p in (params, copy))
   np.testing.assert_allclose(layer.dropped[1.0].sum() / layer.assigned[1.0].sum(),
                              float(metrics.dropped_fraction[0]), atol=1e-6)
   # jit vs eager float rounding may flip a near-tie second choice: allow two of 2048 assignments.
