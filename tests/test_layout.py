@@ -134,9 +134,11 @@ def test_info_compiles_with_the_optimizer_the_gins_bind():
           "--gin_file=runs/pretrain.gin", "--compile", "--num_devices=1", "--batch_size=8",
           "--seq_len=32"]
   outs = {}
+  kwargs = {"adafactor": "{}",
+            "adamw": "{'base_learning_rate': 1e-3, 'warmup_steps': 2, 'decay_steps': 10}"}
   for opt in ("adafactor", "adamw"):
-    r = subprocess.run(base + [f"--gin.OPTIMIZER='{opt}'"], capture_output=True, text=True,
-                       timeout=300, cwd=ROOT)
+    r = subprocess.run(base + [f"--gin.OPTIMIZER='{opt}'", f"--gin.OPTIMIZER_KWARGS={kwargs[opt]}"],
+                       capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-2000:]
     outs[opt] = json.loads(r.stdout)
     assert outs[opt]["optimizer"] == opt
