@@ -4,12 +4,12 @@
         [--dtype=float32|bfloat16] [--max_shard_size_mb=5000] [--spm_path=P] [--overwrite]
     openmoe-export --model_dir=runs/quickstart --output_dir=t5x/quickstart --format=t5x
 
---format=t5x writes O/checkpoint_<step> in OpenMoE's t5x layout instead (`t5x_checkpoint.py`:
+--format=t5x writes O/checkpoint_<step> in OpenMoE's t5x layout instead (`interop/t5x.py`:
 msgpack state + one tensorstore zarr array per parameter, t5x `checkpoints.py`), the same
 overwrite rules and the same O.tmp-XXXX then rename.
 
 Writes (docs/export.md): safetensors under exactly the released OpenMoE key names and shapes
-(`hf/name_map.py`), sharded with `model.safetensors.index.json` above --max_shard_size_mb;
+(`interop/hf/name_map.py`), sharded with `model.safetensors.index.json` above --max_shard_size_mb;
 `config.json` (released fields + auto_map), `generation_config.json`, the SentencePiece model
 (`tokenizer.model`) with `tokenization_openmoe.py` and `tokenizer_config.json`, and
 `modeling_openmoe.py`. Load with `AutoModelForCausalLM.from_pretrained(O,

@@ -5,7 +5,7 @@
     openmoe-import --t5x_checkpoint=gs_copy/openmoe_8b/checkpoint_1000000 \
         --gin_file=models/openmoe_8b.gin --model_dir=runs/from_t5x [--gin.X=V ...]
 
---t5x_checkpoint reads OpenMoE's t5x checkpoints (`t5x_checkpoint.py`: the msgpack `checkpoint`
+--t5x_checkpoint reads OpenMoE's t5x checkpoints (`interop/t5x.py`: the msgpack `checkpoint`
 file and its tensorstore arrays, t5x `checkpoints.py`), one array at a time, every shape checked
 against the model gin (required: shapes alone cannot tell heads from head_dim); the optimizer
 state in it is not read (a fresh one is written) unless --t5x_optimizer_state (t5x's Adafactor
@@ -13,7 +13,7 @@ slots, checked against ours). The step is the checkpoint's unless --step.
 
 Reads the safetensors (single file or sharded with model.safetensors.index.json) or the
 PyTorch pickles of the released repos (pytorch_model.bin, sharded or not) under the
-released key names (`hf/name_map.py`), maps them back onto our Flax parameter tree and writes
+released key names (`interop/hf/name_map.py`), maps them back onto our Flax parameter tree and writes
 MODEL_DIR/checkpoints/<step> = {"step", "params", "opt_state"} (a fresh OpenMoE Adafactor state)
 with an empty data state, plus model_config.json. Fine-tune from it with
 `--gin_file=runs/finetune.gin --gin.INITIAL_CHECKPOINT_DIR="'MODEL_DIR'"` and the matching

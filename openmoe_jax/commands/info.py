@@ -18,7 +18,7 @@ per-device memory (argument, output, temporary) and FLOPs of the compiled progra
 with code 3 when the per-device peak exceeds --memory_budget_gib.
 With --tpu=TYPE (a Cloud TPU type such as v3-256, or a topology such as v4:4x4x4) it compiles
 with XLA:TPU (libtpu: pip install 'openmoe_jax[tpu]') for that slice instead, and adds the TPU
-plan (`tpu_plan.py`): memory against the chip's HBM (the default budget), the compiler's
+plan (`planning/plan.py`): memory against the chip's HBM (the default budget), the compiler's
 estimate of the whole step's time, tokens/s and MFU, and the collectives per step.
 """
 import argparse

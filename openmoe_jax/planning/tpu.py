@@ -2,7 +2,7 @@
 
 libtpu (`pip install openmoe_jax[tpu]`) contains the XLA:TPU compiler. On any machine, with the
 CPU as JAX's default backend, `jax.experimental.topologies.get_topology_desc` gives the devices
-of a TPU slice that programs can be compiled for (not run on); `tpu_plan.py` compiles the
+of a TPU slice that programs can be compiled for (not run on); `planning/plan.py` compiles the
 training step for them.
 
 Accelerator types are the names `gcloud` and `launch/tpu_vm.py` use (Cloud TPU docs, "TPU
