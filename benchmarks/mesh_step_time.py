@@ -25,13 +25,12 @@ def main():
   import jax.numpy as jnp
   from openmoe_jax.training import state_layout as layout
   from openmoe_jax.model import partitioning as part
-  from openmoe_jax.training import steps
+  from flax import linen as nn
   from openmoe_jax.model.config import ModelConfig
-  from openmoe_jax.training.optimizer import make_optimizer
+  from openmoe_jax.training import run_setup
   cfg = ModelConfig(vocab_size=512, emb_dim=64, num_heads=4, head_dim=16, mlp_dim=128,
                     expert_mlp_dim=128, num_layers=4, num_experts=8, num_sparse_layers=2,
                     group_size=256, activation_dtype="float32")
-  tx, schedule = make_optimizer("adafactor", param_axes=steps.param_axes(cfg))
   rng = jax.random.key(0)
   tokens = jax.random.randint(rng, (args.batch_size, args.length), 1, cfg.vocab_size)
   batch = {"decoder_input_tokens": tokens, "decoder_target_tokens": tokens,
@@ -40,16 +39,16 @@ def main():
            "decoder_positions": jnp.broadcast_to(jnp.arange(args.length), tokens.shape)}
   results = {}
   for expert, model, devices in [(1, 1, 1), (1, 1, 8), (8, 1, 8), (4, 1, 8), (2, 2, 8)]:
-    mesh = part.make_mesh(expert, model, devices=jax.devices()[:devices])
-    init_fn = lambda r: steps.init_state(cfg, tx, r, args.batch_size, args.length)
-    state_sh, _ = layout.state_layout(init_fn, mesh, rng)
-    batch_sh = part.batch_sharding(mesh)
-    from flax import linen as nn
-    with jax.set_mesh(mesh), nn.logical_axis_rules(part.axis_rules()):
-      state = jax.jit(lambda r: part.unbox(init_fn(r)), out_shardings=state_sh)(rng)
-      fn = jax.jit(lambda s, b: steps.train_step(s, b, cfg=cfg, tx=tx, schedule=schedule),
-                   in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None),
-                   donate_argnums=(0,))
+    # Set up as train() sets up a run on this mesh (routing replicas = the data axis).
+    run = run_setup.build(cfg, batch_size=args.batch_size, seq_len=args.length,
+                          num_expert_partitions=expert, num_model_partitions=model,
+                          devices=jax.devices()[:devices])
+    mesh = run.mesh
+    state_sh, _ = run.state_layout()
+    batch_sh = run.batch_sharding()
+    with jax.set_mesh(mesh), nn.logical_axis_rules(run.rules):
+      state = jax.jit(lambda r: part.unbox(run.init_fn(r)), out_shardings=state_sh)(rng)
+      fn = layout.jit_train_step(run.cfg, run.tx, run.schedule, state_sh, batch_sh)
       b = jax.device_put(batch, batch_sh)
       state, m = fn(state, b)
       jax.block_until_ready(m)

@@ -36,13 +36,8 @@ def run_case(case: str) -> dict:
   from openmoe_jax.commands import configurables  # noqa: F401  registers `train` for the run gins
   gin_utils.parse_gin([gin_file], list(macros), finalize=False)
   cfg = gin_utils.model_config()
-  s = tpu_plan.train_settings()
   t = time.time()
-  out = tpu_plan.plan(cfg, slice_name, num_expert_partitions=s["num_expert_partitions"],
-                      num_model_partitions=s["num_model_partitions"], batch_size=s["batch_size"],
-                      seq_len=sum(dict(s["task_feature_lengths"]).values()),
-                      num_microbatches=s["num_microbatches"], optimizer=s["optimizer"],
-                      optimizer_kwargs=s["optimizer_kwargs"], seed=s["seed"])
+  out = tpu_plan.plan_of_run(cfg, slice_name)  # the step openmoe-train --compile_only plans
   row = {"case": case, "wall_seconds": round(time.time() - t, 1)}
   row.update({k: out.get(k) for k in KEYS + ("compile_error",) if k in out})
   return row

@@ -27,37 +27,38 @@ def main():
   args = parser.parse_args()
 
   import jax
-  import numpy as np
   from flax import linen as nn
   import tasks  # noqa: F401
   from openmoe_jax import gin_utils
+  from openmoe_jax.commands import configurables  # noqa: F401  the run gins bind `train`
+  from openmoe_jax.commands.compile_only import train_settings
   from openmoe_jax.training import checkpoint
   from openmoe_jax.model import counts
   from openmoe_jax.data import pipeline as data
   from openmoe_jax.model import partitioning as part
-  from openmoe_jax.training import steps
   from openmoe_jax.training import loop as train
-  import gin
+  from openmoe_jax.training import run_setup
+  from openmoe_jax.training import state_layout as layout
   gin_utils.parse_gin([args.gin_file], args.gin_bindings)
-  cfg = gin_utils.model_config()
-  bs = gin.query_parameter("%BATCH_SIZE")
-  lengths = gin.query_parameter("%TASK_FEATURE_LENGTHS")
-  name = gin.query_parameter("%MIXTURE_OR_TASK_NAME")
-  kwargs = {k: (gin.query_parameter("%" + v.scoped_selector.split("/")[0])
-                if isinstance(v, gin.config.ConfigurableReference) else v)
-            for k, v in gin.query_parameter("%OPTIMIZER_KWARGS").items()}
-  from openmoe_jax.training.optimizer import make_optimizer
-  tx, schedule = make_optimizer(gin.query_parameter("%OPTIMIZER"), param_axes=steps.param_axes(cfg),
-                                **kwargs)
+  # The step exactly as openmoe-train sets it up from the same gin files.
+  s = train_settings()
+  bs, lengths, name = s["batch_size"], s["task_feature_lengths"], s["mixture_or_task_name"]
   length = sum(lengths.values())
-  mesh = part.make_mesh()
-  with jax.set_mesh(mesh), nn.logical_axis_rules(part.axis_rules()):
-    state = jax.jit(lambda r: part.unbox(steps.init_state(cfg, tx, r, bs, length)))(
-        jax.random.key(0))
-    step_fn = jax.jit(lambda s, b: steps.train_step(s, b, cfg=cfg, tx=tx, schedule=schedule),
-                      donate_argnums=(0,))
+  run = run_setup.build(
+      gin_utils.model_config(), batch_size=bs, seq_len=length,
+      num_expert_partitions=s["num_expert_partitions"],
+      num_model_partitions=s["num_model_partitions"], num_microbatches=s["num_microbatches"],
+      optimizer=s["optimizer"], optimizer_kwargs=s["optimizer_kwargs"],
+      num_expert_replicas=s["num_expert_replicas"], rules=gin_utils.partitioning_rules())
+  cfg = run.cfg
+  state_sh, _ = run.state_layout(s["seed"])
+  batch_sh = run.batch_sharding()
+  step_fn = layout.jit_train_step(cfg, run.tx, run.schedule, state_sh, batch_sh,
+                                  num_microbatches=run.num_microbatches, seed=s["seed"])
+  with jax.set_mesh(run.mesh), nn.logical_axis_rules(run.rules):
+    state = jax.jit(lambda r: part.unbox(run.init_fn(r)), out_shardings=state_sh)(
+        jax.random.key(s["seed"]))
     it = data.make_iterator(name, lengths, bs)
-    batch_sh = part.batch_sharding(mesh)
     staged = [data.to_global_arrays(next(it), batch_sh) for _ in range(4)]
     state, m = step_fn(state, staged[0])
     jax.block_until_ready(m)

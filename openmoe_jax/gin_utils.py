@@ -10,11 +10,12 @@ import logging
 import os
 import pathlib
 import re
-from typing import List, Sequence
+from typing import Any, Dict, List, Sequence
 
 import gin
 from gin import config_parser
 
+from openmoe_jax.model import partitioning
 from openmoe_jax.model.config import ModelConfig
 from openmoe_jax.errors import (UsageError, UsageFileNotFoundError,  # noqa: F401  re-exported
                                 UsageValueError, error_line)
@@ -23,6 +24,8 @@ from openmoe_jax.errors import (UsageError, UsageFileNotFoundError,  # noqa: F40
 @functools.lru_cache(maxsize=None)
 def _register():
   gin.external_configurable(ModelConfig, name="ModelConfig", module="openmoe_jax")
+  gin.external_configurable(partitioning.axis_rules, name="axis_rules",
+                            module="openmoe_jax.partitioning")
   # gin's package-path reader crashes (TypeError) when the first path component names a
   # namespace package, e.g. a `runs/` or `models/` folder in the working directory; treat that
   # as "not found" so the search paths are tried instead.
@@ -254,15 +257,18 @@ def _macro_fields() -> dict:
   return out
 
 
-def model_overrides(bindings: Sequence[str]) -> List[str]:
-  """Gin bindings of a saved model's settings -> `FIELD=VALUE` ModelConfig overrides.
+def model_overrides(bindings: Sequence[str]) -> Dict[str, Any]:
+  """Gin bindings of a saved model's settings -> {ModelConfig field: typed value}.
 
   Accepts what a t5x user writes for a model: a model macro (`EVAL_EXPERT_CAPACITY_FACTOR =
   2.0`, the names of gin/models/*.gin) or `ModelConfig.FIELD = VALUE`. The tools that read a
-  trained MODEL_DIR (openmoe-score, -analyze, -infer) take these as `--gin.NAME=VALUE`.
+  trained MODEL_DIR (openmoe-score, -analyze, -infer) take these as `--gin.NAME=VALUE`. Values
+  are typed by the field (`config.field_value`).
   """
+  import ast  # pylint: disable=g-import-not-at-top
+  from openmoe_jax.model import config as config_lib  # pylint: disable=g-import-not-at-top
   fields = _macro_fields()
-  out = []
+  out = {}
   for b in bindings:
     m = re.fullmatch(r"\s*(?:openmoe_jax\.)?(?:ModelConfig\.)?(\w+)\s*=\s*(.+?)\s*", b,
                      re.S)
@@ -271,13 +277,24 @@ def model_overrides(bindings: Sequence[str]) -> List[str]:
       raise UsageError(f"unsupported gin binding {b!r}: use a model macro (e.g. "
                        "EVAL_EXPERT_CAPACITY_FACTOR = 2.0) or ModelConfig.FIELD = VALUE")
     try:
-      import ast  # pylint: disable=g-import-not-at-top
-      import json  # pylint: disable=g-import-not-at-top
-      value = json.dumps(ast.literal_eval(m.group(2)))
+      value = ast.literal_eval(m.group(2))
     except (ValueError, SyntaxError):
-      value = m.group(2).strip("'\"")
-    out.append(f"{name}={value}")
+      value = m.group(2)  # a bare word: the text itself (a str field, or true/false)
+    try:
+      out[name] = config_lib.field_value(name, value)
+    except ValueError as e:
+      raise UsageError(f"{b.strip()}: {error_line(e)}") from None
   return out
+
+
+def partitioning_rules() -> tuple:
+  """The partitioning rules with the parsed gin bindings
+  (`openmoe_jax.partitioning.axis_rules.overrides`); a bad override is a UsageError."""
+  _register()
+  try:
+    return gin.get_configurable("openmoe_jax.partitioning.axis_rules")()
+  except ValueError as e:
+    raise UsageError(error_line(e)) from None
 
 
 def model_config() -> ModelConfig:

@@ -182,18 +182,18 @@ def test_step_offset_of_a_finetuning_run_drives_the_applied_learning_rate():
   # pylint: disable=protected-access
   import jax.numpy as jnp
   from openmoe_jax.training import resume
-  from openmoe_jax.training import loop as train
+  from openmoe_jax.training import run_setup
   params, grads = {"w": jnp.ones((4, 4))}, {"w": jnp.full((4, 4), 0.5)}
   for name in ("adafactor", "adamw"):
-    tx, _ = train._make_optimizer(name, {"decay_steps": 10_000})
+    tx, _ = run_setup.make_tx(name, {"decay_steps": 10_000})
     _, opt_state = tx.update(grads, tx.init(params), params)
     # A resumed fine-tuning run recovers its offset as step - update count.
     assert resume.update_count(opt_state, default=-1) == 1
   assert resume.update_count({}, default=7) == 7
   # The first update of an offset optimizer applies the schedule at the offset.
   kwargs = {"base_learning_rate": 1.0, "warmup_steps": 10, "decay_steps": 100}
-  shifted, schedule = train._make_optimizer("adamw", kwargs, step_offset=5)
-  fixed, _ = train._make_optimizer("adamw", {"learning_rate_schedule": "constant",
+  shifted, schedule = run_setup.make_tx("adamw", kwargs, step_offset=5)
+  fixed, _ = run_setup.make_tx("adamw", {"learning_rate_schedule": "constant",
                                              "base_learning_rate": float(schedule(5))})
   got, _ = shifted.update(grads, shifted.init(params), params)
   want, _ = fixed.update(grads, fixed.init(params), params)

@@ -21,6 +21,7 @@ import sys
 from openmoe_jax import fs
 from openmoe_jax.errors import UsageError
 from openmoe_jax.commands import cli
+from openmoe_jax.model import config as config_lib
 from openmoe_jax.training import run_dir
 from openmoe_jax.evaluation.routing_report import REPORT  # noqa: F401
 from openmoe_jax.evaluation.routing_report import analyze  # noqa: F401
@@ -123,7 +124,7 @@ def main(argv=None):
                        args.num_tokens, sorted(set(cfs)), split=args.split, seed=args.seed,
                        min_count=args.min_count, position_bins=args.position_bins,
                        top_tokens=args.top_tokens, progress_bar=not args.no_progress)
-      report["settings"]["model_overrides"] = overrides
+      report["settings"]["model_overrides"] = config_lib.overrides_text(overrides)
       report["figures"] = write_figures(report, args.output_dir)
       with open(tmp, "w") as f:
         json.dump(report, f, indent=1)

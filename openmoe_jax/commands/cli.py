@@ -149,11 +149,18 @@ def add_model_dir_flags(parser: argparse.ArgumentParser, step: bool = True) -> N
 
 
 def parse_tool_args(parser: argparse.ArgumentParser, argv):
-  """(args, FIELD=VALUE model overrides) of a tool built with `add_model_dir_flags`."""
+  """(args, {ModelConfig field: typed value}) of a tool built with `add_model_dir_flags`:
+  the --gin.NAME=VALUE / --gin_bindings model settings, then --model_override FIELD=VALUE."""
   from openmoe_jax import gin_utils
+  from openmoe_jax.model import config as config_lib
   dot, rest = gin_utils.split_gin_dot_flags(list(sys.argv[1:] if argv is None else argv))
   args = parser.parse_args(rest)
-  return args, gin_utils.model_overrides(args.gin_bindings + dot) + list(args.model_override)
+  overrides = gin_utils.model_overrides(args.gin_bindings + dot)
+  try:
+    overrides.update(config_lib.parse_overrides(args.model_override))
+  except ValueError as e:
+    raise UsageError(f"--model_override: {error_line(e)}") from None
+  return args, overrides
 
 
 def build_parser(prog: str, doc: str) -> argparse.ArgumentParser:

@@ -34,21 +34,28 @@ def train_settings() -> dict:
   return out
 
 
-def compile_only(cfg, args, prog: str = "openmoe-train") -> int:
-  """The plan of exactly the step the parsed run gins describe."""
+def plan_of_run(cfg, slice_name: str, memory_budget_gib=None) -> dict:
+  """The TPU plan of exactly the step the parsed run gins describe (their mesh, batch,
+  microbatches, optimizer, routing replicas and partitioning rules)."""
+  from openmoe_jax import gin_utils
   s = train_settings()
   missing = [k for k in ("batch_size", "task_feature_lengths")
              if not isinstance(s.get(k), (int, dict))]
   if missing:
     raise UsageError("--compile_only: the gin files do not set " + ", ".join(
         f"train.{k}" for k in missing))
-  out = plan(cfg, args.tpu, num_expert_partitions=s["num_expert_partitions"],
-             num_model_partitions=s["num_model_partitions"], batch_size=s["batch_size"],
-             seq_len=sum(dict(s["task_feature_lengths"]).values()),
-             num_microbatches=s["num_microbatches"], optimizer=s["optimizer"],
-             optimizer_kwargs=s["optimizer_kwargs"], memory_budget_gib=args.memory_budget_gib,
-             seed=s["seed"])
-  return report(out, prog)
+  return plan(cfg, slice_name, num_expert_partitions=s["num_expert_partitions"],
+              num_model_partitions=s["num_model_partitions"], batch_size=s["batch_size"],
+              seq_len=sum(dict(s["task_feature_lengths"]).values()),
+              num_microbatches=s["num_microbatches"], optimizer=s["optimizer"],
+              optimizer_kwargs=s["optimizer_kwargs"], memory_budget_gib=memory_budget_gib,
+              seed=s["seed"], num_expert_replicas=s["num_expert_replicas"],
+              rules=gin_utils.partitioning_rules())
+
+
+def compile_only(cfg, args, prog: str = "openmoe-train") -> int:
+  """Prints the plan of the run's step (`plan_of_run`); exit 3 over the memory budget."""
+  return report(plan_of_run(cfg, args.tpu, args.memory_budget_gib), prog)
 
 
 def compile_only_command(args, dot_bindings, prog: str = "openmoe-train") -> int:

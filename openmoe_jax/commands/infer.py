@@ -147,7 +147,7 @@ def encode_prompts(rows, vocabulary, args, budget: int) -> list:
   return encoded
 
 
-def run(args, overrides=()) -> tuple:
+def run(args, overrides=None) -> tuple:
   """Checks everything, then decodes; yields nothing to disk. Returns (rows, step)."""
   import jax
   from openmoe_jax.data import chat
@@ -171,7 +171,7 @@ def run(args, overrides=()) -> tuple:
     import tasks  # noqa: F401  registers the tasks prompts come from (slow: TensorFlow)
   rows = (read_prompts(args.input_file) if args.input_file else
           downstream.prompt_rows(args.mixture_or_task_name, args.split, args.num_examples))
-  overrides = list(overrides) + (["no_drop=true"] if args.no_drop else [])
+  overrides = dict(overrides or {}, **({"no_drop": True} if args.no_drop else {}))
   cfg = run_dir.load_model_config(args.model_dir, overrides)
   vocabulary = _vocabulary(args.model_dir, args.mixture_or_task_name)
   budget = length_budget(args.model_dir, args.max_length)

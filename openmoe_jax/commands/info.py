@@ -28,7 +28,7 @@ import sys
 import jax
 
 from openmoe_jax import gin_utils
-from openmoe_jax.errors import UsageError, error_line
+from openmoe_jax.errors import UsageError
 from openmoe_jax.model.config import ModelConfig
 from openmoe_jax.model.counts import summarize
 
@@ -77,17 +77,18 @@ def main(argv=None):
     cfg = gin_utils.model_config()
     # The optimizer (and its kwargs) the run gins bind, as openmoe-train would build it.
     run = tpu_plan.train_settings()
-    optimizer, optimizer_kwargs = run["optimizer"], dict(run["optimizer_kwargs"] or {})
     out = summarize(cfg, args.seq_len)
     if args.tpu:
       out.update(tpu_plan.plan(
           cfg, args.tpu, num_expert_partitions=args.num_expert_partitions,
           num_model_partitions=args.num_model_partitions, batch_size=args.batch_size,
           seq_len=args.seq_len, num_microbatches=args.num_microbatches,
-          memory_budget_gib=args.memory_budget_gib, optimizer=optimizer,
-          optimizer_kwargs=optimizer_kwargs))
+          memory_budget_gib=args.memory_budget_gib, optimizer=run["optimizer"],
+          optimizer_kwargs=run["optimizer_kwargs"],
+          num_expert_replicas=run["num_expert_replicas"],
+          rules=gin_utils.partitioning_rules()))
     elif args.compile:
-      out.update(_compile(cfg, args, optimizer, optimizer_kwargs))
+      out.update(_compile(cfg, args, run))
     if args.tpu:
       return tpu_plan.report(out, "openmoe-info")
     print(json.dumps(out, indent=2))
@@ -101,27 +102,23 @@ def main(argv=None):
   return cli.run("openmoe-info", body, user_errors=(ValueError,))
 
 
-def _compile(cfg: ModelConfig, args, optimizer: str, optimizer_kwargs: dict) -> dict:
+def _compile(cfg: ModelConfig, args, run_settings: dict) -> dict:
+  """The training step compiled for a (data, expert, model) mesh of this process's devices,
+  set up as the run would set it up (`training.run_setup.build`)."""
+  from openmoe_jax.training import run_setup
   from openmoe_jax.training import state_layout as layout
-  from openmoe_jax.model import partitioning
-  from openmoe_jax.training.optimizer import make_optimizer
-  mesh = partitioning.make_mesh(args.num_expert_partitions, args.num_model_partitions)
-  partitioning.check_experts_divisible(cfg.num_experts, mesh)
-  try:
-    partitioning.check_batch_divisible(args.batch_size, mesh, args.num_microbatches,
-                                       name="--batch_size")
-  except ValueError as e:
-    raise UsageError(error_line(e)) from None
-  cfg = cfg.replace(num_expert_replicas=mesh.shape["data"])
-  from openmoe_jax.training import steps
-  try:
-    tx, schedule = make_optimizer(optimizer, param_axes=steps.param_axes(cfg), **optimizer_kwargs)
-  except TypeError as e:
-    raise UsageError(f"OPTIMIZER_KWARGS: {error_line(e)}") from None
-  res = layout.compile_train_step(cfg, tx, schedule, mesh, batch_size=args.batch_size,
-                                  length=args.seq_len, num_microbatches=args.num_microbatches)
-  res["mesh"], res["optimizer"] = dict(mesh.shape), optimizer
-  res["batch_size"], res["num_microbatches"] = args.batch_size, args.num_microbatches
+  run = run_setup.build(
+      cfg, batch_size=args.batch_size, seq_len=args.seq_len,
+      num_expert_partitions=args.num_expert_partitions,
+      num_model_partitions=args.num_model_partitions, num_microbatches=args.num_microbatches,
+      optimizer=run_settings["optimizer"], optimizer_kwargs=run_settings["optimizer_kwargs"],
+      num_expert_replicas=run_settings["num_expert_replicas"],
+      rules=gin_utils.partitioning_rules(), batch_name="--batch_size")
+  res = layout.compile_train_step(run.cfg, run.tx, run.schedule, run.mesh,
+                                  batch_size=run.batch_size, length=run.seq_len,
+                                  num_microbatches=run.num_microbatches, rules=run.rules)
+  res["mesh"], res["optimizer"] = dict(run.mesh.shape), run.optimizer
+  res["batch_size"], res["num_microbatches"] = run.batch_size, run.num_microbatches
   return res
 
 

@@ -37,7 +37,7 @@ def main(argv=None):
     gin_utils.parse_gin(args.gin_file, args.gin_bindings + dot, args.gin_search_paths)
     cfg = gin_utils.model_config()
     cli.print_start_line()
-    result = configurables.train(cfg)
+    result = configurables.train(cfg, partitioning_rules=gin_utils.partitioning_rules())
     import jax
     if jax.process_index() == 0:
       print(summary(result), file=sys.stderr, flush=True)

@@ -23,8 +23,8 @@ def evaluate_checkpoint(*, model_dir: str = gin.REQUIRED, mixture_or_task_name: 
   from openmoe_jax.data import pipeline as data_lib
   from openmoe_jax.model import partitioning as part
   from openmoe_jax.training import steps
-  overrides = [] if eval_capacity_factor is None else [f"eval_capacity_factor={eval_capacity_factor}"]
-  overrides += ["no_drop=true"] if no_drop else []
+  overrides = {} if eval_capacity_factor is None else {"eval_capacity_factor": eval_capacity_factor}
+  overrides.update({"no_drop": True} if no_drop else {})
   cfg = run_dir.load_model_config(model_dir, overrides)
   info = run_dir.run_info(model_dir)
   name = mixture_or_task_name or info.get("mixture_or_task_name")

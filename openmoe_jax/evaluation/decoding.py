@@ -400,7 +400,7 @@ def _mesh_context(mesh) -> contextlib.ExitStack:
   stack = contextlib.ExitStack()
   if mesh is not None:
     stack.enter_context(jax.set_mesh(mesh))
-    stack.enter_context(nn.logical_axis_rules(part.axis_rules()))
+    stack.enter_context(nn.logical_axis_rules(part.LOGICAL_AXIS_RULES))
   return stack
 
 

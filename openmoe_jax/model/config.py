@@ -4,7 +4,8 @@ Field names follow our code; the gin macros that set them keep OpenMoE's flaxfor
 (`EMBED_DIM`, `NUM_HEADS`, ...), see `gin/models/*.gin`.
 """
 import dataclasses
-from typing import Optional
+import json
+from typing import Any, Dict, Iterable, List, Mapping, Optional
 
 import jax.numpy as jnp
 
@@ -190,3 +191,54 @@ class ModelConfig:
 
   def replace(self, **changes) -> "ModelConfig":
     return dataclasses.replace(self, **changes)
+
+
+_TRUE, _FALSE = ("true", "1", "yes"), ("false", "0", "no")
+_TAKES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
+def field_value(name: str, value: Any) -> Any:
+  """`value` as ModelConfig field `name` holds it: text as typed on a command line
+  (`capacity_mode=fixed`, `no_drop=true`, `eval_capacity_factor=2`) or a Python value, converted
+  by the field's type. ValueError (naming the field and what it takes) otherwise."""
+  types = {f.name: f.type for f in dataclasses.fields(ModelConfig)}
+  if name not in types:
+    raise ValueError(f"{name!r} is not a ModelConfig field (fields: {', '.join(types)})")
+  kind = types[name]
+  if isinstance(value, str):
+    text = value.strip()
+    if kind is str:
+      return text[1:-1] if len(text) > 1 and text[0] == text[-1] and text[0] in "'\"" else text
+    try:
+      if kind is bool and text.lower() in _TRUE + _FALSE:
+        return text.lower() in _TRUE
+      if kind is int:
+        return int(text)
+      if kind is float:
+        return float(text)
+    except ValueError:
+      pass
+  elif isinstance(value, bool):
+    if kind is bool:
+      return value
+  elif isinstance(value, int) and kind in (int, float):
+    return kind(value)
+  elif isinstance(value, float) and kind is float:
+    return value
+  raise ValueError(f"{name}={value!r}: must be {_TAKES[kind]}")
+
+
+def parse_overrides(items: Iterable[str]) -> Dict[str, Any]:
+  """['FIELD=VALUE', ...] (`--model_override`) -> {field: typed value} (`field_value`)."""
+  out = {}
+  for item in items:
+    name, sep, value = item.partition("=")
+    if not sep:
+      raise ValueError(f"bad override {item!r}: use FIELD=VALUE with a ModelConfig field")
+    out[name.strip()] = field_value(name.strip(), value)
+  return out
+
+
+def overrides_text(overrides: Mapping[str, Any]) -> List[str]:
+  """{field: value} -> ['FIELD=VALUE', ...] as a user types them (reports record these)."""
+  return [f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in overrides.items()]

@@ -7,8 +7,6 @@ import math
 from typing import Optional, Sequence
 
 import flax.linen as nn
-import gin
-
 import jax
 
 MESH_AXES = ("data", "expert", "model")
@@ -44,12 +42,13 @@ LOGICAL_AXIS_RULES = (
 )
 
 
-@gin.configurable(module="openmoe_jax.partitioning")
 def axis_rules(overrides: Sequence = ()) -> tuple:
-  """The rules in force: LOGICAL_AXIS_RULES with `overrides` replacing entries by logical name.
+  """LOGICAL_AXIS_RULES with `overrides` replacing entries by logical name.
 
-  For FSDP-style sharding of parameters and optimizer state over `data` too, bind in gin:
-  `openmoe_jax.partitioning.axis_rules.overrides = [('embed', 'data')]`.
+  The commands read it from gin (`commands/configurables.py`) and pass the result on; for
+  FSDP-style sharding of parameters and optimizer state over `data` too, bind
+  `openmoe_jax.partitioning.axis_rules.overrides = [('embed', 'data')]`. Functions below that
+  take `rules` use LOGICAL_AXIS_RULES when given none.
   """
   table = dict(LOGICAL_AXIS_RULES)
   for name, mesh_axes in overrides:
@@ -113,35 +112,35 @@ def check_experts_divisible(num_experts: int, mesh: jax.sharding.Mesh) -> None:
 def mesh_shardings(boxed_abstract_tree, mesh, rules=None):
   """NamedShardings from the logical names carried by an (abstract) boxed params tree."""
   specs = nn.get_partition_spec(boxed_abstract_tree)
-  return nn.logical_to_mesh_sharding(specs, mesh, axis_rules() if rules is None else rules)
+  return nn.logical_to_mesh_sharding(specs, mesh, LOGICAL_AXIS_RULES if rules is None else rules)
 
 
 def mesh_axes_of(logical: str, rules=None) -> tuple:
   """The mesh axes a logical axis maps to under the rules (a tuple, empty when replicated)."""
-  axes = dict(axis_rules() if rules is None else rules).get(logical)
+  axes = dict(LOGICAL_AXIS_RULES if rules is None else rules).get(logical)
   if axes is None:
     return ()
   return tuple(axes) if isinstance(axes, (tuple, list)) else (axes,)
 
 
-def batch_shards(mesh) -> int:
+def batch_shards(mesh, rules=None) -> int:
   """How many ways the batch is split: the product of the mesh axes `batch` maps to."""
-  return math.prod(mesh.shape[a] for a in mesh_axes_of(BATCH))
+  return math.prod(mesh.shape[a] for a in mesh_axes_of(BATCH, rules))
 
 
 def check_batch_divisible(batch_size: int, mesh, num_microbatches: int = 1,
-                          name: str = "BATCH_SIZE") -> None:
+                          name: str = "BATCH_SIZE", rules=None) -> None:
   """ValueError unless every microbatch splits evenly over the batch's mesh axes."""
-  shards = batch_shards(mesh)
+  shards = batch_shards(mesh, rules)
   if batch_size % (shards * num_microbatches):
-    axes = "*".join(mesh_axes_of(BATCH)) or "no"
+    axes = "*".join(mesh_axes_of(BATCH, rules)) or "no"
     raise ValueError(f"{name}={batch_size} must be divisible by the batch partitions "
                      f"({axes} = {shards}) x num_microbatches ({num_microbatches})")
 
 
-def batch_sharding(mesh, ndim: int = 2) -> jax.sharding.NamedSharding:
+def batch_sharding(mesh, ndim: int = 2, rules=None) -> jax.sharding.NamedSharding:
   """Batches split as the rules say `batch` splits (t5x MoE rule batch -> (data, expert))."""
-  spec = jax.sharding.PartitionSpec(mesh_axes_of(BATCH) or None, *([None] * (ndim - 1)))
+  spec = jax.sharding.PartitionSpec(mesh_axes_of(BATCH, rules) or None, *([None] * (ndim - 1)))
   return jax.sharding.NamedSharding(mesh, spec)
 
 

@@ -24,7 +24,6 @@ import math
 import sys
 import time
 
-from openmoe_jax.errors import UsageError
 
 ESTIMATE_NOTE = ("compiler estimate: XLA:TPU cost analysis (optimal_seconds, else the roofline "
                  "of its flops and bytes), whole step = update + microbatches x (step - update); "
@@ -54,9 +53,10 @@ def shapes_digest(abstract_state) -> str:
 def plan(cfg, slice_name: str, *, num_expert_partitions: int, num_model_partitions: int,
          batch_size: int, seq_len: int, num_microbatches: int = 1, optimizer: str = "adafactor",
          optimizer_kwargs=None, memory_budget_gib=None, seed: int = 0,
-         with_hlo: bool = False) -> dict:
+         num_expert_replicas=None, rules=None, with_hlo: bool = False) -> dict:
   """Compiles the train step for the slice; returns the plan (see the module docstring), with
-  the optimized HLO text under "hlo" when `with_hlo`.
+  the optimized HLO text under "hlo" when `with_hlo`. The step is set up by
+  `training.run_setup.build`, as `train()` sets up its own.
 
   Configuration errors (unknown slice, mesh, experts, batch, groups) raise UsageError.
   """
@@ -64,50 +64,38 @@ def plan(cfg, slice_name: str, *, num_expert_partitions: int, num_model_partitio
   s = tpu.parse_slice(slice_name)
   added = tpu.compile_host(s)
   try:
-    return _plan(cfg, s, slice_name, num_expert_partitions=num_expert_partitions,
-                 num_model_partitions=num_model_partitions, batch_size=batch_size,
-                 seq_len=seq_len, num_microbatches=num_microbatches, optimizer=optimizer,
-                 optimizer_kwargs=optimizer_kwargs, memory_budget_gib=memory_budget_gib,
-                 seed=seed, with_hlo=with_hlo)
+    from openmoe_jax.training import run_setup
+    run = run_setup.build(
+        cfg, batch_size=batch_size, seq_len=seq_len,
+        num_expert_partitions=num_expert_partitions, num_model_partitions=num_model_partitions,
+        num_microbatches=num_microbatches, optimizer=optimizer,
+        optimizer_kwargs=optimizer_kwargs, num_expert_replicas=num_expert_replicas, rules=rules,
+        devices=tpu.slice_devices(s), batch_name="batch size",
+        where=f" on {slice_name} ({s.num_devices} devices)")
+    return _plan(run, s, seed=seed, with_hlo=with_hlo, memory_budget_gib=memory_budget_gib)
   finally:
     tpu.restore_environment(added)  # the process is not a TPU worker afterwards
 
 
-def _plan(cfg, s, slice_name, *, num_expert_partitions, num_model_partitions, batch_size,
-          seq_len, num_microbatches, optimizer, optimizer_kwargs, memory_budget_gib, seed,
-          with_hlo):
+def _plan(run, s, *, seed, with_hlo, memory_budget_gib):
   import jax
   from openmoe_jax.model import counts
   from openmoe_jax.planning import hlo_stats
   from openmoe_jax.training import state_layout as layout
-  from openmoe_jax.model import partitioning
   from openmoe_jax.planning import target
   from openmoe_jax.planning import tpu
-  from openmoe_jax.training.optimizer import make_optimizer
-  devices = tpu.slice_devices(s)
-  try:
-    mesh = partitioning.make_mesh(num_expert_partitions, num_model_partitions, devices=devices)
-    partitioning.check_experts_divisible(cfg.num_experts, mesh)
-  except ValueError as e:
-    raise UsageError(f"{e} on {slice_name} ({s.num_devices} devices)") from None
-  try:
-    partitioning.check_batch_divisible(batch_size, mesh, num_microbatches, name="batch size")
-  except ValueError as e:
-    raise UsageError(f"{e} on {slice_name}") from None
+  mesh, tx, schedule = run.mesh, run.tx, run.schedule
+  batch_size, seq_len, num_microbatches = run.batch_size, run.seq_len, run.num_microbatches
+  optimizer = run.optimizer
+  devices = list(mesh.devices.flat)
   # Token counts that do not split into routing groups are padded by the MoE layer (flaxformer).
-  cfg = _resolve_auto(cfg.replace(num_expert_replicas=mesh.shape["data"]))
-  from openmoe_jax.training import steps  # pylint: disable=g-import-not-at-top
-  try:
-    tx, schedule = make_optimizer(optimizer, param_axes=steps.param_axes(cfg),
-                                  **dict(optimizer_kwargs or {}))
-  except (ValueError, TypeError) as e:  # make_optimizer only validates its arguments here
-    raise UsageError(f"OPTIMIZER / OPTIMIZER_KWARGS: {e}") from None
+  cfg = _resolve_auto(run.cfg)
   t = time.perf_counter()
   budget = int(memory_budget_gib * 2**30) if memory_budget_gib else s.hbm_bytes_per_device
   with target.compiling_for("tpu"):
     lowered, abstract = layout.lower_train_step(
         cfg, tx, schedule, mesh, batch_size=batch_size, length=seq_len,
-        num_microbatches=num_microbatches, seed=seed)
+        num_microbatches=num_microbatches, seed=seed, rules=run.rules)
     try:
       step = lowered.compile()
     except jax.errors.JaxRuntimeError as e:
@@ -115,7 +103,7 @@ def _plan(cfg, s, slice_name, *, num_expert_partitions, num_model_partitions, ba
         raise
       return _over_hbm(e, s, devices, mesh, cfg, batch_size, seq_len, num_microbatches,
                        optimizer, budget, time.perf_counter() - t)
-    update = layout.lower_update(tx, mesh, abstract).compile()
+    update = layout.lower_update(tx, mesh, abstract, run.rules).compile()
   seconds = time.perf_counter() - t
   step_cost, update_cost = layout.cost(step), layout.cost(update)
   whole = lambda key: (update_cost.get(key, 0.0) + num_microbatches *

@@ -7,7 +7,7 @@ final checkpoint. Resume order: MODEL_DIR's latest complete checkpoint, else the
 import math
 import sys
 import time
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Sequence
 
 import gin
 import jax
@@ -25,12 +25,12 @@ from openmoe_jax.training import state_layout as layout
 from openmoe_jax.model import partitioning as part
 from openmoe_jax.training import resume
 from openmoe_jax.training import run_dir
+from openmoe_jax.training import run_setup
 from openmoe_jax.training import settings
 from openmoe_jax.training import steps
 from openmoe_jax.model.config import ModelConfig
 from openmoe_jax.errors import TrainingError, UsageError, error_line  # noqa: F401  TrainingError re-exported
 from openmoe_jax.training.metrics_writer import METRICS_FILE, MetricsWriter
-from openmoe_jax.training.optimizer import make_optimizer
 from openmoe_jax.evaluation.unigram import add_counts
 
 
@@ -58,7 +58,8 @@ def train(model_config: ModelConfig, *, model_dir: str = gin.REQUIRED,
           optimizer_kwargs: Optional[dict] = None, peak_flops_per_device: Optional[float] = None,
           pack: bool = True, progress_bar: bool = True, fail_on_nan: bool = True,
           num_data_shards: Optional[int] = None, num_expert_replicas: Optional[int] = None,
-          initial_checkpoint_dir: Optional[str] = None) -> Dict[str, Any]:
+          initial_checkpoint_dir: Optional[str] = None,
+          partitioning_rules: Optional[Sequence] = None) -> Dict[str, Any]:
   """Trains `model_config` on a seqio task or mixture; returns a summary of the run.
 
   Args mirror t5x's pretrain.gin macros: MODEL_DIR, MIXTURE_OR_TASK_NAME, TASK_FEATURE_LENGTHS,
@@ -72,8 +73,10 @@ def train(model_config: ModelConfig, *, model_dir: str = gin.REQUIRED,
   fail_on_nan: stop at the first non-finite loss or state (True), or train on, skipping the
     saves of non-finite states (False). A non-finite state is never saved either way.
   initial_checkpoint_dir: when MODEL_DIR has no checkpoint, start from the latest parameters
-  of this MODEL_DIR (fine-tuning: the optimizer state is fresh; the step count continues and
-  the learning-rate schedule follows it, as in t5x).
+    of this MODEL_DIR (fine-tuning: the optimizer state is fresh; the step count continues and
+    the learning-rate schedule follows it, as in t5x).
+  partitioning_rules: logical axis -> mesh axes (default `partitioning.LOGICAL_AXIS_RULES`;
+    openmoe-train passes the gin-bound `openmoe_jax.partitioning.axis_rules`).
 
   Returns:
     {"step", "seconds", "steps_run", "model_dir", "checkpoint", "metrics_file", "train",
@@ -81,44 +84,36 @@ def train(model_config: ModelConfig, *, model_dir: str = gin.REQUIRED,
   """
   # --- checks: configuration errors are one line (exit code 2) before anything is written ---
   settings.check(locals())
-  cfg = model_config
+  t_start = time.perf_counter()
   try:
     fs.check_writable_dir(model_dir)
   except ValueError as e:
     raise UsageError(f"MODEL_DIR: {e}") from None
   try:
     data_lib.get_provider(mixture_or_task_name)
-    mesh = part.make_mesh(num_expert_partitions, num_model_partitions)
-    part.check_experts_divisible(cfg.num_experts, mesh)
-  except ValueError as e:
-    raise UsageError(error_line(e)) from None
-  # flaxformer: groups are a multiple of experts x replicas, so they split over (data, expert).
-  replicas = num_expert_replicas or mesh.shape["data"]
-  cfg = cfg.replace(num_expert_replicas=replicas)
-  resume_note = None
-  if ckpt_lib.list_steps(model_dir):
-    recorded_shards, resume_note = run_dir.check_resume_layout(
-        model_dir, num_expert_replicas=replicas, explicit_replicas=bool(num_expert_replicas),
-        mesh_shape=dict(mesh.shape), process_count=jax.process_count())
-    num_data_shards = num_data_shards or recorded_shards
-  try:
-    part.check_batch_divisible(batch_size, mesh, num_microbatches)
   except ValueError as e:
     raise UsageError(error_line(e)) from None
   length = sum(task_feature_lengths.values())
-  optimizer_kwargs = dict(optimizer_kwargs or {})
-  param_axes = steps.param_axes(cfg)  # Adafactor factors by the parameters' logical axes
-  tx, schedule = _make_optimizer(optimizer, optimizer_kwargs, param_axes=param_axes)
+  run = run_setup.build(
+      model_config, batch_size=batch_size, seq_len=length,
+      num_expert_partitions=num_expert_partitions, num_model_partitions=num_model_partitions,
+      num_microbatches=num_microbatches, optimizer=optimizer, optimizer_kwargs=optimizer_kwargs,
+      num_expert_replicas=num_expert_replicas, rules=partitioning_rules)
+  cfg, mesh = run.cfg, run.mesh
+  resume_note = None
+  if ckpt_lib.list_steps(model_dir):
+    recorded_shards, resume_note = run_dir.check_resume_layout(
+        model_dir, num_expert_replicas=cfg.num_expert_replicas,
+        explicit_replicas=bool(num_expert_replicas), mesh_shape=dict(mesh.shape),
+        process_count=jax.process_count())
+    num_data_shards = num_data_shards or recorded_shards
   run_dir.check_model_dir(model_dir, cfg)
   data_lib.check_sources(mixture_or_task_name, "train")  # missing data or tokenizer: UsageError
   try:
     data_lib.check_features(mixture_or_task_name, task_feature_lengths, cfg.vocab_size)
   except ValueError as e:
     raise UsageError(error_line(e)) from None
-  init_fn = lambda rng: steps.init_state(cfg, tx, rng, batch_size // num_microbatches, length)
-  state_sh, abstract = layout.state_layout(init_fn, mesh, jax.random.key(seed))
-  _check_divisible(abstract["params"], mesh)
-  param_sh = state_sh["params"]
+  state_sh, abstract = run.state_layout(seed)
   # --- data ---
   train_iter = data_lib.ShardedIterator(
       num_data_shards, mixture_or_task_name=mixture_or_task_name,
@@ -128,67 +123,84 @@ def train(model_config: ModelConfig, *, model_dir: str = gin.REQUIRED,
   # --- lock: from here on this process owns MODEL_DIR (a second trainer is refused) ---
   lock = resume.acquire_lock(model_dir, console.Say(None))
   try:
-    return _train_locked(**locals())
+    # --- state: the newest checkpoint that reads, else an initial checkpoint, else init ---
+    ckpt, state, data_note = _restore_or_init(run, model_dir, keep_checkpoints,
+                                              initial_checkpoint_dir, state_sh, abstract,
+                                              train_iter, seed)
+    step = int(jax.device_get(state["step"]))
+    # A run started from an initial checkpoint counts its updates from 0 (fresh optimizer
+    # state) while its step continues: the learning rate follows the step, as in t5x.
+    tx = run.with_step_offset(step - resume.update_count(state["opt_state"], default=step))
+    # --- jit ---
+    batch_sh = run.batch_sharding()
+    step_fn = layout.jit_train_step(cfg, tx, run.schedule, state_sh, batch_sh,
+                                    num_microbatches=num_microbatches, seed=seed)
+    eval_fn = jax.jit(lambda p, b: steps.eval_step(p, b, cfg=cfg),
+                      in_shardings=(state_sh["params"], batch_sh))
+    # --- files: only now, when every check has passed ---
+    ckpt = ckpt or ckpt_lib.Checkpointer(model_dir, max_to_keep=keep_checkpoints)
+    if jax.process_index() == 0:
+      # config.gin records the start of this MODEL_DIR: step 0, or a fine-tuning run's first step.
+      run_dir.write_run_files(
+          model_dir, mixture_or_task_name, task_feature_lengths,
+          operative_config=gin.operative_config_str(), model_config=model_config,
+          start_step=step, command=" ".join(sys.argv),
+          layout={"num_expert_replicas": cfg.num_expert_replicas,
+                  "num_data_shards": num_data_shards or jax.process_count(),
+                  "process_count": jax.process_count(), "mesh": dict(mesh.shape)})
+      for note in (resume_note, data_note):
+        if note:
+          console.Say(None)(note)
+    # --- loop ---
+    def eval_iter():
+      return data_lib.ShardedIterator(
+          num_data_shards, mixture_or_task_name=mixture_or_task_name,
+          task_feature_lengths=task_feature_lengths, split=eval_split, batch_size=batch_size,
+          shuffle=False, seed=seed, pack=pack, num_epochs=1)
+
+    result = _loop(run, state, step, train_steps, step_fn, eval_fn, batch_sh, train_iter,
+                   eval_iter, ckpt, model_dir, checkpoint_period=checkpoint_period,
+                   eval_period=eval_period, eval_steps=eval_steps, log_period=log_period,
+                   peak_flops_per_device=peak_flops_per_device, progress_bar=progress_bar,
+                   fail_on_nan=fail_on_nan)
   finally:
     if lock is not None:
       lock.release()
+  result["seconds"] = time.perf_counter() - t_start
+  return result
 
 
-def _train_locked(*, cfg, model_config, model_dir, mixture_or_task_name, task_feature_lengths,
-                  train_steps, batch_size, checkpoint_period, eval_period, eval_steps,
-                  eval_split, log_period, keep_checkpoints, num_microbatches, seed, optimizer,
-                  optimizer_kwargs, peak_flops_per_device, pack, progress_bar, fail_on_nan,
-                  num_data_shards, initial_checkpoint_dir, mesh, length, tx, schedule,
-                  init_fn, state_sh, abstract, param_sh, train_iter, resume_note, **_):
-  t_start = time.perf_counter()
-  # --- state: the newest checkpoint that reads, else an initial checkpoint, else init ---
+def _restore_or_init(run, model_dir, keep_checkpoints, initial_checkpoint_dir, state_sh,
+                     abstract, train_iter, seed):
+  """(checkpointer or None, state, note on the data position or None): the newest checkpoint
+  of MODEL_DIR that reads, else the parameters of `initial_checkpoint_dir`, else a fresh init."""
   resume.set_aside_incomplete(model_dir, console.Say(None))
   restored = resume.restore_newest(model_dir, abstract, keep_checkpoints, console.Say(None))
-  ckpt, data_note = None, None
   if restored is not None:
     ckpt, state, data_state, restored_step = restored
     positions = ckpt_lib.read_positions(model_dir, restored_step, train_iter.shard_indices)
     # Another pipeline's position: UsageError. A saved tf.data position restores in constant
     # time; without one the stream is replayed (said, with the reason).
-    data_note = train_iter.set_state(data_state, positions)
-  elif initial_checkpoint_dir:
-    state = resume.init_from(initial_checkpoint_dir, tx, abstract, state_sh, mesh)
-  else:
-    with jax.set_mesh(mesh), nn.logical_axis_rules(part.axis_rules()):
-      state = jax.jit(lambda r: part.unbox(init_fn(r)), out_shardings=state_sh)(
-          jax.random.key(seed))
-  step = first_step = int(jax.device_get(state["step"]))
-  # A run started from an initial checkpoint counts its updates from 0 (fresh optimizer state)
-  # while its step continues: the learning rate follows the step, as in t5x.
-  step_offset = step - resume.update_count(state["opt_state"], default=step)
-  if step_offset:
-    tx, _ = _make_optimizer(optimizer, optimizer_kwargs, step_offset=step_offset,
-                            param_axes=steps.param_axes(cfg))
-  # --- jit ---
-  batch_sh = part.batch_sharding(mesh)
-  step_fn = layout.jit_train_step(cfg, tx, schedule, state_sh, batch_sh,
-                                  num_microbatches=num_microbatches, seed=seed)
-  eval_fn = jax.jit(lambda p, b: steps.eval_step(p, b, cfg=cfg),
-                    in_shardings=(param_sh, batch_sh))
-  # --- files: only now, when every check has passed ---
-  ckpt = ckpt or ckpt_lib.Checkpointer(model_dir, max_to_keep=keep_checkpoints)
-  if jax.process_index() == 0:
-    # config.gin records the start of this MODEL_DIR: step 0, or a fine-tuning run's first step.
-    run_dir.write_run_files(
-        model_dir, mixture_or_task_name, task_feature_lengths,
-        operative_config=gin.operative_config_str(), model_config=model_config,
-        start_step=step, command=" ".join(sys.argv),
-        layout={"num_expert_replicas": cfg.num_expert_replicas,
-                "num_data_shards": num_data_shards or jax.process_count(),
-                "process_count": jax.process_count(), "mesh": dict(mesh.shape)})
-    for note in (resume_note, data_note):
-      if note:
-        console.Say(None)(note)
+    return ckpt, state, train_iter.set_state(data_state, positions)
+  if initial_checkpoint_dir:
+    return None, resume.init_from(initial_checkpoint_dir, run.tx, abstract, state_sh,
+                                  run.mesh), None
+  with jax.set_mesh(run.mesh), nn.logical_axis_rules(run.rules):
+    state = jax.jit(lambda r: part.unbox(run.init_fn(r)), out_shardings=state_sh)(
+        jax.random.key(seed))
+  return None, state, None
+
+
+def _loop(run, state, step, train_steps, step_fn, eval_fn, batch_sh, train_iter, eval_iter, ckpt,
+          model_dir, *, checkpoint_period, eval_period, eval_steps, log_period,
+          peak_flops_per_device, progress_bar, fail_on_nan) -> Dict[str, Any]:
+  """Steps from `step` to TRAIN_STEPS (or a stop signal): logs, saves finite states, evaluates."""
+  cfg, length, batch_size = run.cfg, run.seq_len, run.batch_size
+  first_step = step
   writer = MetricsWriter(model_dir, enabled=jax.process_index() == 0)
   flops_per_token = counts.summarize(cfg, seq_len=length)["train_flops_per_token"]
   peak = (peak_flops_per_device * jax.device_count() if peak_flops_per_device
           else matmul_peak_flops() * jax.process_count())
-  # --- loop ---
   interrupts = console.Interrupts()
   last: Dict[str, float] = {}
   last_eval: Dict[str, float] = {}
@@ -202,7 +214,7 @@ def _train_locked(*, cfg, model_config, model_dir, mixture_or_task_name, task_fe
   pending, t_last, logged_at = None, time.perf_counter(), step
   saved_at = ckpt.latest_step()
   try:
-    with jax.set_mesh(mesh), nn.logical_axis_rules(part.axis_rules()):
+    with jax.set_mesh(run.mesh), nn.logical_axis_rules(run.rules):
       while step < end:
         host_batch = next(train_iter)
         add_counts(unigram_counts, host_batch)
@@ -228,10 +240,7 @@ def _train_locked(*, cfg, model_config, model_dir, mixture_or_task_name, task_fe
         if eval_period and step % eval_period == 0:
           last_eval = eval_loop.evaluate_and_report(
               state["params"], eval_fn, batch_sh, step, writer, say, unigram_counts,
-              data_lib.ShardedIterator(num_data_shards, mixture_or_task_name=mixture_or_task_name,
-                               task_feature_lengths=task_feature_lengths, split=eval_split,
-                               batch_size=batch_size, shuffle=False, seed=seed, pack=pack,
-                               num_epochs=1), eval_steps)
+              eval_iter(), eval_steps)
           last.update(last_eval)
         if stop:
           break
@@ -248,40 +257,11 @@ def _train_locked(*, cfg, model_config, model_dir, mixture_or_task_name, task_fe
     say(f"{interrupts.signal_name} received: saved checkpoint {saved_at} in "
         f"{ckpt_lib.checkpoint_dir(model_dir)}; run the same command to resume")
   return {"step": step, "steps_run": step - first_step, "train_steps": train_steps,
-          "seconds": time.perf_counter() - t_start, "model_dir": model_dir,
+          "model_dir": model_dir,
           "checkpoint": None if saved_at is None else str(
               ckpt_lib.checkpoint_dir(model_dir) / str(saved_at)),
           "metrics_file": fs.join(model_dir, METRICS_FILE), "train": last, "eval": last_eval,
           "stopped_by": interrupts.signal_name}
-
-
-def _check_divisible(params, mesh) -> None:
-  """Fails early (UsageError) when a parameter dimension does not split over its mesh axes."""
-  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-    for dim, (size, axes) in enumerate(zip(leaf.shape, leaf.sharding.spec)):
-      names = (axes,) if isinstance(axes, str) else tuple(axes or ())
-      n = math.prod(mesh.shape[a] for a in names)
-      if size % n:
-        raise UsageError(
-            f"parameter {jax.tree_util.keystr(path, simple=True, separator='/')} "
-            f"{tuple(leaf.shape)}: dimension {dim} ({size}) is not divisible by its {n} "
-            f"partitions over {'x'.join(names)}; choose sizes divisible by NUM_MODEL_PARTITIONS "
-            "(MLP_DIM, EXPERT_MLP_DIM, NUM_HEADS x HEAD_DIM, NUM_EMBEDDINGS) or fewer partitions")
-
-
-def _make_optimizer(name: str, kwargs: dict, step_offset: int = 0, param_axes=None):
-  """`make_optimizer(name, **kwargs)`; its errors (bad OPTIMIZER / OPTIMIZER_KWARGS) are
-  UsageErrors. With `step_offset`, the transformation applies the schedule at update count
-  + step_offset (the global step); the returned schedule is still the plain one, of the step."""
-  try:
-    tx, schedule = make_optimizer(name, param_axes=param_axes, **kwargs)
-    if step_offset:
-      shifted = lambda count: schedule(count + step_offset)
-      tx, _ = make_optimizer(name, param_axes=param_axes,
-                             **dict(kwargs, learning_rate_schedule=shifted))
-  except (ValueError, TypeError) as e:  # make_optimizer only validates its arguments here
-    raise UsageError(f"OPTIMIZER / OPTIMIZER_KWARGS: {error_line(e)}") from None
-  return tx, schedule
 
 
 def _finite_or_stop(step, metrics, ckpt, fail_on_nan: bool, say) -> bool:

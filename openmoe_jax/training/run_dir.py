@@ -8,10 +8,11 @@ compatibility check of a restart. MODEL_DIR may be a local path or a URL such as
 import dataclasses
 import json
 import time
-from typing import Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence, Union
 
 from openmoe_jax.training import checkpoint as ckpt_lib
 from openmoe_jax import fs
+from openmoe_jax.model import config as config_lib
 from openmoe_jax.model.config import ModelConfig
 from openmoe_jax.errors import UsageError, error_line
 
@@ -100,18 +101,21 @@ def check_resume_layout(model_dir: str, *, num_expert_replicas: int, explicit_re
   return info.get("num_data_shards"), note
 
 
-def load_model_config(model_dir: str, overrides: Sequence[str] = ()) -> ModelConfig:
-  """The ModelConfig a run recorded in MODEL_DIR/model_config.json, with FIELD=VALUE overrides."""
+def load_model_config(model_dir: str,
+                      overrides: Union[Mapping[str, Any], Sequence[str]] = ()) -> ModelConfig:
+  """The ModelConfig a run recorded in MODEL_DIR/model_config.json, with overrides: a
+  {field: value} mapping or FIELD=VALUE texts, both typed by `config.field_value`."""
   path = fs.join(model_dir, MODEL_CONFIG)
   if not fs.exists(path):
     raise UsageError(f"{model_dir} is not an openmoe_jax model dir (no model_config.json)")
   fields = json.loads(fs.read_text(path))
-  known = {f.name: f.type for f in dataclasses.fields(ModelConfig)}
-  for item in overrides:
-    name, sep, value = item.partition("=")
-    if not sep or name not in known:
-      raise UsageError(f"bad override {item!r}; use FIELD=VALUE with a ModelConfig field")
-    fields[name] = json.loads(value) if value[:1] in "0123456789-[{tfn\"" else value
+  try:
+    if isinstance(overrides, Mapping):
+      fields.update({k: config_lib.field_value(k, v) for k, v in overrides.items()})
+    else:
+      fields.update(config_lib.parse_overrides(overrides))
+  except ValueError as e:
+    raise UsageError(f"model override: {error_line(e)}") from None
   try:
     return ModelConfig(**fields)
   except (TypeError, ValueError) as e:

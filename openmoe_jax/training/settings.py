@@ -32,7 +32,8 @@ SETTINGS = {
 # Settings checked elsewhere, with their own messages: the model dir, data, optimizer, mesh.
 CHECKED_ELSEWHERE = ("model_config", "model_dir", "mixture_or_task_name", "task_feature_lengths",
                      "eval_split", "optimizer", "optimizer_kwargs", "peak_flops_per_device",
-                     "num_data_shards", "num_expert_replicas", "initial_checkpoint_dir")
+                     "num_data_shards", "num_expert_replicas", "initial_checkpoint_dir",
+                     "partitioning_rules")
 
 _MUST = {POSITIVE: "a positive integer", NON_NEGATIVE: "a non-negative integer",
          INTEGER: "an integer", FLAG: "True or False"}

@@ -14,25 +14,24 @@ from openmoe_jax.training import steps
 from openmoe_jax.training.optimizer import state_partition_specs
 
 
-def state_layout(init_fn: Callable, mesh, rng):
+def state_layout(init_fn: Callable, mesh, rng, rules=part.LOGICAL_AXIS_RULES):
   """(state shardings, abstract state with those shardings) for `init_fn(rng)`'s boxed state."""
-  with jax.set_mesh(mesh), nn.logical_axis_rules(part.axis_rules()):
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     boxed = jax.eval_shape(init_fn, rng)
     param_specs = nn.get_partition_spec(boxed["params"])
     opt_specs = state_partition_specs(boxed["opt_state"], part.unbox(boxed["params"]),
                                       param_specs)
     state_sh = {"step": NamedSharding(mesh, PartitionSpec()),
-                "params": part.mesh_shardings(boxed["params"], mesh),
-                "opt_state": nn.logical_to_mesh_sharding(opt_specs, mesh,
-                                                         part.axis_rules())}
+                "params": part.mesh_shardings(boxed["params"], mesh, rules),
+                "opt_state": nn.logical_to_mesh_sharding(opt_specs, mesh, rules)}
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           part.unbox(boxed), state_sh)
   return state_sh, abstract
 
 
-def abstract_batch(mesh, batch_size: int, length: int):
-  """ShapeDtypeStructs of one global training batch, sharded as train.py shards it."""
-  batch_sh = part.batch_sharding(mesh)
+def abstract_batch(mesh, batch_size: int, length: int, rules=part.LOGICAL_AXIS_RULES):
+  """ShapeDtypeStructs of one global training batch, sharded as the training loop shards it."""
+  batch_sh = part.batch_sharding(mesh, rules=rules)
   return {k: jax.ShapeDtypeStruct((batch_size, length), jnp.int32 if "weights" not in k
                                   else jnp.float32, sharding=batch_sh)
           for k in data.BATCH_KEYS}
@@ -49,18 +48,18 @@ def jit_train_step(cfg, tx, schedule, state_sh, batch_sh, *, num_microbatches: i
 
 
 def lower_train_step(cfg, tx, schedule, mesh, *, batch_size: int, length: int,
-                     num_microbatches: int = 1, seed: int = 0):
-  """(the jitted step exactly as train.py builds it, lowered for `mesh` from abstract shapes,
-  the abstract state)."""
+                     num_microbatches: int = 1, seed: int = 0, rules=part.LOGICAL_AXIS_RULES):
+  """(the jitted step exactly as the training loop builds it, lowered for `mesh` from abstract
+  shapes, the abstract state)."""
   init_fn = lambda rng: steps.init_state(cfg, tx, rng, batch_size // num_microbatches, length)
-  state_sh, abstract = state_layout(init_fn, mesh, jax.random.key(seed))
-  fn = jit_train_step(cfg, tx, schedule, state_sh, part.batch_sharding(mesh),
+  state_sh, abstract = state_layout(init_fn, mesh, jax.random.key(seed), rules)
+  fn = jit_train_step(cfg, tx, schedule, state_sh, part.batch_sharding(mesh, rules=rules),
                       num_microbatches=num_microbatches, seed=seed)
-  with jax.set_mesh(mesh), nn.logical_axis_rules(part.axis_rules()):
-    return fn.lower(abstract, abstract_batch(mesh, batch_size, length)), abstract
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    return fn.lower(abstract, abstract_batch(mesh, batch_size, length, rules)), abstract
 
 
-def lower_update(tx, mesh, abstract_state):
+def lower_update(tx, mesh, abstract_state, rules=part.LOGICAL_AXIS_RULES):
   """The optimizer update alone (gradients shaped and sharded like the parameters), lowered:
   the part of a train step that runs once per step, not once per microbatch."""
   import optax
@@ -74,7 +73,7 @@ def lower_update(tx, mesh, abstract_state):
 
   fn = jax.jit(update, in_shardings=(state_sh, state_sh["params"]),
                out_shardings=(state_sh, None), donate_argnums=(0,))
-  with jax.set_mesh(mesh), nn.logical_axis_rules(part.axis_rules()):
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     return fn.lower(abstract_state, abstract_state["params"])
 
 
@@ -101,7 +100,8 @@ def memory(compiled) -> Dict[str, int]:
 
 
 def compile_train_step(cfg, tx, schedule, mesh, *, batch_size: int, length: int,
-                       num_microbatches: int = 1) -> Dict[str, float]:
+                       num_microbatches: int = 1, rules=part.LOGICAL_AXIS_RULES,
+                       seed: int = 0) -> Dict[str, float]:
   """Lowers and compiles the full train step for `mesh` from abstract shapes only.
 
   Returns per-device memory (bytes) and FLOPs from the compiled program, and compile seconds.
@@ -109,7 +109,7 @@ def compile_train_step(cfg, tx, schedule, mesh, *, batch_size: int, length: int,
   import time
   t = time.perf_counter()
   lowered, _ = lower_train_step(cfg, tx, schedule, mesh, batch_size=batch_size, length=length,
-                                num_microbatches=num_microbatches)
+                                num_microbatches=num_microbatches, seed=seed, rules=rules)
   compiled = lowered.compile()
   out = {"compile_seconds": time.perf_counter() - t, **memory(compiled)}
   # XLA counts a loop body once, so with microbatches this is one microbatch's step.
