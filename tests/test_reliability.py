@@ -313,7 +313,7 @@ def test_leftovers_of_a_failed_read_are_dropped_and_nothing_else(monkeypatch, ca
   monkeypatch.setattr(sys, "unraisablehook", lambda u: seen.append(u.exc_value))
   asyncio_log = logging.getLogger("asyncio")
   monkeypatch.setattr(asyncio_log, "filters", list(asyncio_log.filters))
-  resume._quiet_failed_reads()  # pylint: disable=protected-access
+  resume.quiet_failed_reads()
 
   def raised_in(filename, error):
     try:

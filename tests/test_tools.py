@@ -108,3 +108,33 @@ def test_eval_reports_loss_perplexity_accuracy(model_dir):
   assert res["eval/perplexity"] == pytest.approx(np.exp(res["eval/loss"]), rel=1e-6)
   assert 0 <= res["eval/token_accuracy"] <= 1 and res["eval/loss"] > 0
   assert (model_dir / "eval_results.jsonl").exists()
+
+
+def test_tools_fall_back_from_a_damaged_newest_checkpoint_as_a_resume_does(model_dir, tmp_path):
+  """A truncated array file in the newest step: openmoe-score (no --step) says so in one line,
+  uses the newest checkpoint that reads, and moves nothing; --step=2 names the damage."""
+  import shutil
+  d = tmp_path / "run"
+  shutil.copytree(model_dir, d)
+  arrays = sorted((d / "checkpoints" / "2" / "state").rglob("ocdbt.process_0/d/*"),
+                  key=lambda p: p.stat().st_size)
+  os.truncate(arrays[-1], 100)
+  inp = tmp_path / "in.txt"
+  inp.write_text("def add(a, b):\n    return a + b\n")
+  got, want = tmp_path / "got.jsonl", tmp_path / "want.jsonl"
+  r = _tool("openmoe_jax.commands.score", f"--model_dir={d}", f"--input_file={inp}",
+            f"--output_file={got}")
+  assert r.returncode == 0, r.stderr[-2000:]
+  notes = [l for l in r.stderr.splitlines() if "could not be read" in l]
+  assert len(notes) == 1 and notes[0].startswith("openmoe-score: checkpoint 2 could not be read")
+  assert notes[0].endswith("skipped; using checkpoint 1") and "Traceback" not in r.stderr
+  r = _tool("openmoe_jax.commands.score", f"--model_dir={model_dir}", f"--input_file={inp}",
+            f"--output_file={want}", "--step=1")
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert got.read_text() == want.read_text()
+  assert sorted(p.name for p in (d / "checkpoints").iterdir()) == ["1", "2"]  # nothing moved
+  r = _tool("openmoe_jax.commands.score", f"--model_dir={d}", f"--input_file={inp}",
+            f"--output_file={tmp_path / 'x.jsonl'}", "--step=2")  # an explicit step: no fallback
+  assert r.returncode == 2 and "Traceback" not in r.stderr
+  assert r.stderr.strip().splitlines()[-1].startswith(
+      "openmoe-score: error: checkpoint 2 could not be read")

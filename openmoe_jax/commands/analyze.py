@@ -18,7 +18,6 @@ import re
 import sys
 
 
-from openmoe_jax import fs
 from openmoe_jax.errors import UsageError
 from openmoe_jax.commands import cli
 from openmoe_jax.model import config as config_lib
@@ -56,15 +55,6 @@ def build_parser():
   cli.add_model_dir_flags(parser, step=False)
   a("--no_progress", action="store_true", help="hide the progress bar")
   return parser
-
-
-def _run_batch_size(model_dir):
-  path = fs.join(model_dir, "config.gin")
-  if fs.exists(path):
-    m = re.search(r"^BATCH_SIZE = (\d+)", fs.read_text(path), re.M)
-    if m:
-      return int(m.group(1))
-  return 8
 
 
 def main(argv=None):
@@ -110,7 +100,7 @@ def main(argv=None):
         lengths = info.get("task_feature_lengths") or {"targets": 128}
       cfs = ([float(x) for x in args.capacity_factors.split(",") if x] if args.capacity_factors
              else [cfg.train_capacity_factor, cfg.eval_capacity_factor])
-      batch_size = args.batch_size or _run_batch_size(args.model_dir)
+      batch_size = args.batch_size or run_dir.batch_size(args.model_dir)
       for flag, value in (("--num_tokens", args.num_tokens), ("--batch_size", batch_size),
                           ("--position_bins", args.position_bins)):
         if value < 1:

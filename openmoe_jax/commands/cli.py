@@ -113,6 +113,8 @@ def run(prog: str, fn: Callable[[], int], user_errors: Tuple[type, ...] = ()) ->
   pipelines, whose TensorFlow finalizers print warnings) are collected before the line is
   printed, so it stays the last one.
   """
+  from openmoe_jax.training import console
+  console.set_prog(prog)
   message, code = None, 0
   try:
     code = fn()

@@ -11,8 +11,9 @@ text at "</s>". Here the pieces are stop sequences on the device and the text is
 """
 from typing import List, Sequence, Tuple
 
+from openmoe_jax.data.special_tokens import BOS_ID
+
 EOS_TEXT = "</s>"
-BOS_ID = 0  # openmoe_jax.vocab.BOS_ID (not imported: it pulls in seqio and TensorFlow)
 
 
 def prompt_ids(vocabulary, query: str, system: str = "") -> List[int]:

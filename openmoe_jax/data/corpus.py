@@ -28,6 +28,8 @@ import threading
 import zlib
 from typing import Iterator, Optional
 
+from openmoe_jax.data import special_tokens
+
 ASSETS = pathlib.Path(__file__).resolve().parent.parent / "assets"
 SPM_PIECES = 7892
 SPM_EXTRA_IDS = 300
@@ -42,7 +44,9 @@ _EXCLUDED_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "
                             "__pycache__", "lib-dynload"})
 _SPM_TRAIN_ARGS = dict(
     vocab_size=SPM_PIECES, model_type="unigram", character_coverage=1.0,
-    pad_id=0, eos_id=1, unk_id=2, bos_id=-1,  # OpenMoE/T5 ids; BOS is the pad id 0.
+    # OpenMoE/T5 ids; BOS is the pad id, so SentencePiece has none of its own.
+    pad_id=special_tokens.PAD_ID, eos_id=special_tokens.EOS_ID, unk_id=special_tokens.UNK_ID,
+    bos_id=-1,
     # Code needs its whitespace: keep indentation runs and newlines as pieces.
     normalization_rule_name="identity", remove_extra_whitespaces=False,
     allow_whitespace_only_pieces=True, user_defined_symbols=["\n", "\t"],

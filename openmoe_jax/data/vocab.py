@@ -18,10 +18,7 @@ import seqio
 
 from openmoe_jax.errors import UsageFileNotFoundError, UsageValueError
 
-PAD_ID = 0
-EOS_ID = 1
-UNK_ID = 2
-BOS_ID = PAD_ID
+from openmoe_jax.data.special_tokens import BOS_ID, EOS_ID, PAD_ID, UNK_ID  # noqa: F401
 OPENMOE_EXTRA_IDS = 300
 UMT5_PIECES = 256_000
 SPM_PATH_ENV = "OPENMOE_SPM_PATH"

@@ -1,13 +1,11 @@
 """Evaluation of a saved checkpoint on a split: its loss, perplexity and token accuracy, or the
 metrics of an eval task (the library behind `openmoe-eval`).
 """
-import json
 from typing import Optional
 
 import gin
 import jax
 
-from openmoe_jax import fs
 from openmoe_jax.errors import UsageError, error_line
 from openmoe_jax.training import run_dir
 from openmoe_jax.evaluation.heldout import evaluate
@@ -51,7 +49,7 @@ def evaluate_checkpoint(*, model_dir: str = gin.REQUIRED, mixture_or_task_name: 
       result.update(num_samples=num_samples, temperature=temperature, top_p=top_p,
                     sample_seed=sample_seed)
     if jax.process_index() == 0:
-      fs.append_text(fs.join(model_dir, "eval_results.jsonl"), json.dumps(result) + "\n")
+      run_dir.append_eval_result(model_dir, result)
       downstream.write_tensorboard(model_dir, step, result)
     return result
   if num_samples > 1 or temperature > 0:
@@ -63,5 +61,5 @@ def evaluate_checkpoint(*, model_dir: str = gin.REQUIRED, mixture_or_task_name: 
   result.update(step=step, split=split, mixture_or_task_name=name,
                 eval_capacity_factor=cfg.eval_capacity_factor)
   if jax.process_index() == 0:
-    fs.append_text(fs.join(model_dir, "eval_results.jsonl"), json.dumps(result) + "\n")
+    run_dir.append_eval_result(model_dir, result)
   return result

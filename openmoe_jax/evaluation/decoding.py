@@ -42,9 +42,7 @@ from openmoe_jax.model.config import ModelConfig
 from openmoe_jax.model.transformer import DecodeCache, Transformer
 
 MIN_BUCKET = 8
-# openmoe_jax.vocab's ids, not imported from there: it pulls in seqio and TensorFlow.
-BOS_ID = PAD_ID = 0
-EOS_ID = 1
+from openmoe_jax.data.special_tokens import BOS_ID, EOS_ID, PAD_ID  # noqa: F401  re-exported
 
 
 @dataclasses.dataclass(frozen=True)

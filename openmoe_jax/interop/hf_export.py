@@ -10,6 +10,7 @@ import tempfile
 import numpy as np
 
 from openmoe_jax import fs
+from openmoe_jax.data import special_tokens
 from openmoe_jax.training import run_dir
 from openmoe_jax.errors import error_line
 from openmoe_jax.interop.hf import name_map
@@ -142,30 +143,24 @@ def check_output_dir(model_dir: str, output_dir: str, overwrite: bool) -> None:
                                  "another --output_dir or remove it yourself")
 
 
-def _checkpoint_step(model_dir: str, step):
+def _open_reader(model_dir: str, step):
+  """(ParamReader, step) of checkpoint `step`, or of the newest whose metadata reads."""
   from openmoe_jax.training import checkpoint as ckpt_lib
-  steps = ckpt_lib.list_steps(model_dir)
-  if not steps:
-    raise UsageError(f"no complete checkpoint in {model_dir}")
-  if step is not None and step not in steps:
-    raise UsageError(f"no checkpoint for step {step} in {model_dir} (have {steps})")
-  return steps[-1] if step is None else step
+  return run_dir.read_checkpoint(model_dir, step, lambda s: ckpt_lib.ParamReader(model_dir, s))
 
 
 def export_t5x(model_dir: str, output_dir: str, *, step=None, dtype: str = "float32",
                overwrite: bool = False) -> dict:
   """MODEL_DIR's checkpoint as OUTPUT_DIR/checkpoint_<step> in t5x's layout, array by array."""
   from flax import traverse_util
-  from openmoe_jax.training import checkpoint as ckpt_lib
   from openmoe_jax.interop import t5x as t5x_checkpoint
   from openmoe_jax.model.counts import abstract_params
   if dtype not in _ST_DTYPES:
     raise UsageError(f"--dtype={dtype}: use float32 or bfloat16")
   check_output_dir(model_dir, output_dir, overwrite)
   cfg = run_dir.load_model_config(model_dir)
-  step = _checkpoint_step(model_dir, step)
   paths = list(traverse_util.flatten_dict(abstract_params(cfg)))
-  reader = ckpt_lib.ParamReader(model_dir, step)
+  reader, step = _open_reader(model_dir, step)
   parent = os.path.dirname(os.path.abspath(output_dir))
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=os.path.basename(os.path.abspath(output_dir)) + ".tmp-",
@@ -196,19 +191,12 @@ def export(model_dir: str, output_dir: str, *, step=None, dtype: str = "float32"
   Raises:
     UsageError: bad input (no checkpoint, output in the way, unknown dtype, ...).
   """
-  from openmoe_jax.training import checkpoint as ckpt_lib
   if dtype not in _ST_DTYPES:
     raise UsageError(f"--dtype={dtype}: use float32 or bfloat16")
   check_output_dir(model_dir, output_dir, overwrite)
   cfg = run_dir.load_model_config(model_dir)
-  steps = ckpt_lib.list_steps(model_dir)
-  if not steps:
-    raise UsageError(f"no complete checkpoint in {model_dir}")
-  if step is not None and step not in steps:
-    raise UsageError(f"no checkpoint for step {step} in {model_dir} (have {steps})")
-  step = steps[-1] if step is None else step
   spm = _spm_path(model_dir, spm_path)
-  reader = ckpt_lib.ParamReader(model_dir, step)
+  reader, step = _open_reader(model_dir, step)
   parent = os.path.dirname(os.path.abspath(output_dir))
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=os.path.basename(os.path.abspath(output_dir)) + ".tmp-",
@@ -240,8 +228,8 @@ def export(model_dir: str, output_dir: str, *, step=None, dtype: str = "float32"
     with open(os.path.join(tmp, "config.json"), "w") as f:
       json.dump(name_map.hf_config(cfg, dtype), f, indent=1)
     with open(os.path.join(tmp, "generation_config.json"), "w") as f:
-      json.dump({"bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 0,
-                 "decoder_start_token_id": 0, "transformers_version": "4.34.0"}, f, indent=1)
+      json.dump(dict(name_map.token_ids(), decoder_start_token_id=special_tokens.BOS_ID,
+                     transformers_version="4.34.0"), f, indent=1)
     _write_tokenizer(tmp, spm)
     shutil.copyfile(os.path.join(_HERE, "hf", "modeling_openmoe.py"),
                     os.path.join(tmp, "modeling_openmoe.py"))

@@ -1,7 +1,6 @@
 """A Hugging Face OpenMoE folder (ours or the released one) or an OpenMoE t5x checkpoint as an
 openmoe_jax MODEL_DIR (the library behind `openmoe-import`; docs/export.md).
 """
-import dataclasses
 import json
 import os
 import shutil
@@ -12,6 +11,7 @@ import numpy as np
 from openmoe_jax import fs, gin_utils
 from openmoe_jax.model.config import ModelConfig
 from openmoe_jax.interop.hf import name_map
+from openmoe_jax.training import run_dir
 from openmoe_jax.errors import UsageError
 
 
@@ -135,7 +135,7 @@ def _check_empty(model_dir: str) -> None:
     return
   names = fs.listdir(model_dir) if fs.isdir(model_dir) else None
   if names is None or names:
-    unfinished = names and "model_config.json" not in names and "imported_from.json" in names
+    unfinished = names and run_dir.MODEL_CONFIG not in names and run_dir.IMPORTED_FROM in names
     hint = (" (an unfinished import: it has no model_config.json; delete it and import again)"
             if unfinished else "")
     _fail(f"model_dir {model_dir} exists and is not empty{hint}")
@@ -219,8 +219,8 @@ def _write_model_dir(dest: str, cfg: ModelConfig, state, step: int, source: dict
   from openmoe_jax.training import checkpoint as ckpt_lib
   with ckpt_lib.Checkpointer(dest, async_save=False) as ckpt:
     ckpt.save(step, state, {}, force=True)
-  fs.write_text(fs.join(dest, "imported_from.json"), json.dumps(source))
-  fs.write_text(fs.join(dest, "model_config.json"), json.dumps(dataclasses.asdict(cfg), indent=1))
+  fs.write_text(fs.join(dest, run_dir.IMPORTED_FROM), json.dumps(source))
+  run_dir.write_model_config(dest, cfg)  # last: from now on the tools read `dest`
 
 
 def _fresh_opt_state(params, cfg: ModelConfig):

@@ -16,6 +16,10 @@ CAPACITY_FORMULAS = ("flaxformer", "colossalai")
 CAPACITY_MODES = ("fixed", "adaptive", "dropless")
 CAPACITY_ORDERS = ("openmoe", "random", "confidence")
 GROUPED_MATMULS = ("auto", "blocked", "ragged_dot", "pallas")
+# The fields that fix the parameters' shapes: two configs equal on these read each other's
+# checkpoints (a MODEL_DIR refuses another model; an import checks its target by them).
+SHAPE_FIELDS = ("vocab_size", "emb_dim", "num_heads", "head_dim", "mlp_dim", "expert_mlp_dim",
+                "num_layers", "num_experts", "num_sparse_layers")
 
 
 def as_dtype(name_or_dtype):
@@ -47,11 +51,14 @@ class ModelConfig:
     group_size: maximum routing group size in tokens (`GROUP_SIZE`).
     num_expert_replicas: enters the group-count constraint (groups % (E * replicas) == 0).
     renormalize_gates: divide the top-k gates by their sum (OpenMoE: False).
-    no_drop: capacity = group size * k, so no assignment is ever dropped (parity checks).
+    no_drop: capacity = group size * k, so no assignment is ever dropped: OpenMoE's fixed
+      dispatch with room for everything (parity checks against the PyTorch port's
+      `router_drop_tks=False`). capacity_mode 'dropless' computes the same outputs without the
+      padded slots; `routing.never_drops` is the one test for either.
     capacity_formula: 'flaxformer' (round(cf*G/E), ours) or 'colossalai' (floor(k*cf*G/E), the
       released PyTorch port's, twice as large).
-    dispatch: 'gather' (index-based), 'einsum' (one-hot, flaxformer's) or 'auto' (gather: the
-      faster on CPU, measured, and on TPU, by XLA:TPU's compiled estimates).
+    dispatch: 'gather' (index-based), 'einsum' (one-hot, flaxformer's) or 'auto' (= 'gather' on
+      every platform; benchmarks/RESULTS.md compares the two).
     capacity_mode: 'fixed' (OpenMoE: C slots per expert and group), 'adaptive' (the group's E*C
       slots shared between experts by load, so drops only when the whole group is over budget)
       or 'dropless' (every assignment is computed; sort by expert + grouped matmul).

@@ -13,7 +13,8 @@ sum(group_sizes) are padding and come back as zeros. Two implementations of the 
     worst-case buffers cost memory, not FLOPs; an expert's weights are read, and its weight
     gradients written, once per expert rather than once per tile. The backward pass is the same
     double loop (per-tile VJP, weight gradients accumulated in the inner loop's carry), so nothing
-    is scattered. On XLA:CPU this is ~30x faster than ragged_dot (benchmarks/RESULTS.md).
+    is scattered. On XLA:CPU it is the faster of the two by far (benchmarks/RESULTS.md has the
+    numbers).
 
 Legend: N rows, D embed, F expert hidden, E experts, b block rows.
 """
@@ -28,9 +29,8 @@ from openmoe_jax.model.layers import gated_activation
 
 
 def resolve(impl: str) -> str:
-  """'auto': blocked on CPU (measured), ragged_dot on TPU (XLA:TPU's compiled estimates at
-  OpenMoE-8B's shapes: faster than the Pallas kernel, which v2/v3 cannot compile at all;
-  benchmarks/RESULTS.md) and on GPU."""
+  """'auto': blocked on CPU, ragged_dot on TPU and GPU (the Pallas kernel does not compile for
+  v2/v3); benchmarks/RESULTS.md has the measurements and compiler estimates behind the choice."""
   if impl != "auto":
     return impl
   return "blocked" if target.platform() == "cpu" else "ragged_dot"

@@ -25,9 +25,9 @@ from openmoe_jax.model.layers import gated_activation, kernel_init
 
 
 def resolve_dispatch(mode: str) -> str:
-  """'auto': gather on every platform: fastest on CPU (measured) and on TPU (XLA:TPU's compiled
-  estimates at OpenMoE-8B's shapes: einsum's one-hot dispatch all-gathers the token groups over
-  the expert axis and is 11% slower; benchmarks/RESULTS.md)."""
+  """'auto' is 'gather' on every platform (the faster of the two on CPU and in XLA:TPU's
+  estimates, benchmarks/RESULTS.md); the value stays so that gin files and saved model configs
+  binding 'auto' keep working, and so a future platform may choose differently."""
   if mode != "auto":
     return mode
   return "gather"
@@ -115,8 +115,9 @@ def _gather_combine(expert_out, slot, r: routing.Routing, dtype):
   t, k = r.kept.shape[1:]
   # Gathered k-major ([G, K*T] rows), so that each of the K terms is a contiguous [G, T, D],
   # and the K products added in order: XLA:TPU lowers einsum('gtkd,gtk->gtd') on the
-  # token-major gather to a float32 loop fusion tiled (2, 128) on K, ~4x slower than its bytes
-  # (compiler estimate). Dropped assignments (the dump slot E*C, out of range) read zeros.
+  # token-major gather to a float32 loop fusion tiled (2, 128) on K, which the compiler
+  # estimates far above its bytes (benchmarks/RESULTS.md). Dropped assignments (the dump slot
+  # E*C, out of range) read zeros.
   slot_k = jnp.swapaxes(slot.reshape(g, t, k), 1, 2).reshape(g, k * t)
   picked = jnp.take_along_axis(flat, slot_k[..., None], axis=1, mode="fill", fill_value=0)
   picked = picked.reshape(g, k, t, d)
@@ -185,18 +186,17 @@ class MoeLayer(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x, token_mask, *, deterministic: bool, return_routing: bool = False,
-               decode: bool = False):
+  def __call__(self, x, token_mask, *, deterministic: bool, return_routing: bool = False):
     """x: [B, L, D]; token_mask: bool[B, L] real tokens (metrics only: padding is routed too).
 
-    decode: cached decoding (a call holds few tokens, B for one step); routed as any call.
+    Cached decoding (a call holds few tokens, B for one step) is routed as any call, as in
+    flaxformer, which pads and groups decoding steps the same way.
 
     Token counts that are not a multiple of E x replicas are padded with zero tokens (rows or
     columns, flaxformer `_maybe_pad`), routed with the rest and sliced off, so any shape works.
     Output: float32 with `moe_float32_output` (OpenMoE: the router's float32 combine weights),
     else the activation dtype.
     """
-    del decode  # flaxformer pads and groups decoding steps as any other call
     cfg = self.cfg
     b, length, d = x.shape
     pad_rows, pad_cols, n_groups, group = routing.group_layout(cfg, b, length)

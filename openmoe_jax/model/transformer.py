@@ -62,8 +62,7 @@ class DecoderLayer(nn.Module):
     x = RMSNorm(cfg, name="pre_mlp_layer_norm")(h) * keep
     metrics = None
     if self.sparse:
-      y, metrics = MoeLayer(cfg, name="mlp")(x, token_mask, deterministic=deterministic,
-                                             decode=cache is not None)
+      y, metrics = MoeLayer(cfg, name="mlp")(x, token_mask, deterministic=deterministic)
       h = h + drop(y)
       x = RMSNorm(cfg, name="pre_extra_mlp_layer_norm")(h) * keep
       h = h + drop(MlpBlock(cfg, cfg.mlp_dim, name="extra_mlp")(x, deterministic=deterministic))

@@ -1,8 +1,9 @@
 """The platform a program is traced for: JAX's default backend, or the compile-only target set
 by `compiling_for` (the TPU plan traces on a CPU host for TPU devices).
 
-Choices that depend on the hardware (`DISPATCH='auto'`, `GROUPED_MATMUL='auto'`, Pallas
-interpret mode) read `platform()`, so a TPU plan compiles the program a TPU run would.
+Choices that depend on the hardware (`GROUPED_MATMUL='auto'`, Pallas interpret mode) read
+`platform()`, so a TPU plan compiles the program a TPU run would. (`DISPATCH='auto'` is
+'gather' on every platform.)
 """
 import contextlib
 import threading

@@ -57,19 +57,32 @@ class Interrupts:
       signal.signal(sig, handler)
 
 
+_PROG = ["openmoe_jax"]
+
+
+def set_prog(prog: str) -> None:
+  """The command's name, for the notes library functions print (`cli.run` sets it)."""
+  _PROG[0] = prog
+
+
+def prog() -> str:
+  return _PROG[0]
+
+
 class Say:
   """One line on stderr from process 0, above the progress bar when there is one."""
 
-  def __init__(self, bar):
+  def __init__(self, bar, prog: str = "openmoe-train"):
     self._bar = bar
+    self._prog = prog
 
   def __call__(self, message: str) -> None:
     if jax.process_index() != 0:
       return
     if self._bar is not None:
-      self._bar.write(f"openmoe-train: {message}", file=sys.stderr)
+      self._bar.write(f"{self._prog}: {message}", file=sys.stderr)
     else:
-      print(f"openmoe-train: {message}", file=sys.stderr, flush=True)
+      print(f"{self._prog}: {message}", file=sys.stderr, flush=True)
 
 
 def progress_bar(enabled: bool, start: int, total: int):

@@ -145,7 +145,7 @@ def train(model_config: ModelConfig, *, model_dir: str = gin.REQUIRED,
           model_dir, mixture_or_task_name, task_feature_lengths,
           operative_config=gin.operative_config_str(), model_config=model_config,
           start_step=step, command=" ".join(sys.argv),
-          layout={"num_expert_replicas": cfg.num_expert_replicas,
+          layout={"batch_size": batch_size, "num_expert_replicas": cfg.num_expert_replicas,
                   "num_data_shards": num_data_shards or jax.process_count(),
                   "process_count": jax.process_count(), "mesh": dict(mesh.shape)})
       for note in (resume_note, data_note):

@@ -3,7 +3,7 @@ that reads, or another run's parameters (fine-tuning).
 """
 import logging
 import sys
-from typing import Optional
+from typing import Any, Callable, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -53,9 +53,9 @@ def restore_newest(model_dir: str, abstract, keep_checkpoints: int, say):
     try:
       state, data_state = ckpt.restore(s, abstract)
     except Exception as e:  # pylint: disable=broad-except  (any damage: try the next older)
-      _quiet_failed_reads()
+      quiet_failed_reads()
       ckpt.close()
-      failed.append((s, _short_error(e)))
+      failed.append((s, short_error(e)))
       continue
     if failed:
       ckpt.close()  # reopened below, after the damaged steps are out of its listing
@@ -74,6 +74,30 @@ def restore_newest(model_dir: str, abstract, keep_checkpoints: int, say):
   return None
 
 
+def read_newest(model_dir: str, read: Callable[[int], Any], say) -> Tuple[Any, int]:
+  """(read(step), step) of the newest complete checkpoint `read` succeeds on: the fallback of
+  the tools that only read a MODEL_DIR (openmoe-eval, -score, -infer, -export). Each newer
+  checkpoint that fails is said in one line, as a resume says it, and left where it is (a
+  read-only tool moves nothing); UsageError when none reads."""
+  available = ckpt_lib.list_steps(model_dir)
+  if not available:
+    raise UsageError(f"no complete checkpoint in {model_dir}")
+  failed = []
+  for s in reversed(available):
+    try:
+      value = read(s)
+    except Exception as e:  # pylint: disable=broad-except  (any damage: try the next older)
+      quiet_failed_reads()
+      failed.append((s, short_error(e)))
+      continue
+    for bad, why in failed:
+      say(f"checkpoint {bad} could not be read ({why}): skipped; using checkpoint {s}")
+    return value, s
+  s, why = failed[0]
+  raise UsageError(f"no checkpoint in {ckpt_lib.checkpoint_dir(model_dir)} could be read "
+                   f"(newest, step {s}: {why})")
+
+
 class _FailedReadTasks(logging.Filter):
   """Drops asyncio's "... exception was never retrieved" reports of orbax's sibling reads."""
 
@@ -84,7 +108,7 @@ class _FailedReadTasks(logging.Filter):
     return not (_read_leftover(value, tb) or "orbax" in record.getMessage())
 
 
-def _quiet_failed_reads() -> None:
+def quiet_failed_reads() -> None:
   """Keeps the leftovers of a failed checkpoint read off the terminal.
 
   When one array of a damaged checkpoint fails to read, orbax closes its event loop while
@@ -117,7 +141,7 @@ def _read_leftover(value, tb) -> bool:
   return False
 
 
-def _short_error(e: BaseException) -> str:
+def short_error(e: BaseException) -> str:
   """One line for a restore failure: the innermost cause's first line."""
   while e.__cause__ is not None or (e.__context__ is not None and not e.__suppress_context__):
     e = e.__cause__ or e.__context__

@@ -17,8 +17,9 @@ from openmoe_jax.model.config import ModelConfig
 from openmoe_jax.errors import UsageError, error_line
 
 MODEL_CONFIG, RUN_INFO, CONFIG_GIN = "model_config.json", "run.json", "config.gin"
-SHAPE_FIELDS = ("vocab_size", "emb_dim", "num_heads", "head_dim", "mlp_dim", "expert_mlp_dim",
-                "num_layers", "num_experts", "num_sparse_layers")
+EVAL_RESULTS = "eval_results.jsonl"   # one JSON line per openmoe-eval run
+IMPORTED_FROM = "imported_from.json"  # what openmoe-import read (a model dir it made)
+SHAPE_FIELDS = config_lib.SHAPE_FIELDS  # re-exported
 
 
 def check_model_dir(model_dir: str, cfg: ModelConfig) -> None:
@@ -48,12 +49,12 @@ def write_run_files(model_dir: str, mixture_or_task_name: str, task_feature_leng
 
   Args:
     layout: what decides the batches and the routing groups, checked when the run resumes:
-      {"num_expert_replicas", "num_data_shards", "process_count", "mesh"}.
+      {"num_expert_replicas", "num_data_shards", "process_count", "mesh"}, and the
+      "batch_size" (the tools' default batch, `batch_size`).
   """
   fs.makedirs(model_dir)
   if model_config is not None:
-    fs.write_text(fs.join(model_dir, MODEL_CONFIG),
-                  json.dumps(dataclasses.asdict(model_config), indent=1))
+    write_model_config(model_dir, model_config)
   if operative_config is not None:
     if start_step in (None, 0) or not fs.exists(fs.join(model_dir, CONFIG_GIN)):
       fs.write_text(fs.join(model_dir, CONFIG_GIN), operative_config)
@@ -67,6 +68,32 @@ def write_run_files(model_dir: str, mixture_or_task_name: str, task_feature_leng
   fs.write_text(fs.join(model_dir, RUN_INFO), json.dumps(
       {"mixture_or_task_name": mixture_or_task_name,
        "task_feature_lengths": dict(task_feature_lengths), **(layout or {})}))
+
+
+def write_model_config(model_dir: str, model_config: ModelConfig) -> None:
+  """MODEL_DIR/model_config.json: what makes a folder a model dir the tools read."""
+  fs.write_text(fs.join(model_dir, MODEL_CONFIG),
+                json.dumps(dataclasses.asdict(model_config), indent=1))
+
+
+def append_eval_result(model_dir: str, result: dict) -> None:
+  """One line of MODEL_DIR/eval_results.jsonl."""
+  fs.append_text(fs.join(model_dir, EVAL_RESULTS), json.dumps(result) + "\n")
+
+
+def batch_size(model_dir: str, default: int = 8) -> int:
+  """The global batch size the run trained with: run.json's `batch_size`, else (a run from
+  before run.json recorded it) the `BATCH_SIZE` macro of its config.gin, else `default`."""
+  recorded = run_info(model_dir).get("batch_size")
+  if isinstance(recorded, int):
+    return recorded
+  path = fs.join(model_dir, CONFIG_GIN)
+  if fs.exists(path):
+    import re
+    m = re.search(r"^BATCH_SIZE = (\d+)", fs.read_text(path), re.M)
+    if m:
+      return int(m.group(1))
+  return default
 
 
 def check_resume_layout(model_dir: str, *, num_expert_replicas: int, explicit_replicas: bool,
@@ -122,15 +149,38 @@ def load_model_config(model_dir: str,
     raise UsageError(error_line(e)) from None
 
 
-def load_params(model_dir: str, step: Optional[int]):
-  """Params of checkpoint `step` (latest when None) as numpy arrays."""
+def checkpoint_step(model_dir: str, step: Optional[int] = None) -> int:
+  """`step` when MODEL_DIR has it complete, else (None) its newest complete checkpoint;
+  UsageError (naming the steps there are) otherwise. The one step resolution of the tools."""
   steps = ckpt_lib.list_steps(model_dir)
   if not steps:
     raise UsageError(f"no complete checkpoint in {model_dir}")
   if step is not None and step not in steps:
     raise UsageError(f"no checkpoint for step {step} in {model_dir} (have {steps})")
-  step = steps[-1] if step is None else step
-  return ckpt_lib.restore_params(model_dir, step), step
+  return steps[-1] if step is None else step
+
+
+def read_checkpoint(model_dir: str, step: Optional[int], read, say=None):
+  """(read(step), step) of checkpoint `step`, or with None of the newest checkpoint that reads
+  (newer damaged ones are said and skipped: `resume.read_newest`). `say` prints a line
+  (default: on stderr, prefixed with the command's name)."""
+  from openmoe_jax.training import console
+  from openmoe_jax.training import resume
+  if step is not None:
+    step = checkpoint_step(model_dir, step)
+    try:
+      return read(step), step
+    except Exception as e:  # pylint: disable=broad-except  (damage: one line, not a traceback)
+      resume.quiet_failed_reads()
+      raise UsageError(f"checkpoint {step} could not be read ({resume.short_error(e)}); "
+                       "leave out --step to use the newest one that reads") from None
+  return resume.read_newest(model_dir, read, say or console.Say(None, prog=console.prog()))
+
+
+def load_params(model_dir: str, step: Optional[int] = None, say=None):
+  """(params as numpy arrays, step) of checkpoint `step`, or of the newest that reads."""
+  return read_checkpoint(model_dir, step, lambda s: ckpt_lib.restore_params(model_dir, s), say)
+
 
 
 def run_info(model_dir: str) -> dict:

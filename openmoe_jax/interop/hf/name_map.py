@@ -8,6 +8,9 @@ torch, and the modelling code must not pull in JAX.
 import dataclasses
 from typing import Iterator, NamedTuple
 
+from openmoe_jax.data import special_tokens
+from openmoe_jax.model import config as config_lib
+
 # (scope, flax path template, HF key template, transpose). Scopes: 'global' once per model,
 # 'layer' every layer, 'dense' layers without experts, 'moe' expert layers. `{i}` = layer.
 # 2-D kernels are stored [in, out] by flax and [out, in] by torch.nn.Linear, hence the
@@ -83,6 +86,33 @@ def _no_drop(cfg) -> bool:
   return routing.never_drops(cfg)
 
 
+def token_ids() -> dict:
+  """The special token ids as Hugging Face configs name them."""
+  return {"bos_token_id": special_tokens.BOS_ID, "eos_token_id": special_tokens.EOS_ID,
+          "pad_token_id": special_tokens.PAD_ID}
+
+
+# config.json keys <-> ModelConfig fields, read and written through these two tables (the keys
+# with a rule of their own, head_dim, num_experts, moe_layer_interval, expert_intermediate_size,
+# router_drop_tks / router_no_drop, are handled by both functions below). SIZE_KEYS are required
+# on reading; ROUTING_KEYS default to ModelConfig's when absent (the released files lack ours).
+SIZE_KEYS = {"vocab_size": "vocab_size", "hidden_size": "emb_dim",
+             "intermediate_size": "mlp_dim", "num_hidden_layers": "num_layers",
+             "num_attention_heads": "num_heads"}
+ROUTING_KEYS = {"router_topk": "num_selected_experts",
+                "router_capacity_factor_train": "train_capacity_factor",
+                "router_capacity_factor_eval": "eval_capacity_factor",
+                "router_min_capacity": "min_expert_capacity",
+                "router_aux_loss_factor": "aux_loss_factor",
+                "router_z_loss_factor": "router_z_loss_factor",
+                "rope_theta": "rope_max_timescale", "rms_norm_eps": "norm_eps",
+                # Ours (absent from the released files).
+                "router_group_size": "group_size", "router_capacity_formula": "capacity_formula",
+                "router_renormalize_gates": "renormalize_gates",
+                "moe_float32_output": "moe_float32_output", "rms_norm_float32": "float32_norm",
+                "attention_float32_logits": "float32_attention_logits"}
+
+
 def hf_config(cfg, torch_dtype: str = "float32") -> dict:
   """config.json of the released layout (OrionZheng/openmoe-8b `config.json`) for a ModelConfig, plus our routing fields.
 
@@ -96,39 +126,26 @@ def hf_config(cfg, torch_dtype: str = "float32") -> dict:
       "auto_map": {"AutoConfig": "modeling_openmoe.OpenMoeConfig",
                    "AutoModelForCausalLM": "modeling_openmoe.OpenMoeForCausalLM"},
       "model_type": "llama",
-      "vocab_size": cfg.vocab_size,
-      "hidden_size": cfg.emb_dim,
-      "intermediate_size": cfg.mlp_dim,
-      "num_hidden_layers": cfg.num_layers,
-      "num_attention_heads": cfg.num_heads,
+      **{key: getattr(cfg, field) for key, field in SIZE_KEYS.items()},
       "num_key_value_heads": cfg.num_heads,
       "head_dim": cfg.head_dim,
       "hidden_act": "swiglu",
       "mlp_gated": True,
       "max_position_embeddings": 2048,
-      "rope_theta": float(cfg.rope_max_timescale),
       "rope_scaling": None,
-      "rms_norm_eps": cfg.norm_eps,
       "layer_norm_epsilon": cfg.norm_eps,
       "tie_word_embeddings": False,
       "attention_bias": False,
       "pretraining_tp": 1,
       "initializer_range": 0.02,
       "dropout_rate": cfg.dropout_rate,
-      "bos_token_id": 0,
-      "eos_token_id": 1,
-      "pad_token_id": 0,
+      **token_ids(),
       "num_experts": cfg.num_experts if interval else 0,
       # A dense model gets an interval no layer index reaches, so no layer is sparse.
       "moe_layer_interval": interval or cfg.num_layers + 1,
-      "router_topk": cfg.num_selected_experts,
-      "router_capacity_factor_train": cfg.train_capacity_factor,
-      "router_capacity_factor_eval": cfg.eval_capacity_factor,
-      "router_min_capacity": cfg.min_expert_capacity,
+      **{key: getattr(cfg, field) for key, field in ROUTING_KEYS.items()},
       "router_noisy_policy": None,
       "router_drop_tks": not _no_drop(cfg),
-      "router_aux_loss_factor": cfg.aux_loss_factor,
-      "router_z_loss_factor": cfg.router_z_loss_factor,
       "label_smoothing": 0.0,
       "z_loss_factor": cfg.z_loss,
       "enable_load_balance": False,
@@ -144,18 +161,11 @@ def hf_config(cfg, torch_dtype: str = "float32") -> dict:
       "use_cache": True,
       # Ours (absent from the released files; readers default them).
       "expert_intermediate_size": cfg.expert_mlp_dim,
-      "router_capacity_formula": cfg.capacity_formula,
       "router_no_drop": _no_drop(cfg),
-      "router_group_size": cfg.group_size,
-      "router_renormalize_gates": cfg.renormalize_gates,
-      "moe_float32_output": cfg.moe_float32_output,
-      "rms_norm_float32": cfg.float32_norm,
-      "attention_float32_logits": cfg.float32_attention_logits,
   }
 
 
-REQUIRED_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                   "num_attention_heads", "num_experts", "moe_layer_interval")
+REQUIRED_FIELDS = (*SIZE_KEYS, "num_experts", "moe_layer_interval")
 
 
 def model_config_fields(hf: dict) -> dict:
@@ -174,35 +184,19 @@ def model_config_fields(hf: dict) -> dict:
                      "OpenMoE's")
   layers, interval = hf["num_hidden_layers"], hf["moe_layer_interval"]
   sparse = layers // interval if hf["num_experts"] and interval <= layers else 0
-  fields = {
-      "vocab_size": hf["vocab_size"], "emb_dim": hf["hidden_size"], "num_heads": heads,
+  fields = {field: hf[key] for key, field in SIZE_KEYS.items()}
+  fields.update({
       "head_dim": hf.get("head_dim", hf["hidden_size"] // heads),
-      "mlp_dim": hf["intermediate_size"],
       "expert_mlp_dim": hf.get("expert_intermediate_size", hf["intermediate_size"]),
-      "num_layers": layers, "num_experts": hf["num_experts"] if sparse else 0,
-      "num_sparse_layers": sparse,
-  }
-  optional = {"router_topk": "num_selected_experts",
-              "router_capacity_factor_train": "train_capacity_factor",
-              "router_capacity_factor_eval": "eval_capacity_factor",
-              "router_min_capacity": "min_expert_capacity", "router_group_size": "group_size",
-              "router_capacity_formula": "capacity_formula",
-              "router_renormalize_gates": "renormalize_gates",
-              "router_aux_loss_factor": "aux_loss_factor",
-              "router_z_loss_factor": "router_z_loss_factor", "rope_theta": "rope_max_timescale",
-              "rms_norm_eps": "norm_eps", "moe_float32_output": "moe_float32_output",
-              "rms_norm_float32": "float32_norm",
-              "attention_float32_logits": "float32_attention_logits"}
-  for theirs, ours in optional.items():
-    if hf.get(theirs) is not None:
-      fields[ours] = hf[theirs]
+      "num_experts": hf["num_experts"] if sparse else 0, "num_sparse_layers": sparse})
+  fields.update({field: hf[key] for key, field in ROUTING_KEYS.items()
+                 if hf.get(key) is not None})
   if not sparse:
     fields["num_selected_experts"] = 2
   return fields
 
 
-SHAPE_FIELDS = ("vocab_size", "emb_dim", "num_heads", "head_dim", "mlp_dim", "expert_mlp_dim",
-                "num_layers", "num_experts", "num_sparse_layers")
+SHAPE_FIELDS = config_lib.SHAPE_FIELDS  # re-exported
 
 
 def shape_mismatch(cfg_a, cfg_b) -> list:
