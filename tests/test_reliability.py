@@ -344,3 +344,25 @@ def test_leftovers_of_a_failed_read_are_dropped_and_nothing_else(monkeypatch, ca
     asyncio_log.removeHandler(handler)
   assert [r.exc_info[1] if r.exc_info else r.getMessage() for r in records] == [
       elsewhere, "Executing <Handle> took 0.2 seconds"]
+
+
+def test_sigterm_during_start_up_exits_cleanly_and_releases_the_lock(tmp_path):
+  """SIGTERM after the lock is taken, while the data pipeline is built: exit 0, one line that
+  says so, nothing trained or saved, no lock left behind (a stale lock on a bucket would make
+  the next start wait)."""
+  d = tmp_path / "run"
+  d.mkdir()  # an existing MODEL_DIR is locked before its data pipeline is built
+  p = subprocess.Popen(_cmd(d, "--gin.TRAIN_STEPS=1000", SANE), cwd=ROOT, env=ENV,
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 240
+  while time.time() < deadline and p.poll() is None and not (d / run_lock.LOCK_FILE).exists():
+    time.sleep(0.02)
+  assert (d / run_lock.LOCK_FILE).exists()
+  p.send_signal(signal.SIGTERM)
+  out, err = p.communicate(timeout=240)
+  assert p.returncode == 0, err[-3000:]
+  assert "openmoe-train: SIGTERM received during start-up: stopped before training a step" in err
+  assert "Traceback" not in err
+  assert not (d / run_lock.LOCK_FILE).exists()
+  assert checkpoint.list_steps(d) == [] and not (d / "metrics.jsonl").exists()
+  assert "continue        the same command (it resumes" in err

@@ -43,6 +43,9 @@ def test_loss_falls_and_resume_after_sigkill_is_exact(tmp_path):
               "moe/dropped_by_position", "moe/expert_load_cv", "learning_rate", "grad_norm",
               "perf/tokens_per_second", "perf/mfu"):
     assert key in m[24], key
+  # perf/ times finished steps on the device: not the first (its compile), never above the peak.
+  assert "perf/mfu" not in m[1]
+  assert all(0 < m[s]["perf/mfu"] <= 1 for s in range(2, 25)), [m[s]["perf/mfu"] for s in m]
   assert "BATCH_SIZE = 8" in (straight / "config.gin").read_text()
   assert list((straight / "tensorboard" / "train").iterdir())
 

@@ -51,6 +51,14 @@ def _minutes(seconds: float) -> str:
   return f"{m} min {s:02d} s" if m else f"{s} s"
 
 
+def _continue_line(result: dict) -> str:
+  """A run stopped before TRAIN_STEPS resumes with the same command; a finished one continues
+  with a larger TRAIN_STEPS."""
+  if result.get("stopped_by") or result["step"] < result["train_steps"]:
+    return "  continue        the same command (it resumes from the newest checkpoint)"
+  return f"  continue        the same command with --gin.TRAIN_STEPS={2 * result['train_steps']}"
+
+
 def summary(result: dict) -> str:
   """The lines printed when training ends: what happened, where it is, what to run next."""
   d = result["model_dir"]
@@ -70,7 +78,7 @@ def summary(result: dict) -> str:
   lines += [f"  checkpoint      {result['checkpoint'] or 'none written'}",
             f"  metrics         {result['metrics_file']} (tensorboard --logdir {d})",
             "next:",
-            f"  continue        the same command with --gin.TRAIN_STEPS={2 * result['train_steps']}",
+            _continue_line(result),
             f"  evaluate        openmoe-eval --gin.MODEL_DIR=\"'{d}'\"",
             f"  analyze routing openmoe-analyze --model_dir={d} --output_dir={d}/analysis",
             f"  export          openmoe-export --model_dir={d} --output_dir={d}_hf"]

@@ -36,41 +36,85 @@ def weight_files(hf_dir: str) -> dict:
   for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
     index = os.path.join(hf_dir, index_name)
     if os.path.isfile(index):
-      with open(index) as f:
-        weight_map = json.load(f)["weight_map"]
-      return {k: os.path.join(hf_dir, v) for k, v in weight_map.items()}
+      try:
+        with open(index) as f:
+          weight_map = json.load(f)["weight_map"]
+        return {k: os.path.join(hf_dir, v) for k, v in weight_map.items()}
+      except (ValueError, KeyError, TypeError, AttributeError) as e:
+        _fail(f"{index}: not a weight index ({type(e).__name__}: {e}); download it again")
   single = os.path.join(hf_dir, "model.safetensors")
   if os.path.isfile(single):
-    from safetensors import safe_open
-    with safe_open(single, framework="pt") as f:
-      return {k: single for k in f.keys()}
+    handle = _open_safetensors(single)
+    try:
+      return {k: single for k in handle.keys()}
+    finally:
+      handle.__exit__(None, None, None)
   single = os.path.join(hf_dir, "pytorch_model.bin")
   if os.path.isfile(single):
     return {k: single for k in _load_bin(single)}
   _fail(f"no model.safetensors, pytorch_model.bin or their index files in {hf_dir}")
 
 
+def _damaged(path: str, e: BaseException) -> None:
+  """One line for a weight file that cannot be read (cut short, a header that does not parse,
+  not there): names the file and the fix, not the reader's traceback."""
+  detail = (str(e).splitlines() or [type(e).__name__])[0][:200]
+  if isinstance(e, FileNotFoundError):
+    _fail(f"{path}: the weight file is missing (the index names it); download it again")
+  _fail(f"{path}: not a readable weight file ({detail}): the file is damaged or cut short; "
+        "download it again")
+
+
+def _missing(path: str, key: str) -> None:
+  _fail(f"{path}: has no tensor {key}, which the index says it holds: the file or its index is "
+        "damaged or from another download; download both again")
+
+
 def _load_bin(path: str) -> dict:
   import torch
   # weights_only: a checkpoint is data, never code; mmap keeps one shard's pages on demand.
-  return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+  try:
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+  except Exception as e:  # a truncated zip, a foreign pickle, a missing shard
+    _damaged(path, e)
+
+
+def _open_safetensors(path: str):
+  """An open safe_open handle. safetensors checks at open that the header parses and that the
+  file is as long as the header says, so a truncated file fails here, as one line."""
+  from safetensors import safe_open
+  try:
+    return safe_open(path, framework="pt").__enter__()
+  except Exception as e:  # SafetensorError (header, length), FileNotFoundError, ...
+    _damaged(path, e)
 
 
 class _Tensors:
-  """Reads tensors by key from safetensors or .bin shards, one open shard of each kind at a time."""
+  """Reads tensors by key from safetensors or .bin shards, one open shard of each kind at a time,
+  as numpy arrays of a floating-point dtype (a tensor that cannot be read is one line naming
+  its file)."""
 
   def __init__(self):
-    self._handles, self._bin_path, self._bin = {}, None, None
+    self._handles, self._keys, self._bin_path, self._bin = {}, {}, None, None
 
-  def get(self, path: str, key: str):
+  def get(self, path: str, key: str) -> np.ndarray:
     if path.endswith(".bin"):
       if path != self._bin_path:
         self._bin_path, self._bin = path, _load_bin(path)
-      return self._bin[key]
-    if path not in self._handles:
-      from safetensors import safe_open
-      self._handles[path] = safe_open(path, framework="pt").__enter__()
-    return self._handles[path].get_tensor(key)
+      if not isinstance(self._bin, dict) or key not in self._bin:
+        _missing(path, key)
+      tensor = self._bin[key]
+    else:
+      if path not in self._handles:
+        self._handles[path] = _open_safetensors(path)
+        self._keys[path] = set(self._handles[path].keys())
+      if key not in self._keys[path]:
+        _missing(path, key)
+      try:
+        tensor = self._handles[path].get_tensor(key)
+      except Exception as e:
+        _damaged(path, e)
+    return _to_numpy(tensor, path, key)
 
   def close(self):
     for h in self._handles.values():
@@ -78,16 +122,51 @@ class _Tensors:
     self._bin = None
 
 
-def _to_numpy(tensor) -> np.ndarray:
+def _to_numpy(tensor, path: str, key: str) -> np.ndarray:
+  """The tensor as numpy; only the float dtypes a checkpoint holds are readable (an integer or
+  float8 tensor where a weight belongs is another file, or a damaged header)."""
   import ml_dtypes
   import torch
+  if not isinstance(tensor, torch.Tensor) or tensor.dtype not in (
+      torch.float32, torch.bfloat16, torch.float16, torch.float64):
+    kind = getattr(tensor, "dtype", type(tensor).__name__)
+    _fail(f"{path}: tensor {key} has dtype {kind}, not float32/bfloat16/float16/float64: "
+          "not an OpenMoE weight (mismatched or damaged file?)")
+  tensor = tensor.contiguous()
   if tensor.dtype == torch.bfloat16:  # numpy has no bfloat16: reinterpret the bits
     return tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
   return tensor.numpy()
 
 
+_FINITE_CHUNK = 1 << 22  # elements per isfinite pass: a few MiB of scratch, whatever the tensor
+
+
+def count_nonfinite(array: np.ndarray) -> int:
+  """How many NaN/Inf values `array` holds (any float dtype, bfloat16 included: ml_dtypes gives
+  it np.isfinite). Checked in chunks, so the scratch memory stays small for a huge tensor."""
+  array = np.asarray(array)
+  if array.dtype.kind in "iub":  # integers and bools are always finite
+    return 0
+  flat = array.reshape(-1)
+  return sum(int(flat.size - np.count_nonzero(np.isfinite(flat[i:i + _FINITE_CHUNK])))
+             for i in range(0, flat.size, _FINITE_CHUNK))
+
+
+def _check_finite(array: np.ndarray, where: str, fix: str) -> None:
+  bad = count_nonfinite(array)
+  if bad:
+    _fail(f"{where} holds {bad} non-finite values (NaN/Inf): {fix}")
+
+
 def load_params(hf_dir: str, cfg: ModelConfig) -> dict:
-  """Our params tree (numpy, cfg.param_dtype) from the folder's safetensors; checks every shape."""
+  """Our params tree (numpy, cfg.param_dtype) from the folder's weight files.
+
+  Every tensor is checked as it is read (so memory does not grow beyond the params themselves):
+  a readable float dtype, the shape the model config needs, and finite values, both as stored
+  and as cast to param_dtype. Data damaged inside a file (its header intact) reads fine but
+  holds NaN/Inf; written out, it would fail a fine-tune later with a misleading "loss is nan".
+  Any failure is one line naming the tensor and its file, before anything is written.
+  """
   from flax import traverse_util
   from openmoe_jax.model.counts import abstract_params
   want = traverse_util.flatten_dict(abstract_params(cfg))
@@ -102,13 +181,21 @@ def load_params(hf_dir: str, cfg: ModelConfig) -> dict:
   flat, tensors = {}, _Tensors()
   try:
     for e in entries:
-      array = _to_numpy(tensors.get(files[e.hf_key], e.hf_key).contiguous())
-      array = array.T if e.transpose else array
+      path = files[e.hf_key]
+      stored = tensors.get(path, e.hf_key)
+      array = stored.T if e.transpose else stored
       spec = want.get(e.flax_path)
       if spec is None or tuple(array.shape) != tuple(spec.shape):
-        _fail(f"{e.hf_key}: shape {tuple(array.shape)} in {hf_dir} does not fit the model "
-              f"(want {None if spec is None else tuple(name_map.hf_shape(spec.shape, e.transpose))})")
-      flat[e.flax_path] = np.ascontiguousarray(array.astype(spec.dtype, copy=False))
+        need = None if spec is None else tuple(name_map.hf_shape(spec.shape, e.transpose))
+        _fail(f"{path}: tensor {e.hf_key} has shape {tuple(stored.shape)}, the model needs "
+              f"{need} (mismatched model?)")
+      where = f"{path}: tensor {e.hf_key}"
+      _check_finite(array, where, "the file is damaged; download it again")
+      out = np.ascontiguousarray(array.astype(spec.dtype, copy=False))
+      if out.dtype != array.dtype:
+        _check_finite(out, f"{where} as {out.dtype}",
+                      "its values overflow that dtype; import with --param_dtype=float32")
+      flat[e.flax_path] = out
   finally:
     tensors.close()
   return traverse_util.unflatten_dict(flat)
@@ -165,12 +252,22 @@ def import_t5x(checkpoint_path: str, model_dir: str, *, gin_files=(), gin_bindin
   cfg = gin_utils.model_config().replace(param_dtype=param_dtype)
   want = traverse_util.flatten_dict(abstract_params(cfg))
   flat, saved_step = t5x_checkpoint.load_params(checkpoint_path, want)
+  # t5x arrays carry no checksum either: damaged zarr chunks can decode to NaN/Inf.
+  for p, array in flat.items():
+    _check_finite(array, f"t5x checkpoint {checkpoint_path}: parameter {'/'.join(p)}",
+                  "the checkpoint is damaged; copy it again")
   step = saved_step if step is None else step
   params = traverse_util.unflatten_dict(flat)
   opt_state = _fresh_opt_state(params, cfg)
   if optimizer_state:  # t5x Adafactor slots into our AdafactorState (same fields)
     import jax
     slots = t5x_checkpoint.load_adafactor_state(checkpoint_path, opt_state)
+    for field, slot in slots.items():
+      for p, array in (slot.items() if isinstance(slot, dict) else ()):
+        _check_finite(array, f"t5x checkpoint {checkpoint_path}: optimizer state "
+                      f"param_states/{'/'.join(p + (field,))}",
+                      "the checkpoint is damaged; copy it again (or import without "
+                      "--t5x_optimizer_state for a fresh one)")
     opt_state = opt_state._replace(count=jax.numpy.asarray(slots.pop("count")), **{
         k: traverse_util.unflatten_dict(v) for k, v in slots.items()})
   return _commit(model_dir, cfg, params, step,

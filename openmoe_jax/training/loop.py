@@ -114,20 +114,34 @@ def train(model_config: ModelConfig, *, model_dir: str = gin.REQUIRED,
   except ValueError as e:
     raise UsageError(error_line(e)) from None
   state_sh, abstract = run.state_layout(seed)
-  # --- data ---
-  train_iter = data_lib.ShardedIterator(
-      num_data_shards, mixture_or_task_name=mixture_or_task_name,
-      task_feature_lengths=task_feature_lengths, split="train", batch_size=batch_size,
-      shuffle=True, seed=seed, pack=pack)
-  train_iter.check_first_batch(mixture_or_task_name, task_feature_lengths)
-  # --- lock: from here on this process owns MODEL_DIR (a second trainer is refused) ---
-  lock = resume.acquire_lock(model_dir, console.Say(None))
+  # SIGTERM / Ctrl-C from here on stop the start-up cleanly (lock released, nothing trained).
+  interrupts = console.Interrupts()
+  lock = None
   try:
+    # --- lock: from here on this process owns MODEL_DIR (a second trainer is refused). An
+    # existing MODEL_DIR is locked before its data pipeline is built, so a second trainer is
+    # refused at once; a new one is created only once the data checks have passed. ---
+    if fs.exists(model_dir):
+      lock = resume.acquire_lock(model_dir, console.Say(None))
+    # --- data ---
+    train_iter = data_lib.ShardedIterator(
+        num_data_shards, mixture_or_task_name=mixture_or_task_name,
+        task_feature_lengths=task_feature_lengths, split="train", batch_size=batch_size,
+        shuffle=True, seed=seed, pack=pack)
+    train_iter.check_first_batch(mixture_or_task_name, task_feature_lengths)
+    if lock is None:
+      lock = resume.acquire_lock(model_dir, console.Say(None))
+    if interrupts.requested:
+      return _stopped_at_start(interrupts, model_dir, train_steps, t_start)
     # --- state: the newest checkpoint that reads, else an initial checkpoint, else init ---
     ckpt, state, data_note = _restore_or_init(run, model_dir, keep_checkpoints,
                                               initial_checkpoint_dir, state_sh, abstract,
                                               train_iter, seed)
     step = int(jax.device_get(state["step"]))
+    if interrupts.requested:
+      if ckpt is not None:
+        ckpt.close()
+      return _stopped_at_start(interrupts, model_dir, train_steps, t_start, step)
     # A run started from an initial checkpoint counts its updates from 0 (fresh optimizer
     # state) while its step continues: the learning rate follows the step, as in t5x.
     tx = run.with_step_offset(step - resume.update_count(state["opt_state"], default=step))
@@ -162,12 +176,28 @@ def train(model_config: ModelConfig, *, model_dir: str = gin.REQUIRED,
                    eval_iter, ckpt, model_dir, checkpoint_period=checkpoint_period,
                    eval_period=eval_period, eval_steps=eval_steps, log_period=log_period,
                    peak_flops_per_device=peak_flops_per_device, progress_bar=progress_bar,
-                   fail_on_nan=fail_on_nan)
+                   fail_on_nan=fail_on_nan, interrupts=interrupts)
   finally:
+    interrupts.restore()
     if lock is not None:
       lock.release()
   result["seconds"] = time.perf_counter() - t_start
   return result
+
+
+def _stopped_at_start(interrupts, model_dir, train_steps, t_start, step=None) -> Dict[str, Any]:
+  """The summary of a start stopped by a signal before its first step: nothing trained or
+  written; the lock is released by the caller."""
+  console.Say(None)(f"{interrupts.signal_name} received during start-up: stopped before "
+                    "training a step, nothing saved; run the same command to start again")
+  latest = ckpt_lib.list_steps(model_dir) if fs.exists(model_dir) else []
+  return {"step": step if step is not None else (latest[-1] if latest else 0), "steps_run": 0,
+          "train_steps": train_steps, "seconds": time.perf_counter() - t_start,
+          "model_dir": model_dir,
+          "checkpoint": str(ckpt_lib.checkpoint_dir(model_dir) / str(latest[-1])) if latest
+          else None,
+          "metrics_file": fs.join(model_dir, METRICS_FILE), "train": {}, "eval": {},
+          "stopped_by": interrupts.signal_name}
 
 
 def _restore_or_init(run, model_dir, keep_checkpoints, initial_checkpoint_dir, state_sh,
@@ -193,7 +223,7 @@ def _restore_or_init(run, model_dir, keep_checkpoints, initial_checkpoint_dir, s
 
 def _loop(run, state, step, train_steps, step_fn, eval_fn, batch_sh, train_iter, eval_iter, ckpt,
           model_dir, *, checkpoint_period, eval_period, eval_steps, log_period,
-          peak_flops_per_device, progress_bar, fail_on_nan) -> Dict[str, Any]:
+          peak_flops_per_device, progress_bar, fail_on_nan, interrupts) -> Dict[str, Any]:
   """Steps from `step` to TRAIN_STEPS (or a stop signal): logs, saves finite states, evaluates."""
   cfg, length, batch_size = run.cfg, run.seq_len, run.batch_size
   first_step = step
@@ -201,7 +231,6 @@ def _loop(run, state, step, train_steps, step_fn, eval_fn, batch_sh, train_iter,
   flops_per_token = counts.summarize(cfg, seq_len=length)["train_flops_per_token"]
   peak = (peak_flops_per_device * jax.device_count() if peak_flops_per_device
           else matmul_peak_flops() * jax.process_count())
-  interrupts = console.Interrupts()
   last: Dict[str, float] = {}
   last_eval: Dict[str, float] = {}
   unigram_counts = np.zeros(cfg.vocab_size, np.float64)
@@ -211,7 +240,7 @@ def _loop(run, state, step, train_steps, step_fn, eval_fn, batch_sh, train_iter,
   if step >= end:
     say(f"MODEL_DIR is at step {step}, not before TRAIN_STEPS={end}: nothing to train "
         f"(raise TRAIN_STEPS to continue)")
-  pending, t_last, logged_at = None, time.perf_counter(), step
+  pending, t_last, logged_at = None, None, step
   saved_at = ckpt.latest_step()
   try:
     with jax.set_mesh(run.mesh), nn.logical_axis_rules(run.rules):
@@ -220,14 +249,22 @@ def _loop(run, state, step, train_steps, step_fn, eval_fn, batch_sh, train_iter,
         add_counts(unigram_counts, host_batch)
         state, metrics = step_fn(state, data_lib.to_global_arrays(host_batch, batch_sh))
         step += 1
-        # Fetch the previous logged step's metrics only now, so the host never waits on the
-        # device.
+        # Fetch the previous logged step's metrics only now, so the host does not wait on the
+        # device to write them.
         if pending is not None:
           last = _log(writer, bar, *pending, fail_on_nan=fail_on_nan, ckpt=ckpt)
           pending = None
+        # perf/ times the device: the window runs from one finished step to another (the
+        # host waits for the device at a logged step and after this start's first step, so
+        # neither the compile nor a host running ahead of the device enters it).
+        if step == first_step + 1:
+          jax.block_until_ready(metrics["loss"])
+          t_last, logged_at = time.perf_counter(), step
         if step % log_period == 0 or step == end:
+          jax.block_until_ready(metrics["loss"])
           now = time.perf_counter()
-          pending = (step, metrics, (now - t_last) / max(step - logged_at, 1),
+          window = step - logged_at
+          pending = (step, metrics, (now - t_last) / window if window else None,
                      length * batch_size, flops_per_token, peak)
           t_last, logged_at = now, step
         stop = interrupts.stop_at(step)
@@ -248,7 +285,6 @@ def _loop(run, state, step, train_steps, step_fn, eval_fn, batch_sh, train_iter,
         last = _log(writer, bar, *pending, fail_on_nan=fail_on_nan, ckpt=ckpt)
     ckpt.wait_until_finished()
   finally:
-    interrupts.restore()
     ckpt.close()
     writer.close()
     if bar is not None:
@@ -306,9 +342,11 @@ def _log(writer, bar, step, metrics, sec_per_step, tokens_per_step, flops_per_to
   metrics = jax.device_get(metrics)
   metrics.pop(steps.STATE_FINITE, None)
   loss = float(metrics["loss"])
-  tps = tokens_per_step / max(sec_per_step, 1e-9)
-  out = dict(metrics, **{"perf/tokens_per_second": tps, "perf/seconds_per_step": sec_per_step,
-                         "perf/mfu": tps * flops_per_token / peak})
+  out = dict(metrics)
+  if sec_per_step:  # None for this start's first step alone: its time is mostly the compile
+    tps = tokens_per_step / sec_per_step
+    out.update({"perf/tokens_per_second": tps, "perf/seconds_per_step": sec_per_step,
+                "perf/mfu": tps * flops_per_token / peak})
   writer.write(step, out)
   if bar is not None:
     bar.n = step
