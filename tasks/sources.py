@@ -106,9 +106,12 @@ def _jsonl_line(line: bytes, field: str = "text"):
   if not line.strip():
     return ""
   try:
-    return json.loads(line)[field]
-  except (UnicodeDecodeError, ValueError, KeyError, TypeError):
+    row = json.loads(line)
+  except (UnicodeDecodeError, ValueError):
     return b"\xff"  # counted as invalid by clean_document
+  if not isinstance(row, dict) or field not in row:
+    return corpus.MISSING_FIELD  # counted as missing_field by clean_document
+  return row[field]
 
 
 def line_parser_for(path: str, field: str = "text") -> Optional[Callable[[bytes], Any]]:

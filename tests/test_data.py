@@ -142,6 +142,27 @@ def test_saved_position_restores_the_uninterrupted_batches_without_replay():
   assert resumed.get_state()["batches_consumed"] == 5
 
 
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_a_damaged_position_replays_exactly_and_says_why_in_one_short_line(damage):
+  """A saved position that does not restore falls back to replay, and the replay is the
+  uninterrupted stream (a dataset iterated once for the failed restore would reshuffle)."""
+  run = _iterator("builtin_mix", split="train", seed=11, batch=2, shuffle=True)
+  for _ in range(3):
+    next(run)
+  state, position = json.loads(json.dumps(run.get_state())), run.save_position()
+  expected = [next(run) for _ in range(3)]
+  bad = position[:len(position) // 2] if damage == "truncated" else b"\x07" * len(position)
+  resumed = _iterator("builtin_mix", split="train", seed=11, batch=2, shuffle=True)
+  resumed.set_state(state, bad)
+  assert resumed.resumed_by == "replay"
+  assert resumed.restore_failure.startswith("the saved position did not restore (")
+  assert len(resumed.restore_failure) < 250 and "\n" not in resumed.restore_failure
+  for want in expected:
+    got = next(resumed)
+    for k in data.BATCH_KEYS:
+      np.testing.assert_array_equal(got[k], want[k])
+
+
 GENERATOR_TASK = "test_generator_source_full_lm"
 
 

@@ -410,3 +410,33 @@ def test_a_failed_import_to_a_url_leaves_nothing(run_dir, hf_dir, tmp_path, monk
   (dest / "imported_from.json").write_text("{}")
   assert import_cmd.main([f"--hf_dir={hf_dir}", f"--model_dir={dest}", *TINY_GIN]) == 2
   assert "unfinished import" in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_overwrite_renames_the_old_export_aside_first_and_leftovers_are_said(run_dir, tmp_path,
+                                                                             capsys, monkeypatch):
+  """--overwrite moves the earlier export aside before the new one is renamed in: a failure
+  between the two renames leaves it under its aside name, complete. The next export names the
+  folders an interrupted export left (kept, for the user to delete)."""
+  from openmoe_jax.interop import hf_export
+  done = tmp_path / "done"
+  assert export_cmd.main([f"--model_dir={run_dir}", f"--output_dir={done}"]) == 0
+  first = (done / "model.safetensors").read_bytes()
+  real_replace, calls = os.replace, []
+
+  def dies_on_the_second_rename(src, dst):
+    calls.append((src, dst))
+    if len(calls) == 2:
+      raise KeyboardInterrupt  # killed between moving the old export aside and the new one in
+    return real_replace(src, dst)
+
+  monkeypatch.setattr(hf_export.os, "replace", dies_on_the_second_rename)
+  assert export_cmd.main([f"--model_dir={run_dir}", f"--output_dir={done}", "--overwrite"]) == 130
+  monkeypatch.setattr(hf_export.os, "replace", real_replace)
+  aside = [p for p in tmp_path.iterdir() if p.name.startswith("done.old-")]
+  assert len(aside) == 1 and (aside[0] / "model.safetensors").read_bytes() == first
+  capsys.readouterr()
+  assert export_cmd.main([f"--model_dir={run_dir}", f"--output_dir={tmp_path / 'done'}",
+                          "--overwrite"]) == 0
+  err = capsys.readouterr().err
+  assert f"{aside[0]} is an earlier export renamed aside by an interrupted --overwrite" in err
+  assert aside[0].exists()  # said, not deleted

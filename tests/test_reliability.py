@@ -130,6 +130,8 @@ def test_stale_lock_incomplete_and_unreadable_steps_are_skipped(tmp_path):
   arrays = sorted((d / "checkpoints" / "3" / "state").rglob("ocdbt.process_0/d/*"),
                   key=lambda p: p.stat().st_size)
   os.truncate(arrays[-1], 100)
+  # ... and the temporary folder of a save killed before its rename.
+  (d / "checkpoints" / "4.orbax-checkpoint-tmp-1700000000").mkdir()
   r = _run(d, "--gin.TRAIN_STEPS=6", "--gin.CHECKPOINT_PERIOD=1", SANE)
   assert r.returncode == 0, r.stderr[-3000:]
   lines = [l for l in r.stderr.splitlines() if l.startswith("openmoe-train: ")]
@@ -139,7 +141,10 @@ def test_stale_lock_incomplete_and_unreadable_steps_are_skipped(tmp_path):
              "resuming from checkpoint 2" in l for l in lines)
   assert checkpoint.list_steps(d) == [1, 2, 3, 4, 5, 6]
   aside = sorted(p.name for p in (d / checkpoint.SET_ASIDE_DIR).iterdir())
-  assert aside == ["3-unreadable", "5-incomplete"]  # kept for the user, not deleted
+  assert any(l.startswith("openmoe-train: 4.orbax-checkpoint-tmp-1700000000 is the temporary "
+                          "folder of a save that never finished") for l in lines)
+  assert aside == ["3-unreadable", "4.orbax-checkpoint-tmp-1700000000-unfinished",
+                   "5-incomplete"]  # kept for the user, not deleted
   assert "Traceback" not in r.stderr
 
 

@@ -126,7 +126,8 @@ def _write_raw_tree(root, long_chars):
   c4 = root / "rp" / "c4"
   c4.mkdir(parents=True)
   lines = [json.dumps({"text": f"document number {i} about tests."}) for i in range(40)]
-  lines += ["", json.dumps({"text": "   "}), json.dumps({"text": "x" * long_chars})]
+  lines += ["", json.dumps({"text": "   "}), json.dumps({"text": "x" * long_chars}),
+            json.dumps({"content": "the wrong field"}), json.dumps(["not", "an", "object"])]
   (c4 / "c4-train.00000.jsonl").write_bytes(
       "\n".join(lines).encode() + b"\n\x80\x81 broken utf8\n")
   with gzip.open(c4 / "c4-train.00001.jsonl.gz", "wt") as f:
@@ -143,7 +144,8 @@ def test_raw_files_with_bad_documents(tmp_path):
   src._max_chars = 2000  # pylint: disable=protected-access
   docs = [ex["text"] for ex in src.get_dataset("train", shuffle=False).as_numpy_iterator()]
   stats = sources.SOURCE_STATS["raw_c4_test"].snapshot()
-  assert stats == {"documents": 71, "empty": 2, "invalid_utf8": 1, "truncated": 1}
+  assert stats == {"documents": 71, "empty": 2, "invalid_utf8": 1, "missing_field": 2,
+                   "truncated": 1}  # a wrong field name is not counted as invalid UTF-8
   assert len(docs) == 71 and max(map(len, docs)) == 2000
   # the same files through a registered OpenMoE task, end to end
   gin.bind_parameter("tasks.sources.data_dirs.redpajama_dir", str(tmp_path / "rp"))
@@ -261,3 +263,21 @@ def test_full_lm_rows_end_as_append_eos_after_trim_makes_them():
     assert len(a["targets"]) == len(b["targets"])
     np.testing.assert_array_equal(a["targets"][:-1], b["targets"][:-1])
   assert any(b["targets"][-1] != eos for b in kept)
+
+
+def test_a_source_that_gives_no_example_is_one_line_naming_what_was_skipped(monkeypatch):
+  """An empty JSONL file, or one whose lines all lack the task's field: the first batch is one
+  line saying so, with the skipped documents by kind, not 'StopIteration'."""
+  from openmoe_jax.data import pipeline
+  from openmoe_jax.errors import UsageError
+  stats = corpus.DocumentStats()
+  stats.add("missing_field", 2)
+  monkeypatch.setattr(corpus, "SOURCE_STATS", {"no_field_test": stats})
+
+  def exhausted(self):
+    raise StopIteration
+
+  monkeypatch.setattr(pipeline.ShardedIterator, "__next__", exhausted)
+  it = pipeline.ShardedIterator.__new__(pipeline.ShardedIterator)
+  with pytest.raises(UsageError, match=r"my_task gives no training example: .*\b2 missing field"):
+    it.check_first_batch("my_task", {"targets": 32})

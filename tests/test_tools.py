@@ -138,3 +138,27 @@ def test_tools_fall_back_from_a_damaged_newest_checkpoint_as_a_resume_does(model
   assert r.returncode == 2 and "Traceback" not in r.stderr
   assert r.stderr.strip().splitlines()[-1].startswith(
       "openmoe-score: error: checkpoint 2 could not be read")
+
+
+def test_score_refuses_a_line_over_the_training_length_and_output_over_input(model_dir, tmp_path):
+  """The run trained at 32 tokens: a longer line is one line naming it, before any scoring;
+  --max_length raises the budget. An --output_file that is the --input_file is refused (for
+  openmoe-infer too) and the input is left as it was."""
+  inp = tmp_path / "in.txt"
+  inp.write_text("short\n" + " ".join(["word"] * 200) + "\n")
+  out = tmp_path / "out.jsonl"
+  r = _tool("openmoe_jax.commands.score", f"--model_dir={model_dir}", f"--input_file={inp}",
+            f"--output_file={out}")
+  assert r.returncode == 2 and not out.exists()
+  last = r.stderr.strip().splitlines()[-1]
+  assert last.startswith(f"openmoe-score: error: {inp}:2: ") and "over the length budget 32" in last
+  r = _tool("openmoe_jax.commands.score", f"--model_dir={model_dir}", f"--input_file={inp}",
+            f"--output_file={out}", "--max_length=4096")
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert len(out.read_text().splitlines()) == 2
+  before = inp.read_text()
+  for module in ("openmoe_jax.commands.score", "openmoe_jax.commands.infer"):
+    r = _tool(module, f"--model_dir={model_dir}", f"--input_file={inp}", f"--output_file={inp}")
+    assert r.returncode == 2, (module, r.stderr[-2000:])
+    assert "--output_file is the --input_file" in r.stderr.strip().splitlines()[-1]
+    assert inp.read_text() == before

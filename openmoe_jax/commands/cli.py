@@ -150,6 +150,15 @@ def add_model_dir_flags(parser: argparse.ArgumentParser, step: bool = True) -> N
                       "(repeatable)")
 
 
+def check_output_file(output_file: str, **inputs) -> None:
+  """UsageError when --output_file names one of the inputs (writing it would replace them)."""
+  import os
+  for flag, path in inputs.items():
+    if path and os.path.realpath(path) == os.path.realpath(output_file):
+      raise UsageError(f"--output_file is the --{flag} ({path}): writing it would replace "
+                       f"the input; choose another --output_file")
+
+
 def parse_tool_args(parser: argparse.ArgumentParser, argv):
   """(args, {ModelConfig field: typed value}) of a tool built with `add_model_dir_flags`:
   the --gin.NAME=VALUE / --gin_bindings model settings, then --model_override FIELD=VALUE."""

@@ -124,12 +124,7 @@ def _vocabulary(model_dir: str, task):
 
 
 def length_budget(model_dir: str, explicit) -> int:
-  if explicit:
-    return explicit
-  lengths = run_dir.run_info(model_dir).get("task_feature_lengths") or {}
-  if not lengths:
-    raise UsageError(f"{model_dir} records no training length: pass --max_length")
-  return int(sum(lengths.values()))
+  return run_dir.sequence_length(model_dir, explicit)
 
 
 def encode_prompts(rows, vocabulary, args, budget: int) -> list:
@@ -217,6 +212,7 @@ def main(argv=None):
 
   def body() -> int:
     args, overrides = cli.parse_tool_args(parser, argv)
+    cli.check_output_file(args.output_file, input_file=args.input_file)
     tmp.append(args.output_file + ".tmp")
     rows, step = run(args, overrides)
     with open(tmp[0], "w") as out:

@@ -16,7 +16,7 @@ import sys
 from openmoe_jax.errors import UsageError, error_line
 from openmoe_jax.commands import cli
 from openmoe_jax.training import run_dir
-from openmoe_jax.evaluation.scoring import read_text_lines  # noqa: F401
+from openmoe_jax.evaluation.scoring import check_lengths, read_text_lines  # noqa: F401
 from openmoe_jax.evaluation.scoring import score_lines  # noqa: F401
 
 
@@ -41,6 +41,9 @@ def main(argv=None):
   parser.add_argument("--output_file", required=True, help="JSON lines to write")
   parser.add_argument("--mixture_or_task_name",
                       help="task whose vocabulary to use (default: the one the run trained on)")
+  parser.add_argument("--max_length", type=int,
+                      help="longest line to score, in tokens (default: the run's training "
+                           "sequence length); a longer line is refused before anything is scored")
 
   def body() -> int:
     args, overrides = cli.parse_tool_args(parser, argv)
@@ -48,10 +51,13 @@ def main(argv=None):
     try:
       if not os.path.isfile(args.input_file):
         raise UsageError(f"input file not found: {args.input_file}")
+      cli.check_output_file(args.output_file, input_file=args.input_file)
       cfg = run_dir.load_model_config(args.model_dir, overrides)
-      params, step = run_dir.load_params(args.model_dir, args.step)
+      budget = run_dir.sequence_length(args.model_dir, args.max_length)
       vocabulary = _vocabulary(args.model_dir, args.mixture_or_task_name)
       lines = read_text_lines(args.input_file)
+      check_lengths(lines, vocabulary, budget, args.input_file)
+      params, step = run_dir.load_params(args.model_dir, args.step)
       with open(tmp, "w") as out:
         for line, (ids, logp) in zip(lines, score_lines(cfg, params, vocabulary, lines)):
           out.write(json.dumps({"text": line, "token_ids": ids, "log_probs": logp}) + "\n")

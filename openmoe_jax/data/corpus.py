@@ -81,12 +81,19 @@ class DocumentStats:
 SOURCE_STATS: dict = {}
 
 
+# What a document source yields for a JSON line without the document's field (or not an
+# object): not UTF-8, so it cannot be a document, and told apart from one that is not UTF-8.
+MISSING_FIELD = b"\xff<no such field>"
+SKIP_KINDS = ("empty", "invalid_utf8", "missing_field", "truncated")
+
+
 def skipped_document_counts() -> dict:
-  """{"empty": n, "invalid_utf8": n, "truncated": n} summed over every source read so far."""
+  """{"empty": n, "invalid_utf8": n, "missing_field": n, "truncated": n} summed over every
+  source read so far."""
   total = collections.Counter()
   for stats in list(SOURCE_STATS.values()):
     total.update(stats.snapshot())
-  return {k: int(total.get(k, 0)) for k in ("empty", "invalid_utf8", "truncated")}
+  return {k: int(total.get(k, 0)) for k in SKIP_KINDS}
 
 
 def clean_document(raw, stats: Optional[DocumentStats] = None,
@@ -95,13 +102,17 @@ def clean_document(raw, stats: Optional[DocumentStats] = None,
 
   Args:
     raw: bytes (decoded as strict UTF-8) or str.
-    stats: counters to update: `documents`, `empty`, `invalid_utf8`, `truncated`.
+    stats: counters to update: `documents`, `empty`, `invalid_utf8`, `missing_field`,
+      `truncated`.
     max_chars: documents are cut to this many characters.
 
   Returns:
     The text, or None for empty / undecodable documents.
   """
   stats = stats or DocumentStats()
+  if isinstance(raw, bytes) and raw == MISSING_FIELD:
+    stats.add("missing_field")
+    return None
   if isinstance(raw, bytes):
     try:
       raw = raw.decode("utf-8")

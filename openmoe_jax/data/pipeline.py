@@ -201,7 +201,12 @@ class DataIterator:
         self._iterator, self.resumed_by = iterator, "position"
         return
       except tf.errors.OpError as e:
-        self.restore_failure = f"the saved position did not restore ({error_line(e)})"
+        # The error text embeds the whole serialized state: its first words say enough.
+        why = error_line(e).split("{{")[0].strip()
+        self.restore_failure = f"the saved position did not restore ({why[:160]})"
+        # A dataset iterated once already draws another shuffle order on its next iteration:
+        # the replay starts from a fresh one, whose first iteration is the saved run's stream.
+        ds = build_dataset(self.config, self.shard_index, self.num_shards)
     if self._consumed:
       # Exact resume: replay the deterministic stream up to where the saved run stopped.
       ds = ds.skip(self._consumed)
@@ -331,6 +336,13 @@ class ShardedIterator:
     (it becomes the next batch; `set_state` drops it)."""
     try:
       self._first = next(self)
+    except StopIteration:
+      from openmoe_jax.data import corpus  # pylint: disable=g-import-not-at-top
+      skipped = {k: v for k, v in corpus.skipped_document_counts().items() if v}
+      said = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in skipped.items())
+      raise UsageError(f"{name} gives no training example: its source is empty or every "
+                       f"document was skipped ({said or 'none read'}; 'missing field': JSON "
+                       "lines without the field the task reads)") from None
     except KeyError as e:
       raise UsageError(f"TASK_FEATURE_LENGTHS {dict(lengths)} has no length for {e}, which "
                        f"{name} produces (a UL2 task needs 'inputs' and 'targets')") from None

@@ -48,7 +48,8 @@ def evaluate_and_report(params, eval_fn, batch_sh, step, writer, say, train_coun
   if "eval/unigram_cross_entropy" in ev:
     line += f" (unigram baseline {ev['eval/unigram_cross_entropy']:.2f})"
   if any(skipped.values()):
-    line += (f"; documents so far: {skipped['empty']} empty and {skipped['invalid_utf8']} "
-             f"invalid UTF-8 skipped, {skipped['truncated']} truncated")
+    line += (f"; documents so far: {skipped['empty']} empty, {skipped['invalid_utf8']} "
+             f"invalid UTF-8 and {skipped['missing_field']} without the text field skipped, "
+             f"{skipped['truncated']} truncated")
   say(line)
   return ev

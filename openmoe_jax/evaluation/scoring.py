@@ -19,6 +19,17 @@ def read_text_lines(path: str) -> list:
   return lines
 
 
+def check_lengths(lines, vocabulary, budget: int, path: str) -> None:
+  """UsageError naming the first line longer than `budget` tokens: a model scores the lengths
+  it was trained at (its memory grows with the line), so a longer line is refused, as
+  openmoe-infer refuses a prompt over its budget."""
+  for number, line in enumerate(lines, 1):
+    n = len(vocabulary.encode(line))
+    if n > budget:
+      raise UsageError(f"{path}:{number}: {n} tokens, over the length budget {budget} (the "
+                       "run's training length; --max_length sets another)")
+
+
 def score_lines(cfg, params, vocabulary, lines):
   """Yields (ids, log_probs) per line."""
   import jax

@@ -115,9 +115,34 @@ def _publish(tmp: str, output_dir: str, marker: dict) -> None:
   os.chmod(tmp, 0o777 & ~_umask())
   with open(os.path.join(tmp, EXPORT_MARKER), "w") as f:
     json.dump(marker, f)
-  if os.path.exists(output_dir):
-    shutil.rmtree(output_dir) if os.path.isdir(output_dir) else os.remove(output_dir)
+  if not os.path.exists(output_dir):
+    os.replace(tmp, output_dir)
+    return
+  # The earlier export is renamed aside before the new one is renamed in, and removed only
+  # then: a kill between the two renames leaves it under the aside name, not lost.
+  aside = tempfile.mkdtemp(prefix=os.path.basename(os.path.abspath(output_dir)) + ".old-",
+                           dir=os.path.dirname(os.path.abspath(output_dir)))
+  os.rmdir(aside)
+  os.replace(output_dir, aside)
   os.replace(tmp, output_dir)
+  shutil.rmtree(aside) if os.path.isdir(aside) else os.remove(aside)
+
+
+def _say_leftovers(output_dir: str) -> None:
+  """One line per folder an interrupted export left next to OUTPUT_DIR (its unfinished
+  `O.tmp-*`, or an earlier export renamed aside to `O.old-*`): kept, for the user to delete."""
+  from openmoe_jax.training import console
+  parent = os.path.dirname(os.path.abspath(output_dir))
+  base = os.path.basename(os.path.abspath(output_dir))
+  if not os.path.isdir(parent):
+    return
+  for name in sorted(os.listdir(parent)):
+    if name.startswith((base + ".tmp-", base + ".old-")):
+      what = ("an unfinished export" if ".tmp-" in name[len(base):]
+              else "an earlier export renamed aside by an interrupted --overwrite")
+      console.Say(None, prog=console.prog())(
+          f"{os.path.join(parent, name)} is {what}: not used; delete it when you no longer "
+          "need it")
 
 
 def check_output_dir(model_dir: str, output_dir: str, overwrite: bool) -> None:
@@ -158,6 +183,7 @@ def export_t5x(model_dir: str, output_dir: str, *, step=None, dtype: str = "floa
   if dtype not in _ST_DTYPES:
     raise UsageError(f"--dtype={dtype}: use float32 or bfloat16")
   check_output_dir(model_dir, output_dir, overwrite)
+  _say_leftovers(output_dir)
   cfg = run_dir.load_model_config(model_dir)
   paths = list(traverse_util.flatten_dict(abstract_params(cfg)))
   reader, step = _open_reader(model_dir, step)
@@ -194,6 +220,7 @@ def export(model_dir: str, output_dir: str, *, step=None, dtype: str = "float32"
   if dtype not in _ST_DTYPES:
     raise UsageError(f"--dtype={dtype}: use float32 or bfloat16")
   check_output_dir(model_dir, output_dir, overwrite)
+  _say_leftovers(output_dir)
   cfg = run_dir.load_model_config(model_dir)
   spm = _spm_path(model_dir, spm_path)
   reader, step = _open_reader(model_dir, step)

@@ -59,9 +59,20 @@ def incomplete_steps(model_dir) -> list[int]:
                 if p.name.isdigit() and not _is_complete(p))
 
 
-def set_aside(model_dir, step: int, reason: str) -> str:
-  """Moves checkpoint `step` to MODEL_DIR/checkpoints_set_aside/<step>-<reason>[-k]; returns the
-  new location. Nothing is deleted: the folder is kept for the user."""
+def unfinished_saves(model_dir) -> list[str]:
+  """Names of the temporary folders of saves that never finished (`<step>.orbax-checkpoint-tmp*`:
+  a save killed before its rename)."""
+  directory = checkpoint_dir(model_dir)
+  if not directory.exists():
+    return []
+  return sorted(p.name for p in directory.iterdir()
+                if p.is_dir() and '.orbax-checkpoint-tmp' in p.name)
+
+
+def set_aside(model_dir, step, reason: str) -> str:
+  """Moves checkpoint `step` (or a folder of checkpoints/ by name) to
+  MODEL_DIR/checkpoints_set_aside/<step>-<reason>[-k]; returns the new location. Nothing is
+  deleted: the folder is kept for the user."""
   src = str(checkpoint_dir(model_dir) / str(step))
   base = fs.join(fs.abspath(model_dir), SET_ASIDE_DIR, f'{step}-{reason}')
   dst, k = base, 1

@@ -31,12 +31,18 @@ def acquire_lock(model_dir: str, say) -> Optional[RunLock]:
 
 
 def set_aside_incomplete(model_dir: str, say) -> None:
-  """Moves step folders that are not complete checkpoints out of the way of saves."""
+  """Moves step folders that are not complete checkpoints, and the temporary folders of saves
+  that never finished, out of the way of saves (said, one line each; nothing is deleted). The
+  caller holds MODEL_DIR's lock, so no save of another process is under way."""
   if jax.process_index() == 0:
     for s in ckpt_lib.incomplete_steps(model_dir):
       where = ckpt_lib.set_aside(model_dir, s, "incomplete")
       say(f"checkpoint {s} is incomplete (an interrupted save or copy): not used, "
                  f"moved to {where}")
+    for name in ckpt_lib.unfinished_saves(model_dir):
+      where = ckpt_lib.set_aside(model_dir, name, "unfinished")
+      say(f"{name} is the temporary folder of a save that never finished: not used, moved "
+          f"to {where} (delete it to free the space)")
   ckpt_lib.allgather_json(0)  # every process waits for the moves
 
 

@@ -76,6 +76,19 @@ def write_model_config(model_dir: str, model_config: ModelConfig) -> None:
                 json.dumps(dataclasses.asdict(model_config), indent=1))
 
 
+def sequence_length(model_dir: str, explicit: Optional[int] = None) -> int:
+  """The length budget of the tools: `explicit` (--max_length), else the sequence length the
+  run trained at (run.json's task feature lengths, summed); UsageError when neither is known."""
+  if explicit is not None:
+    if explicit < 1:
+      raise UsageError(f"--max_length must be >= 1, got {explicit}")
+    return explicit
+  lengths = run_info(model_dir).get("task_feature_lengths") or {}
+  if not lengths:
+    raise UsageError(f"{model_dir} records no training length: pass --max_length")
+  return int(sum(lengths.values()))
+
+
 def append_eval_result(model_dir: str, result: dict) -> None:
   """One line of MODEL_DIR/eval_results.jsonl."""
   fs.append_text(fs.join(model_dir, EVAL_RESULTS), json.dumps(result) + "\n")
