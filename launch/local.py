@@ -48,8 +48,13 @@ def commands(args, train_args):
            argv) for i in range(args.num_processes)]
 
 
-def _forward(i: int, stream, lock: threading.Lock) -> None:
+def _forward(i: int, stream, lock: threading.Lock, held: dict) -> None:
+  """Prefixes process i's lines with [i]. A traceback is held back until the run ends: when
+  another process's failure caused it (it lost its peer), only that failure is said."""
   for line in stream:
+    if i in held or line.startswith("Traceback (most recent call last):"):
+      held.setdefault(i, []).append(line)
+      continue
     with lock:
       sys.stdout.write(f"[{i}] {line}")
       sys.stdout.flush()
@@ -58,7 +63,7 @@ def _forward(i: int, stream, lock: threading.Lock) -> None:
 def run_all(cmds) -> int:
   """Starts every process, forwards their output; returns 0 or the first failure's exit code."""
   lock = threading.Lock()
-  procs, threads = [], []
+  procs, threads, held = [], [], {}
   # Ctrl-C at a terminal reaches every process of the group: the training processes save a
   # checkpoint together and exit; this launcher waits for them. A second Ctrl-C stops them.
   presses = []
@@ -74,14 +79,14 @@ def run_all(cmds) -> int:
   for i, (env, argv) in enumerate(cmds):
     procs.append(subprocess.Popen(argv, env=dict(os.environ, **env), stdout=subprocess.PIPE,
                                   stderr=subprocess.STDOUT, text=True, errors="replace"))
-    threads.append(threading.Thread(target=_forward, args=(i, procs[-1].stdout, lock)))
+    threads.append(threading.Thread(target=_forward, args=(i, procs[-1].stdout, lock, held)))
     threads[-1].start()
   failed = None
   try:
     while failed is None and any(p.poll() is None for p in procs):
-      failed = next((i for i, p in enumerate(procs) if p.poll()), None)
-      time.sleep(0.2)
-    failed = next((i for i, p in enumerate(procs) if p.poll()), None)
+      failed = _first_failure(procs)
+      time.sleep(0.05)
+    failed = failed if failed is not None else _first_failure(procs)
   finally:  # a failure or Ctrl-C: the others would wait for it forever
     signal.signal(signal.SIGINT, previous)
     for p in procs:
@@ -90,11 +95,27 @@ def run_all(cmds) -> int:
     for p, t in zip(procs, threads):
       p.wait()
       t.join()
+  for i, lines in sorted(held.items()):
+    if failed is None or i == failed:  # its own failure (or a clean run's): shown in full
+      sys.stdout.write("".join(f"[{i}] {line}" for line in lines))
+  sys.stdout.flush()
   if failed is not None:
+    hidden = sorted(i for i in held if i != failed)
     print(f"local.py: process {failed} exited with code {procs[failed].returncode}; "
-          "the others were stopped", file=sys.stderr)
+          "the others were stopped" + (f" (the traceback of process {', '.join(map(str, hidden))}"
+                                       ", which lost its peer, is not shown)" if hidden else ""),
+          file=sys.stderr)
     return procs[failed].returncode if procs[failed].returncode > 0 else 1
   return 0
+
+
+def _first_failure(procs):
+  """The process whose failure came first: one killed by a signal (the cause: the others then
+  lose their peer and fail with an error of their own) before one that exited with an error."""
+  codes = [(i, p.poll()) for i, p in enumerate(procs)]
+  killed = [i for i, c in codes if c is not None and c < 0]
+  errored = [i for i, c in codes if c]
+  return (killed or errored or [None])[0]
 
 
 def main(argv=None) -> int:

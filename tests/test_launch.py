@@ -143,6 +143,25 @@ def test_local_stops_the_others_when_one_process_fails(tmp_path):
   assert r.stderr == "local.py: process 1 exited with code 5; the others were stopped\n"
 
 
+def test_local_names_the_killed_process_and_holds_back_its_peers_traceback(tmp_path):
+  """Process 0 is SIGKILLed; process 1 then loses its peer and fails with a traceback of its
+  own: the launcher names process 0 and does not print process 1's traceback."""
+  python = tmp_path / "python"
+  python.write_text(
+      '#!/bin/sh\necho "started $OPENMOE_PROCESS_INDEX"\n'
+      'if [ "$OPENMOE_PROCESS_INDEX" = 0 ]; then sleep 1; kill -9 $$; fi\n'
+      'sleep 0.2\necho "Traceback (most recent call last):"\n'
+      'echo "  File x, line 1"\necho "RuntimeError: coordination service: peer 0 is gone"\n'
+      'exec sleep 30\n')
+  python.chmod(0o755)
+  r = _launch("local.py", f"--python={python}", "--", *GIN, cwd=tmp_path)
+  assert r.returncode == 1
+  assert "[0] started 0" in r.stdout.splitlines()
+  assert "Traceback" not in r.stdout and "peer 0 is gone" not in r.stdout
+  assert r.stderr == ("local.py: process 0 exited with code -9; the others were stopped (the "
+                      "traceback of process 1, which lost its peer, is not shown)\n")
+
+
 @pytest.mark.parametrize("script,args,needle", [
     ("tpu_vm.py", [a for a in TPU if not a.startswith("--zone")], "--zone"),
     ("tpu_vm.py", [*TPU, "--zone=europe-west4"], "europe-west4"),
