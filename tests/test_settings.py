@@ -78,3 +78,29 @@ def test_the_command_prints_one_line_and_exits_2(tmp_path):
   assert r.stderr.strip().splitlines()[-1] == (
       "openmoe-train: error: KEEP_CHECKPOINTS=0: must be a positive integer")
   assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("bad,name", [({"eval_steps": 0}, "EVAL_STEPS"),
+                                      ({"batch_size": -1}, "BATCH_SIZE"),
+                                      ({"num_samples": 0}, "NUM_SAMPLES"),
+                                      ({"num_shots": -1}, "NUM_SHOTS"),
+                                      ({"no_drop": "yes"}, "EVAL_NO_DROP"),
+                                      ({"temperature": -0.5}, "TEMPERATURE"),
+                                      ({"top_p": 0.0}, "TOP_P"),
+                                      ({"num_examples": 0}, "NUM_EXAMPLES")])
+def test_eval_refuses_bad_settings_before_reading_or_writing(tmp_path, bad, name):
+  """openmoe-eval's EVAL_STEPS=0 would report the loss of no batch as 0.0 (perplexity 1): a
+  perfect model that is not. Refused first, with nothing read or appended."""
+  from openmoe_jax.evaluation import checkpoint_eval
+  with pytest.raises(UsageError, match=name):
+    checkpoint_eval.evaluate_checkpoint(model_dir=str(tmp_path / "nowhere"), **bad)
+  assert not (tmp_path / "nowhere").exists()
+
+
+def test_every_eval_argument_is_in_a_table_or_checked_by_name():
+  import inspect
+  from openmoe_jax.evaluation import checkpoint_eval
+  args = set(inspect.signature(checkpoint_eval.evaluate_checkpoint).parameters)
+  explicit = {"model_dir", "mixture_or_task_name", "task_feature_lengths", "split", "step",
+              "eval_capacity_factor", "num_examples", "temperature", "top_p"}
+  assert args == set(settings.EVAL_SETTINGS) | explicit

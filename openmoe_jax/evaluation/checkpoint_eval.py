@@ -18,6 +18,15 @@ def evaluate_checkpoint(*, model_dir: str = gin.REQUIRED, mixture_or_task_name: 
                         num_examples: Optional[int] = None, fewshot_seed: int = 0,
                         no_drop: bool = False, num_samples: int = 1, temperature: float = 0.0,
                         top_p: float = 1.0, sample_seed: int = 0) -> dict:
+  from openmoe_jax.training import settings
+  settings.check(locals(), settings.EVAL_SETTINGS)
+  if num_examples is not None and (isinstance(num_examples, bool) or
+                                   not isinstance(num_examples, int) or num_examples < 1):
+    raise UsageError(f"NUM_EXAMPLES={num_examples!r}: must be a positive integer (or None)")
+  if not (isinstance(temperature, (int, float)) and temperature >= 0):
+    raise UsageError(f"TEMPERATURE={temperature!r}: must be a number >= 0")
+  if not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
+    raise UsageError(f"TOP_P={top_p!r}: must be a number in (0, 1]")
   from openmoe_jax.data import pipeline as data_lib
   from openmoe_jax.model import partitioning as part
   from openmoe_jax.training import steps

@@ -35,6 +35,18 @@ CHECKED_ELSEWHERE = ("model_config", "model_dir", "mixture_or_task_name", "task_
                      "num_data_shards", "num_expert_replicas", "initial_checkpoint_dir",
                      "partitioning_rules")
 
+# `openmoe-eval`'s settings (`evaluate_checkpoint`, macros of runs/eval.gin), the same way:
+# EVAL_STEPS=0 would report the loss of no batch as 0 (a perfect model that is not).
+EVAL_SETTINGS = {
+    "batch_size": ("BATCH_SIZE", POSITIVE),
+    "eval_steps": ("EVAL_STEPS", POSITIVE),
+    "num_shots": ("NUM_SHOTS", NON_NEGATIVE),
+    "num_samples": ("NUM_SAMPLES", POSITIVE),
+    "fewshot_seed": ("FEWSHOT_SEED", INTEGER),
+    "sample_seed": ("SAMPLE_SEED", INTEGER),
+    "no_drop": ("EVAL_NO_DROP", FLAG),
+}
+
 _MUST = {POSITIVE: "a positive integer", NON_NEGATIVE: "a non-negative integer",
          INTEGER: "an integer", FLAG: "True or False"}
 
@@ -47,9 +59,9 @@ def _ok(value: Any, rule: str) -> bool:
   return {POSITIVE: value >= 1, NON_NEGATIVE: value >= 0, INTEGER: True}[rule]
 
 
-def check(values: Mapping[str, Any]) -> None:
-  """Raises UsageError for the first setting in `values` that breaks its rule."""
-  for arg, (name, rule) in SETTINGS.items():
+def check(values: Mapping[str, Any], table: Mapping[str, tuple] = SETTINGS) -> None:
+  """Raises UsageError for the first setting in `values` that breaks its rule in `table`."""
+  for arg, (name, rule) in table.items():
     if arg in values and not _ok(values[arg], rule):
       raise UsageError(f"{name}={values[arg]!r}: must be {_MUST[rule]}")
   lengths = values.get("task_feature_lengths")
