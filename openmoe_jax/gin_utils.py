@@ -19,6 +19,7 @@ from openmoe_jax.model import partitioning
 from openmoe_jax.model.config import ModelConfig
 from openmoe_jax.errors import (UsageError, UsageFileNotFoundError,  # noqa: F401  re-exported
                                 UsageValueError, error_line)
+from openmoe_jax.model import config as config_lib
 
 
 @functools.lru_cache(maxsize=None)
@@ -266,7 +267,6 @@ def model_overrides(bindings: Sequence[str]) -> Dict[str, Any]:
   are typed by the field (`config.field_value`).
   """
   import ast  # pylint: disable=g-import-not-at-top
-  from openmoe_jax.model import config as config_lib  # pylint: disable=g-import-not-at-top
   fields = _macro_fields()
   out = {}
   for b in bindings:

@@ -119,3 +119,51 @@ def test_the_import_graph_has_no_cycle():
   graph = _graph()
   assert {"tasks", "tasks.downstream", "launch.local", "openmoe_jax.model.moe"} <= set(graph)
   assert not _cycles(graph), _cycles(graph)
+
+
+# Modules of ours that load TensorFlow, seqio, torch or transformers when imported: a late
+# import of one of them keeps that cost (and their start-up noise) off the paths that do not
+# need it. Checked below against their own top-level imports, so the list cannot go stale.
+HEAVY = {"openmoe_jax.data.vocab": "seqio", "openmoe_jax.data.ul2": "seqio",
+         "openmoe_jax.interop.hf.modeling_openmoe": "torch",
+         "openmoe_jax.interop.hf.tokenization_openmoe": "sentencepiece"}
+
+
+def _top_level_imports(path: pathlib.Path) -> set:
+  out = set()
+  for node in ast.parse(path.read_text()).body:
+    if isinstance(node, ast.Import):
+      out |= {a.name.split(".")[0] for a in node.names}
+    elif isinstance(node, ast.ImportFrom) and node.module:
+      out.add(node.module.split(".")[0])
+  return out
+
+
+def test_late_imports_of_our_modules_each_have_a_reason():
+  """An import inside a function of an openmoe_jax or tasks module is either of a module that
+  loads a heavy library (tasks: TensorFlow and seqio; HEAVY) or says why on its line
+  (`# late: ...`, e.g. JAX loads after a command's flags parse, for a quick --help)."""
+  modules = _modules()
+  for name, dep in HEAVY.items():
+    assert dep in _top_level_imports(modules[name]), (name, dep)
+  unexplained = []
+  for name, path in modules.items():
+    if not name.startswith("openmoe_jax.") or name in ALIASES or path.name == "__init__.py":
+      continue
+    lines = path.read_text().splitlines()
+    for fn in ast.walk(ast.parse(path.read_text())):
+      if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+        continue
+      for node in ast.walk(fn):
+        if isinstance(node, ast.ImportFrom) and node.module and not node.level:
+          targets = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        elif isinstance(node, ast.Import):
+          targets = [a.name for a in node.names]
+        else:
+          continue
+        if not any(t.split(".")[0] in ("openmoe_jax", "tasks") for t in targets):
+          continue
+        heavy = any(t.split(".")[0] == "tasks" or t in HEAVY for t in targets)
+        if not heavy and "# late:" not in lines[node.lineno - 1] and "late (" not in lines[node.lineno - 1]:
+          unexplained.append(f"{path.relative_to(ROOT)}:{node.lineno}: {lines[node.lineno - 1].strip()}")
+  assert not unexplained, "\n".join(sorted(set(unexplained)))

@@ -68,7 +68,7 @@ def main(argv=None):
       cfg = run_dir.load_model_config(args.model_dir, overrides)
       if not cfg.moe_layers:
         raise UsageError("the model has no MoE layer: nothing to analyse")
-      from openmoe_jax.training import checkpoint
+      from openmoe_jax.training import checkpoint  # late: JAX after the flags
       have = checkpoint.list_steps(args.model_dir)
       if args.steps and not re.fullmatch(r"\d+(,\d+)*", args.steps):
         raise UsageError(f"--steps must be comma-separated integers, got {args.steps!r}")
@@ -78,7 +78,7 @@ def main(argv=None):
         raise UsageError(f"no checkpoint for steps {missing or steps} in "
                                    f"{args.model_dir} (have {have})")
       import tasks  # noqa: F401  registers tasks (slow: TensorFlow), so after the cheap checks
-      from openmoe_jax.data import pipeline as data
+      from openmoe_jax.data import pipeline as data  # late: JAX after the flags
       info = run_dir.run_info(args.model_dir)
       names = (args.mixture_or_task_name or info.get("mixture_or_task_name") or "").split(",")
       names = [n for n in names if n]

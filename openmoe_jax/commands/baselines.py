@@ -11,12 +11,13 @@ import json
 import sys
 
 from openmoe_jax.evaluation.unigram import token_counts, unigram_cross_entropy
+from openmoe_jax.commands import cli
 
 
 def unigram_entropy(mixture_or_task_name: str, task_feature_lengths, *, batch_size: int = 16,
                     num_batches: int = 200, vocab_size=None) -> dict:
   import tasks  # noqa: F401
-  from openmoe_jax.data import pipeline as data
+  from openmoe_jax.data import pipeline as data  # late: JAX after the flags
   vocab = data.get_provider(mixture_or_task_name).output_features["targets"].vocabulary
   size = vocab_size or vocab.vocab_size
   def take(split, n):
@@ -31,7 +32,6 @@ def unigram_entropy(mixture_or_task_name: str, task_feature_lengths, *, batch_si
 
 
 def main(argv=None):
-  from openmoe_jax.commands import cli
   cli.start_command(argv)
   parser = argparse.ArgumentParser(prog="python -m openmoe_jax.baselines", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -12,6 +12,7 @@ import threading
 from typing import Callable, Tuple, Union
 
 from openmoe_jax.errors import TrainingError, UsageError, error_line
+from openmoe_jax.planning import tpu
 
 
 def quiet_libraries() -> None:
@@ -93,7 +94,6 @@ def start_command(argv) -> None:
   """What every console command does first: quiet library start-up and, when run from the
   shell (argv None), the native-noise filter on stderr."""
   quiet_libraries()
-  from openmoe_jax.planning import tpu  # libtpu without a TPU: keep JAX on the CPU, quietly
   tpu.quiet_cpu_default()
   if argv is None:
     filter_native_stderr()
@@ -113,7 +113,7 @@ def run(prog: str, fn: Callable[[], int], user_errors: Tuple[type, ...] = ()) ->
   pipelines, whose TensorFlow finalizers print warnings) are collected before the line is
   printed, so it stays the last one.
   """
-  from openmoe_jax.training import console
+  from openmoe_jax.training import console  # late: JAX after the flags (quick --help)
   console.set_prog(prog)
   message, code = None, 0
   try:
@@ -162,8 +162,8 @@ def check_output_file(output_file: str, **inputs) -> None:
 def parse_tool_args(parser: argparse.ArgumentParser, argv):
   """(args, {ModelConfig field: typed value}) of a tool built with `add_model_dir_flags`:
   the --gin.NAME=VALUE / --gin_bindings model settings, then --model_override FIELD=VALUE."""
-  from openmoe_jax import gin_utils
-  from openmoe_jax.model import config as config_lib
+  from openmoe_jax import gin_utils  # late: JAX after the flags (quick --help)
+  from openmoe_jax.model import config as config_lib  # late: JAX after the flags
   dot, rest = gin_utils.split_gin_dot_flags(list(sys.argv[1:] if argv is None else argv))
   args = parser.parse_args(rest)
   overrides = gin_utils.model_overrides(args.gin_bindings + dot)
@@ -176,7 +176,7 @@ def parse_tool_args(parser: argparse.ArgumentParser, argv):
 
 def build_parser(prog: str, doc: str) -> argparse.ArgumentParser:
   """An argparse parser with the gin flags and the multi-host flags of openmoe-train."""
-  from openmoe_jax import gin_utils
+  from openmoe_jax import gin_utils  # late: JAX after the flags (quick --help)
   parser = argparse.ArgumentParser(prog=prog, description=doc,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   gin_utils.add_gin_flags(parser)

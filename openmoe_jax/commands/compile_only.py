@@ -3,6 +3,7 @@ parsed run gins describe (`openmoe_jax.planning.plan`)."""
 
 from openmoe_jax.errors import UsageError
 from openmoe_jax.planning.plan import ESTIMATE_NOTE, plan, report  # noqa: F401
+from openmoe_jax.planning import tpu
 
 
 def add_flags(parser, *, compile_only: bool) -> None:
@@ -27,7 +28,7 @@ def train_settings() -> dict:
   macros resolved, unset %gin.REQUIRED ones (MODEL_DIR, data) left as gin's sentinel."""
   import inspect
   import gin
-  from openmoe_jax.training import loop as train
+  from openmoe_jax.training import loop as train  # late: JAX after the flags
   params = inspect.signature(train.train).parameters
   out = {k: p.default for k, p in params.items() if p.default is not inspect.Parameter.empty}
   out.update(gin.get_bindings("train"))
@@ -37,7 +38,7 @@ def train_settings() -> dict:
 def plan_of_run(cfg, slice_name: str, memory_budget_gib=None) -> dict:
   """The TPU plan of exactly the step the parsed run gins describe (their mesh, batch,
   microbatches, optimizer, routing replicas and partitioning rules)."""
-  from openmoe_jax import gin_utils
+  from openmoe_jax import gin_utils  # late: JAX after the flags (quick --help)
   s = train_settings()
   missing = [k for k in ("batch_size", "task_feature_lengths")
              if not isinstance(s.get(k), (int, dict))]
@@ -61,8 +62,7 @@ def compile_only(cfg, args, prog: str = "openmoe-train") -> int:
 def compile_only_command(args, dot_bindings, prog: str = "openmoe-train") -> int:
   """openmoe-train's --compile_only: parse the run's gin files (run macros that only data and
   MODEL_DIR use may stay unset), then plan its step. Reads no data, writes nothing."""
-  from openmoe_jax import gin_utils
-  from openmoe_jax.planning import tpu
+  from openmoe_jax import gin_utils  # late: JAX after the flags (quick --help)
   if not args.compile_only:
     raise UsageError("--tpu plans a run: add --compile_only (openmoe-train does not run on a "
                      "compile-only slice)")
@@ -70,7 +70,7 @@ def compile_only_command(args, dot_bindings, prog: str = "openmoe-train") -> int
     raise UsageError("--compile_only needs --tpu=TYPE (e.g. --tpu=v3-256): the slice to plan for")
   tpu.compile_host(tpu.parse_slice(args.tpu))
   import tasks  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
-  from openmoe_jax.commands import configurables  # noqa: F401  registers `train` for the run gins
+  from openmoe_jax.commands import configurables  # noqa: F401  late: JAX after the flags; `train`
   gin_utils.parse_gin(args.gin_file, args.gin_bindings + dot_bindings, args.gin_search_paths,
                       finalize=False)
   return compile_only(gin_utils.model_config(), args, prog)

@@ -22,11 +22,11 @@ import sys
 
 from openmoe_jax import gin_utils
 from openmoe_jax.commands import configurables
+from openmoe_jax.commands.cli import build_parser, init_distributed, start_command
+from openmoe_jax.commands import cli
 
 
 def main(argv=None):
-  from openmoe_jax.commands import cli
-  from openmoe_jax.commands.cli import build_parser, init_distributed, start_command
   start_command(argv)
   parser = build_parser("openmoe-eval", __doc__)
 

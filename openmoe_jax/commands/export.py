@@ -27,10 +27,10 @@ import sys
 
 from openmoe_jax.interop.hf_export import export  # noqa: F401
 from openmoe_jax.interop.hf_export import export_t5x  # noqa: F401
+from openmoe_jax.commands import cli
 
 
 def main(argv=None):
-  from openmoe_jax.commands import cli  # pylint: disable=g-import-not-at-top
   cli.start_command(argv)
   parser = argparse.ArgumentParser(prog="openmoe-export", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)

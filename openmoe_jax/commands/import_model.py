@@ -32,10 +32,10 @@ from openmoe_jax import gin_utils
 from openmoe_jax.errors import UsageError
 from openmoe_jax.interop.hf_import import import_checkpoint  # noqa: F401
 from openmoe_jax.interop.hf_import import import_t5x  # noqa: F401
+from openmoe_jax.commands import cli
 
 
 def main(argv=None):
-  from openmoe_jax.commands import cli  # pylint: disable=g-import-not-at-top
   cli.start_command(argv)
   parser = argparse.ArgumentParser(prog="openmoe-import", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)

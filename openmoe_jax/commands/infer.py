@@ -29,6 +29,7 @@ import sys
 from openmoe_jax.errors import UsageError, error_line
 from openmoe_jax.commands import cli
 from openmoe_jax.training import run_dir
+from openmoe_jax.data import chat
 
 UsageError = UsageError
 
@@ -112,7 +113,7 @@ def read_prompts(path: str) -> list:
 
 def _vocabulary(model_dir: str, task):
   import tasks  # noqa: F401  registers tasks
-  from openmoe_jax.data import pipeline as data
+  from openmoe_jax.data import pipeline as data  # late: JAX after the flags
   name = task or run_dir.run_info(model_dir).get("mixture_or_task_name")
   if not name:
     raise UsageError("cannot tell the vocabulary: the run records no task "
@@ -128,7 +129,6 @@ def length_budget(model_dir: str, explicit) -> int:
 
 
 def encode_prompts(rows, vocabulary, args, budget: int) -> list:
-  from openmoe_jax.data import chat
   encoded = []
   for number, row in enumerate(rows, 1):
     ids = (chat.prompt_ids(vocabulary, row["prompt"], args.system_prompt) if args.chat_template
@@ -145,10 +145,9 @@ def encode_prompts(rows, vocabulary, args, budget: int) -> list:
 def run(args, overrides=None) -> tuple:
   """Checks everything, then decodes; yields nothing to disk. Returns (rows, step)."""
   import jax
-  from openmoe_jax.data import chat
-  from openmoe_jax.evaluation import decoding
-  from openmoe_jax.evaluation import downstream
-  from openmoe_jax.model import partitioning
+  from openmoe_jax.evaluation import decoding  # late: JAX after the flags
+  from openmoe_jax.evaluation import downstream  # late: JAX after the flags
+  from openmoe_jax.model import partitioning  # late: JAX after the flags
   try:
     sampling = decoding.Sampling(args.temperature, args.top_k, args.top_p)
   except ValueError as e:

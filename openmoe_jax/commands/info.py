@@ -31,10 +31,11 @@ from openmoe_jax import gin_utils
 from openmoe_jax.errors import UsageError
 from openmoe_jax.model.config import ModelConfig
 from openmoe_jax.model.counts import summarize
+from openmoe_jax.commands import cli
+from openmoe_jax.planning import tpu
 
 
 def main(argv=None):
-  from openmoe_jax.commands import cli
   cli.start_command(argv)
   parser = argparse.ArgumentParser(prog="openmoe-info", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -52,7 +53,7 @@ def main(argv=None):
   aot.add_argument("--memory_budget_gib", type=float,
                    help="fail (exit 3) when the per-device peak exceeds this (TPU v3: 16; with "
                         "--tpu the default is the chip's HBM)")
-  from openmoe_jax.commands import compile_only as tpu_plan
+  from openmoe_jax.commands import compile_only as tpu_plan  # late: JAX after the flags
   tpu_plan.add_flags(parser, compile_only=False)
 
   def body() -> int:
@@ -62,7 +63,6 @@ def main(argv=None):
       raise UsageError("--tpu and --num_devices exclude each other: the slice sets "
                                  "the devices")
     if args.tpu:
-      from openmoe_jax.planning import tpu
       args.compile = True
       tpu.compile_host(tpu.parse_slice(args.tpu))
     if args.num_devices:  # before any backend starts: fake CPU devices
@@ -71,7 +71,7 @@ def main(argv=None):
     if not args.gin_file:
       raise UsageError("--gin_file is required, e.g. --gin_file=models/openmoe_8b.gin")
     # Run gins bind `train`: register it. Not finalized, so unset run macros are not required.
-    from openmoe_jax.commands import configurables  # noqa: F401  registers `train` (run gins bind it)
+    from openmoe_jax.commands import configurables  # noqa: F401  late: JAX after the flags; `train`
     gin_utils.parse_gin(args.gin_file, args.gin_bindings + dot_bindings, args.gin_search_paths,
                         finalize=False)
     cfg = gin_utils.model_config()
@@ -105,8 +105,8 @@ def main(argv=None):
 def _compile(cfg: ModelConfig, args, run_settings: dict) -> dict:
   """The training step compiled for a (data, expert, model) mesh of this process's devices,
   set up as the run would set it up (`training.run_setup.build`)."""
-  from openmoe_jax.training import run_setup
-  from openmoe_jax.training import state_layout as layout
+  from openmoe_jax.training import run_setup  # late: JAX after the flags
+  from openmoe_jax.training import state_layout as layout  # late: JAX after the flags
   run = run_setup.build(
       cfg, batch_size=args.batch_size, seq_len=args.seq_len,
       num_expert_partitions=args.num_expert_partitions,

@@ -12,6 +12,7 @@ import sys
 from typing import Optional, Sequence
 
 from openmoe_jax.errors import UsageError, error_line
+from openmoe_jax.commands import cli
 
 
 class _Parser(argparse.ArgumentParser):
@@ -104,7 +105,7 @@ def inspect(args, out=None) -> None:
   out = out or sys.stdout
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   import tasks  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
-  from openmoe_jax.data import pipeline as data  # pylint: disable=g-import-not-at-top
+  from openmoe_jax.data import pipeline as data  # late: JAX after the flags
   from tasks import sources  # pylint: disable=g-import-not-at-top
   provider = data.get_provider(args.mixture_or_task_name)
   _apply_locations(args)
@@ -126,7 +127,6 @@ def inspect(args, out=None) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-  from openmoe_jax.commands import cli  # pylint: disable=g-import-not-at-top
   cli.start_command(argv)
   args = build_parser().parse_args(argv)
 

@@ -22,7 +22,7 @@ from openmoe_jax.evaluation.scoring import score_lines  # noqa: F401
 
 def _vocabulary(model_dir: str, task: str):
   import tasks  # noqa: F401  registers tasks
-  from openmoe_jax.data import pipeline as data
+  from openmoe_jax.data import pipeline as data  # late: JAX after the flags
   name = task or run_dir.run_info(model_dir).get("mixture_or_task_name")
   if not name:
     raise UsageError("cannot tell the vocabulary: pass --mixture_or_task_name")

@@ -17,9 +17,9 @@ from openmoe_jax.errors import UsageError
 
 def main(argv=None):
   cli.start_command(argv)
-  from openmoe_jax import gin_utils
+  from openmoe_jax import gin_utils  # late: JAX after the flags (quick --help)
   parser = cli.build_parser("openmoe-train", __doc__)
-  from openmoe_jax.commands import compile_only as tpu_plan  # --compile_only --tpu: plan the run's step
+  from openmoe_jax.commands import compile_only as tpu_plan  # late: JAX after the flags
   tpu_plan.add_flags(parser, compile_only=True)
   argv = sys.argv[1:] if argv is None else argv
 
@@ -32,7 +32,7 @@ def main(argv=None):
       return tpu_plan.compile_only_command(args, dot)
     cli.init_distributed(args)
     import tasks  # noqa: F401  registers the seqio tasks the run gins name
-    from openmoe_jax.commands import configurables  # `train`, gin-bound
+    from openmoe_jax.commands import configurables  # late: JAX after the flags; `train`, gin-bound
     # Names every %gin.REQUIRED macro left unset in one line (gin itself stops at the first).
     gin_utils.parse_gin(args.gin_file, args.gin_bindings + dot, args.gin_search_paths)
     cfg = gin_utils.model_config()

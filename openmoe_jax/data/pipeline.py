@@ -22,7 +22,9 @@ from typing import Any, Dict, Iterator, Mapping, Optional
 
 import numpy as np
 
+from openmoe_jax.data import corpus
 from openmoe_jax.errors import UsageError, UsageValueError, error_line
+from openmoe_jax.training.checkpoint import allgather_json
 
 BATCH_KEYS = ("decoder_target_tokens", "decoder_input_tokens", "decoder_loss_weights",
               "decoder_segment_ids", "decoder_positions")
@@ -337,7 +339,6 @@ class ShardedIterator:
     try:
       self._first = next(self)
     except StopIteration:
-      from openmoe_jax.data import corpus  # pylint: disable=g-import-not-at-top
       skipped = {k: v for k, v in corpus.skipped_document_counts().items() if v}
       said = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in skipped.items())
       raise UsageError(f"{name} gives no training example: its source is empty or every "
@@ -366,7 +367,6 @@ class ShardedIterator:
   @staticmethod
   def _gather(mine: list) -> list:
     """Every process's shard states, in shard order (collective)."""
-    from openmoe_jax.training.checkpoint import allgather_json  # pylint: disable=g-import-not-at-top
     return sorted((s for part in allgather_json(mine) for s in part),
                   key=lambda s: s["shard_index"])
 

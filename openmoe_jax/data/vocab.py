@@ -19,6 +19,7 @@ import seqio
 from openmoe_jax.errors import UsageFileNotFoundError, UsageValueError
 
 from openmoe_jax.data.special_tokens import BOS_ID, EOS_ID, PAD_ID, UNK_ID  # noqa: F401
+from openmoe_jax.data import corpus
 OPENMOE_EXTRA_IDS = 300
 UMT5_PIECES = 256_000
 SPM_PATH_ENV = "OPENMOE_SPM_PATH"
@@ -84,7 +85,6 @@ def openmoe_vocabulary(extra_ids: int = OPENMOE_EXTRA_IDS) -> seqio.Vocabulary:
 
 def builtin_vocabulary(extra_ids: int = OPENMOE_EXTRA_IDS) -> seqio.Vocabulary:
   """The built-in corpus vocabulary: 7892 stdlib pieces + `extra_ids` sentinels."""
-  from openmoe_jax.data import corpus  # pylint: disable=g-import-not-at-top
   return seqio.SentencePieceVocabulary(str(corpus.SPM_PATH), extra_ids=extra_ids)
 
 

@@ -9,6 +9,11 @@ import jax
 from openmoe_jax.errors import UsageError, error_line
 from openmoe_jax.training import run_dir
 from openmoe_jax.evaluation.heldout import evaluate
+from openmoe_jax.training import settings
+from openmoe_jax.data import pipeline as data_lib
+from openmoe_jax.model import partitioning as part
+from openmoe_jax.training import steps
+from openmoe_jax.evaluation import downstream
 
 
 def evaluate_checkpoint(*, model_dir: str = gin.REQUIRED, mixture_or_task_name: Optional[str] = None,
@@ -18,7 +23,6 @@ def evaluate_checkpoint(*, model_dir: str = gin.REQUIRED, mixture_or_task_name: 
                         num_examples: Optional[int] = None, fewshot_seed: int = 0,
                         no_drop: bool = False, num_samples: int = 1, temperature: float = 0.0,
                         top_p: float = 1.0, sample_seed: int = 0) -> dict:
-  from openmoe_jax.training import settings
   settings.check(locals(), settings.EVAL_SETTINGS)
   if num_examples is not None and (isinstance(num_examples, bool) or
                                    not isinstance(num_examples, int) or num_examples < 1):
@@ -27,9 +31,6 @@ def evaluate_checkpoint(*, model_dir: str = gin.REQUIRED, mixture_or_task_name: 
     raise UsageError(f"TEMPERATURE={temperature!r}: must be a number >= 0")
   if not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
     raise UsageError(f"TOP_P={top_p!r}: must be a number in (0, 1]")
-  from openmoe_jax.data import pipeline as data_lib
-  from openmoe_jax.model import partitioning as part
-  from openmoe_jax.training import steps
   overrides = {} if eval_capacity_factor is None else {"eval_capacity_factor": eval_capacity_factor}
   overrides.update({"no_drop": True} if no_drop else {})
   cfg = run_dir.load_model_config(model_dir, overrides)
@@ -47,7 +48,6 @@ def evaluate_checkpoint(*, model_dir: str = gin.REQUIRED, mixture_or_task_name: 
   batch_sh = part.batch_sharding(mesh)
   if batch_size % mesh.size:
     raise UsageError(f"BATCH_SIZE={batch_size} must divide by {mesh.size} devices")
-  from openmoe_jax.evaluation import downstream
   if downstream.eval_tasks(name):  # a task with metric_fns: generation / scoring metrics
     result = downstream.evaluate_all(
         params, cfg, name, split=split, budget=int(sum(lengths.values())), num_shots=num_shots,

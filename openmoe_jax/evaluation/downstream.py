@@ -24,6 +24,11 @@ from typing import Callable, Dict, List, Optional
 import numpy as np
 
 from openmoe_jax.errors import UsageError, error_line
+from openmoe_jax.data import pipeline as data
+from openmoe_jax.evaluation import decoding
+from openmoe_jax.evaluation import likelihood
+from openmoe_jax import fs
+from openmoe_jax.training import metrics_writer
 
 SPECS: Dict[str, "EvalSpec"] = {}
 FIELDS = {"predict": ("inputs", "targets"), "score": ("inputs", "choices", "label")}
@@ -91,7 +96,6 @@ def read_examples(name: str, split: str, limit: Optional[int] = None) -> List[di
 def prompt_rows(name: str, split: str, limit: Optional[int]) -> List[dict]:
   """openmoe-infer prompts from a task: [{"prompt", "target"}] (the caller registers its tasks,
   e.g. `import tasks`)."""
-  from openmoe_jax.data import pipeline as data
   try:
     data.get_provider(name)
   except ValueError as e:
@@ -152,7 +156,6 @@ def _run_metrics(fns, targets, **kwargs) -> Dict[str, float]:
 
 def check_sampling(num_samples: int, temperature: float, top_p: float):
   """The decoding.Sampling of the eval settings (UsageError for bad ones)."""
-  from openmoe_jax.evaluation import decoding
   if num_samples < 1:
     raise UsageError(f"NUM_SAMPLES must be >= 1, got {num_samples}")
   try:
@@ -173,7 +176,6 @@ def evaluate_task(params, cfg, name: str, *, split: str, budget: int, num_shots:
                   sample_seed: int = 0) -> Dict[str, float]:
   """Metrics of one eval task: {metric: value} plus `num_examples`."""
   import seqio
-  from openmoe_jax.evaluation import likelihood
   task = seqio.get_mixture_or_task(name)
   spec, kind = SPECS[name], metric_kind(task)
   sampling = check_sampling(num_samples, temperature, top_p)
@@ -247,7 +249,6 @@ def predict(params, cfg, vocabulary, contexts, spec: EvalSpec, budget: int, batc
             mesh=None, *, sampling=None, rng=None) -> List[str]:
   """Completions of the contexts (greedy unless `sampling`, a decoding.Sampling, says otherwise;
   `rng`: its jax.random key), truncated from the left to fit the budget."""
-  from openmoe_jax.evaluation import decoding
   room = budget - 1 - spec.max_new_tokens
   if room < 1:
     raise UsageError(f"length budget {budget} leaves no room for a prompt")
@@ -263,8 +264,6 @@ def predict(params, cfg, vocabulary, contexts, spec: EvalSpec, budget: int, batc
 
 def write_tensorboard(model_dir: str, step: int, results: Dict[str, float]) -> None:
   """Scalars under MODEL_DIR/tensorboard/inference_eval at the checkpoint's step (t5x's name)."""
-  from openmoe_jax import fs
-  from openmoe_jax.training import metrics_writer
   writer = metrics_writer._tensorboard_writer(  # pylint: disable=protected-access
       fs.join(model_dir, "tensorboard", "inference_eval"))
   if writer is None:

@@ -9,6 +9,8 @@ under the eval routing settings; contexts lose tokens from the left to fit the l
 from typing import List, Sequence, Tuple
 
 import numpy as np
+from openmoe_jax.evaluation import decoding
+from openmoe_jax.training import steps
 
 
 def split_pair(vocabulary, context: str, continuation: str) -> Tuple[List[int], List[int]]:
@@ -26,8 +28,6 @@ def sequence_log_probs(params, cfg, rows: Sequence[Tuple[List[int], List[int]]],
   """Sum of ln p(continuation tokens | BOS, context, earlier continuation tokens) per row."""
   import jax
   import jax.numpy as jnp
-  from openmoe_jax.evaluation import decoding
-  from openmoe_jax.training import steps
   fn = jax.jit(lambda p, b: steps.token_log_probs(p, b, cfg=cfg))
   multiple = max(cfg.num_experts, 1) * cfg.num_expert_replicas
   if mesh is not None:

@@ -12,6 +12,10 @@ from openmoe_jax import fs
 from openmoe_jax.evaluation import routing_stats as analysis
 from openmoe_jax.training import run_dir
 from openmoe_jax.errors import UsageError
+from openmoe_jax.model import routing
+from openmoe_jax.model.transformer import Transformer
+from openmoe_jax.model.moe import Router
+from openmoe_jax.data import pipeline as data
 
 REPORT = "routing_report.json"
 
@@ -26,9 +30,6 @@ def make_routing_fn(cfg, capacity_factor: float):
   """
   import jax
   from flax import traverse_util
-  from openmoe_jax.model import routing
-  from openmoe_jax.model.transformer import Transformer
-  from openmoe_jax.model.moe import Router
   # remat would wrap the layers in a transform that capture_intermediates cannot see through.
   run_cfg = cfg.replace(eval_capacity_factor=capacity_factor, remat_policy="none")
 
@@ -56,7 +57,6 @@ def make_routing_fn(cfg, capacity_factor: float):
 
 def group_settings(cfg, batch_size: int, length: int, capacity_factors) -> dict:
   """Tokens per routing group and expert capacity per capacity factor, as the layer computes."""
-  from openmoe_jax.model import routing
   _, _, groups, per_group = routing.group_layout(cfg, batch_size, length)
   caps = {str(cf): routing.group_capacity(cfg, per_group, cf) for cf in capacity_factors}
   return {"num_groups": groups, "tokens_per_group": per_group, "expert_capacity": caps}
@@ -98,7 +98,6 @@ def collect(cfg, params, batches, capacity_factors, routing_cf, position_bins, p
 
 def _batches(task, lengths, batch_size, split, seed, num_tokens):
   """Up to `num_tokens` real tokens of `task`: the same stream for every checkpoint."""
-  from openmoe_jax.data import pipeline as data
   it = data.make_iterator(task, lengths, batch_size, split=split, seed=seed, num_epochs=1,
                           shard_index=0, num_shards=1)
   seen = 0
@@ -110,7 +109,6 @@ def _batches(task, lengths, batch_size, split, seed, num_tokens):
 
 
 def _decoder(task):
-  from openmoe_jax.data import pipeline as data
   voc = data.get_provider(task).output_features["targets"].vocabulary
   piece = getattr(getattr(voc, "tokenizer", None), "id_to_piece", None)
   def decode(i):

@@ -3,6 +3,7 @@
 """
 
 from openmoe_jax.errors import UsageError
+from openmoe_jax.training import steps
 
 
 def read_text_lines(path: str) -> list:
@@ -35,7 +36,6 @@ def score_lines(cfg, params, vocabulary, lines):
   import jax
   import jax.numpy as jnp
   import numpy as np
-  from openmoe_jax.training import steps
   fn = jax.jit(lambda p, b: steps.token_log_probs(p, b, cfg=cfg))
   multiple = max(cfg.num_experts, 1) * cfg.num_expert_replicas
   for line in lines:

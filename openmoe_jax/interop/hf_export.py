@@ -10,11 +10,16 @@ import tempfile
 import numpy as np
 
 from openmoe_jax import fs
+from openmoe_jax.data import corpus
 from openmoe_jax.data import special_tokens
 from openmoe_jax.training import run_dir
 from openmoe_jax.errors import error_line
 from openmoe_jax.interop.hf import name_map
 from openmoe_jax.errors import UsageError
+from openmoe_jax.training import console
+from openmoe_jax.training import checkpoint as ckpt_lib
+from openmoe_jax.interop import t5x as t5x_checkpoint
+from openmoe_jax.model.counts import abstract_params
 
 _ST_DTYPES = {"float32": "F32", "bfloat16": "BF16"}
 _HERE = os.path.dirname(os.path.abspath(__file__))
@@ -75,7 +80,6 @@ def _spm_path(model_dir: str, explicit) -> str:
     return explicit
   task = run_dir.run_info(model_dir).get("mixture_or_task_name", "")
   if task.startswith("builtin"):
-    from openmoe_jax.data import corpus
     return str(corpus.SPM_PATH)
   env = os.environ.get("OPENMOE_SPM_PATH")
   if env and fs.isfile(env):
@@ -131,7 +135,6 @@ def _publish(tmp: str, output_dir: str, marker: dict) -> None:
 def _say_leftovers(output_dir: str) -> None:
   """One line per folder an interrupted export left next to OUTPUT_DIR (its unfinished
   `O.tmp-*`, or an earlier export renamed aside to `O.old-*`): kept, for the user to delete."""
-  from openmoe_jax.training import console
   parent = os.path.dirname(os.path.abspath(output_dir))
   base = os.path.basename(os.path.abspath(output_dir))
   if not os.path.isdir(parent):
@@ -170,7 +173,6 @@ def check_output_dir(model_dir: str, output_dir: str, overwrite: bool) -> None:
 
 def _open_reader(model_dir: str, step):
   """(ParamReader, step) of checkpoint `step`, or of the newest whose metadata reads."""
-  from openmoe_jax.training import checkpoint as ckpt_lib
   return run_dir.read_checkpoint(model_dir, step, lambda s: ckpt_lib.ParamReader(model_dir, s))
 
 
@@ -178,8 +180,6 @@ def export_t5x(model_dir: str, output_dir: str, *, step=None, dtype: str = "floa
                overwrite: bool = False) -> dict:
   """MODEL_DIR's checkpoint as OUTPUT_DIR/checkpoint_<step> in t5x's layout, array by array."""
   from flax import traverse_util
-  from openmoe_jax.interop import t5x as t5x_checkpoint
-  from openmoe_jax.model.counts import abstract_params
   if dtype not in _ST_DTYPES:
     raise UsageError(f"--dtype={dtype}: use float32 or bfloat16")
   check_output_dir(model_dir, output_dir, overwrite)

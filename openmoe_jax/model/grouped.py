@@ -208,7 +208,7 @@ def expert_ffn(x, group_sizes, wi_0, wi_1, wo, *, keep=None, impl: str = "auto",
   if impl == "ragged_dot":
     return _ragged(x, group_sizes, wi_0, wi_1, wo, keep)
   if impl == "pallas":
-    from openmoe_jax.model import pallas_grouped  # pylint: disable=g-import-not-at-top
+    from openmoe_jax.model import pallas_grouped  # late: Pallas TPU kernels load only when chosen
     return pallas_grouped.expert_ffn(x, group_sizes, wi_0, wi_1, wo, keep=keep)
   if impl != "blocked":
     raise ValueError(f"unknown grouped matmul {impl!r}; choose from {GROUPED_MATMULS}")

@@ -23,6 +23,14 @@ import json
 import math
 import sys
 import time
+from openmoe_jax.model import grouped
+from openmoe_jax.model import moe
+from openmoe_jax.planning import target
+from openmoe_jax.planning import tpu
+from openmoe_jax.model import counts
+from openmoe_jax.planning import hlo_stats
+from openmoe_jax.training import run_setup
+from openmoe_jax.training import state_layout as layout
 
 
 ESTIMATE_NOTE = ("compiler estimate: XLA:TPU cost analysis (optimal_seconds, else the roofline "
@@ -32,9 +40,6 @@ ESTIMATE_NOTE = ("compiler estimate: XLA:TPU cost analysis (optimal_seconds, els
 
 def _resolve_auto(cfg):
   """'auto' choices as a TPU run makes them (the trace happens on a CPU host)."""
-  from openmoe_jax.model import grouped
-  from openmoe_jax.model import moe
-  from openmoe_jax.planning import target
   with target.compiling_for("tpu"):
     return cfg.replace(dispatch=moe.resolve_dispatch(cfg.dispatch),
                        grouped_matmul=grouped.resolve(cfg.grouped_matmul))
@@ -60,11 +65,9 @@ def plan(cfg, slice_name: str, *, num_expert_partitions: int, num_model_partitio
 
   Configuration errors (unknown slice, mesh, experts, batch, groups) raise UsageError.
   """
-  from openmoe_jax.planning import tpu
   s = tpu.parse_slice(slice_name)
   added = tpu.compile_host(s)
   try:
-    from openmoe_jax.training import run_setup
     run = run_setup.build(
         cfg, batch_size=batch_size, seq_len=seq_len,
         num_expert_partitions=num_expert_partitions, num_model_partitions=num_model_partitions,
@@ -79,11 +82,6 @@ def plan(cfg, slice_name: str, *, num_expert_partitions: int, num_model_partitio
 
 def _plan(run, s, *, seed, with_hlo, memory_budget_gib):
   import jax
-  from openmoe_jax.model import counts
-  from openmoe_jax.planning import hlo_stats
-  from openmoe_jax.training import state_layout as layout
-  from openmoe_jax.planning import target
-  from openmoe_jax.planning import tpu
   mesh, tx, schedule = run.mesh, run.tx, run.schedule
   batch_size, seq_len, num_microbatches = run.batch_size, run.seq_len, run.num_microbatches
   optimizer = run.optimizer
@@ -159,7 +157,6 @@ def _over_hbm(err, s, devices, mesh, cfg, batch_size, seq_len, num_microbatches,
   """XLA:TPU refuses to compile a program whose buffers exceed the HBM: the plan says so, with
   the temporaries the compiler reported as a lower bound of the peak."""
   import re
-  from openmoe_jax.planning import tpu
   m = re.search(r"HLO temporaries \(([0-9.]+)([KMGT])", str(err))
   temp = int(float(m.group(1)) * 1024 ** " KMGT".index(m.group(2))) if m else 0
   return {

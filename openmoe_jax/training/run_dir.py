@@ -15,6 +15,8 @@ from openmoe_jax import fs
 from openmoe_jax.model import config as config_lib
 from openmoe_jax.model.config import ModelConfig
 from openmoe_jax.errors import UsageError, error_line
+from openmoe_jax.training import console
+from openmoe_jax.training import resume
 
 MODEL_CONFIG, RUN_INFO, CONFIG_GIN = "model_config.json", "run.json", "config.gin"
 EVAL_RESULTS = "eval_results.jsonl"   # one JSON line per openmoe-eval run
@@ -177,8 +179,6 @@ def read_checkpoint(model_dir: str, step: Optional[int], read, say=None):
   """(read(step), step) of checkpoint `step`, or with None of the newest checkpoint that reads
   (newer damaged ones are said and skipped: `resume.read_newest`). `say` prints a line
   (default: on stderr, prefixed with the command's name)."""
-  from openmoe_jax.training import console
-  from openmoe_jax.training import resume
   if step is not None:
     step = checkpoint_step(model_dir, step)
     try:

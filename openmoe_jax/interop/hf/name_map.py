@@ -10,6 +10,7 @@ from typing import Iterator, NamedTuple
 
 from openmoe_jax.data import special_tokens
 from openmoe_jax.model import config as config_lib
+from openmoe_jax.model import routing
 
 # (scope, flax path template, HF key template, transpose). Scopes: 'global' once per model,
 # 'layer' every layer, 'dense' layers without experts, 'moe' expert layers. `{i}` = layer.
@@ -82,7 +83,6 @@ def hf_shape(flax_shape, transpose: bool) -> tuple:
 def _no_drop(cfg) -> bool:
   """A dropless model computes every assignment: in the exported code, router_no_drop.
   ('adaptive' capacity has no counterpart there; it exports as fixed capacity.)"""
-  from openmoe_jax.model import routing  # pylint: disable=g-import-not-at-top
   return routing.never_drops(cfg)
 
 
