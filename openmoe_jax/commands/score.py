@@ -53,6 +53,8 @@ def main(argv=None):
         raise UsageError(f"input file not found: {args.input_file}")
       cli.check_output_file(args.output_file, input_file=args.input_file)
       cfg = run_dir.load_model_config(args.model_dir, overrides)
+      if args.step is not None:
+        run_dir.checkpoint_step(args.model_dir, args.step)  # a missing step: said first
       budget = run_dir.sequence_length(args.model_dir, args.max_length)
       vocabulary = _vocabulary(args.model_dir, args.mixture_or_task_name)
       lines = read_text_lines(args.input_file)
