@@ -13,6 +13,11 @@ from openmoe_jax.model.config import ModelConfig
 from openmoe_jax.interop.hf import name_map
 from openmoe_jax.training import run_dir
 from openmoe_jax.errors import UsageError
+from openmoe_jax.model.counts import abstract_params
+from openmoe_jax.interop import t5x as t5x_checkpoint
+from openmoe_jax.training import checkpoint as ckpt_lib
+from openmoe_jax.training import steps
+from openmoe_jax.training.optimizer import make_optimizer
 
 
 def _fail(msg):
@@ -148,8 +153,11 @@ def count_nonfinite(array: np.ndarray) -> int:
   if array.dtype.kind in "iub":  # integers and bools are always finite
     return 0
   flat = array.reshape(-1)
-  return sum(int(flat.size - np.count_nonzero(np.isfinite(flat[i:i + _FINITE_CHUNK])))
-             for i in range(0, flat.size, _FINITE_CHUNK))
+  bad = 0
+  for i in range(0, flat.size, _FINITE_CHUNK):
+    chunk = flat[i:i + _FINITE_CHUNK]
+    bad += int(chunk.size - np.count_nonzero(np.isfinite(chunk)))
+  return bad
 
 
 def _check_finite(array: np.ndarray, where: str, fix: str) -> None:
@@ -168,7 +176,6 @@ def load_params(hf_dir: str, cfg: ModelConfig) -> dict:
   Any failure is one line naming the tensor and its file, before anything is written.
   """
   from flax import traverse_util
-  from openmoe_jax.model.counts import abstract_params
   want = traverse_util.flatten_dict(abstract_params(cfg))
   files = weight_files(hf_dir)
   entries = list(name_map.entries(cfg.num_layers, cfg.is_moe_layer))
@@ -243,8 +250,6 @@ def import_t5x(checkpoint_path: str, model_dir: str, *, gin_files=(), gin_bindin
                step=None, param_dtype: str = "float32", optimizer_state: bool = False) -> dict:
   """Writes MODEL_DIR from an OpenMoE t5x checkpoint; returns a summary. Raises UsageError."""
   from flax import traverse_util
-  from openmoe_jax.interop import t5x as t5x_checkpoint
-  from openmoe_jax.model.counts import abstract_params
   _check_empty(model_dir)
   if not gin_files:
     _fail("--t5x_checkpoint needs the model's --gin_file (e.g. models/openmoe_8b.gin)")
@@ -313,7 +318,6 @@ def _commit(model_dir: str, cfg: ModelConfig, params, step: int, source: dict,
 
 def _write_model_dir(dest: str, cfg: ModelConfig, state, step: int, source: dict) -> None:
   """The checkpoint, imported_from.json, then model_config.json into `dest` (path or URL)."""
-  from openmoe_jax.training import checkpoint as ckpt_lib
   with ckpt_lib.Checkpointer(dest, async_save=False) as ckpt:
     ckpt.save(step, state, {}, force=True)
   fs.write_text(fs.join(dest, run_dir.IMPORTED_FROM), json.dumps(source))
@@ -324,7 +328,5 @@ def _fresh_opt_state(params, cfg: ModelConfig):
   """A fresh OpenMoE Adafactor state for `params` (the train loop's default optimizer)."""
   import jax
   import jax.numpy as jnp
-  from openmoe_jax.training import steps
-  from openmoe_jax.training.optimizer import make_optimizer
   tx, _ = make_optimizer("adafactor", param_axes=steps.param_axes(cfg))
   return tx.init(jax.tree.map(jnp.asarray, params))
