@@ -27,6 +27,7 @@ from openmoe_jax.training import resume
 from openmoe_jax.training import run_dir
 from openmoe_jax.training import run_setup
 from openmoe_jax.training import settings
+from openmoe_jax.training import spikes
 from openmoe_jax.training import steps
 from openmoe_jax.model.config import ModelConfig
 from openmoe_jax.errors import TrainingError, UsageError, error_line  # noqa: F401  TrainingError re-exported
@@ -59,7 +60,10 @@ def train(model_config: ModelConfig, *, model_dir: str = gin.REQUIRED,
           pack: bool = True, progress_bar: bool = True, fail_on_nan: bool = True,
           num_data_shards: Optional[int] = None, num_expert_replicas: Optional[int] = None,
           initial_checkpoint_dir: Optional[str] = None,
-          partitioning_rules: Optional[Sequence] = None) -> Dict[str, Any]:
+          partitioning_rules: Optional[Sequence] = None, spike_rollbacks: int = 0,
+          spike_threshold: float = 6.0, spike_skip_batches: int = 0,
+          spike_min_steps: int = 10, spike_window: int = 100,
+          spike_rollback_steps: int = 1) -> Dict[str, Any]:
   """Trains `model_config` on a seqio task or mixture; returns a summary of the run.
 
   Args mirror t5x's pretrain.gin macros: MODEL_DIR, MIXTURE_OR_TASK_NAME, TASK_FEATURE_LENGTHS,
@@ -77,6 +81,15 @@ def train(model_config: ModelConfig, *, model_dir: str = gin.REQUIRED,
     the learning-rate schedule follows it, as in t5x).
   partitioning_rules: logical axis -> mesh axes (default `partitioning.LOGICAL_AXIS_RULES`;
     openmoe-train passes the gin-bound `openmoe_jax.partitioning.axis_rules`).
+  spike_rollbacks: how many loss-spike rollbacks the run may make (PaLM section 5.1; see
+    `spikes.py` and docs/checkpoints.md "Loss spikes"). 0 (default): no detector, today's
+    behaviour. Otherwise a step whose loss or grad_norm is non-finite or above the running mean
+    + spike_threshold x std (after spike_min_steps steps; statistics over about spike_window
+    steps) is undone: the run restores the newest checkpoint at least spike_rollback_steps
+    steps before it (PaLM: about 100), sets the newer ones aside, skips the batches from that
+    checkpoint's data position up to the spike's batch plus spike_skip_batches more, and
+    records the decision in MODEL_DIR/spikes.jsonl. A spike after the last allowed rollback
+    stops the run (TrainingError).
 
   Returns:
     {"step", "seconds", "steps_run", "model_dir", "checkpoint", "metrics_file", "train",
@@ -84,6 +97,9 @@ def train(model_config: ModelConfig, *, model_dir: str = gin.REQUIRED,
   """
   # --- checks: configuration errors are one line (exit code 2) before anything is written ---
   settings.check(locals())
+  if not (isinstance(spike_threshold, (int, float)) and not isinstance(spike_threshold, bool)
+          and spike_threshold > 0):
+    raise UsageError(f"train.spike_threshold={spike_threshold!r}: must be a positive number")
   t_start = time.perf_counter()
   try:
     fs.check_writable_dir(model_dir)
@@ -134,9 +150,9 @@ def train(model_config: ModelConfig, *, model_dir: str = gin.REQUIRED,
     if interrupts.requested:
       return _stopped_at_start(interrupts, model_dir, train_steps, t_start)
     # --- state: the newest checkpoint that reads, else an initial checkpoint, else init ---
-    ckpt, state, data_note = _restore_or_init(run, model_dir, keep_checkpoints,
-                                              initial_checkpoint_dir, state_sh, abstract,
-                                              train_iter, seed)
+    ckpt, state, data_note, spike_state = _restore_or_init(
+        run, model_dir, keep_checkpoints, initial_checkpoint_dir, state_sh, abstract,
+        train_iter, seed)
     step = int(jax.device_get(state["step"]))
     if interrupts.requested:
       if ckpt is not None:
@@ -172,11 +188,18 @@ def train(model_config: ModelConfig, *, model_dir: str = gin.REQUIRED,
           task_feature_lengths=task_feature_lengths, split=eval_split, batch_size=batch_size,
           shuffle=False, seed=seed, pack=pack, num_epochs=1)
 
+    guard = None
+    if spike_rollbacks:
+      guard = _SpikeGuard(
+          spikes.SpikeDetector(spike_threshold, min_steps=spike_min_steps, window=spike_window),
+          model_dir, allowed=spike_rollbacks, skip_batches=spike_skip_batches,
+          rollback_steps=spike_rollback_steps,
+          abstract=abstract, keep_checkpoints=keep_checkpoints, saved=spike_state)
     result = _loop(run, state, step, train_steps, step_fn, eval_fn, batch_sh, train_iter,
                    eval_iter, ckpt, model_dir, checkpoint_period=checkpoint_period,
                    eval_period=eval_period, eval_steps=eval_steps, log_period=log_period,
                    peak_flops_per_device=peak_flops_per_device, progress_bar=progress_bar,
-                   fail_on_nan=fail_on_nan, interrupts=interrupts)
+                   fail_on_nan=fail_on_nan, interrupts=interrupts, guard=guard)
   finally:
     interrupts.restore()
     if lock is not None:
@@ -202,8 +225,9 @@ def _stopped_at_start(interrupts, model_dir, train_steps, t_start, step=None) ->
 
 def _restore_or_init(run, model_dir, keep_checkpoints, initial_checkpoint_dir, state_sh,
                      abstract, train_iter, seed):
-  """(checkpointer or None, state, note on the data position or None): the newest checkpoint
-  of MODEL_DIR that reads, else the parameters of `initial_checkpoint_dir`, else a fresh init."""
+  """(checkpointer or None, state, note on the data position or None, the spike detector's saved
+  state or None): the newest checkpoint of MODEL_DIR that reads, else the parameters of
+  `initial_checkpoint_dir`, else a fresh init."""
   resume.set_aside_incomplete(model_dir, console.Say(None))
   restored = resume.restore_newest(model_dir, abstract, keep_checkpoints, console.Say(None))
   if restored is not None:
@@ -211,20 +235,26 @@ def _restore_or_init(run, model_dir, keep_checkpoints, initial_checkpoint_dir, s
     positions = ckpt_lib.read_positions(model_dir, restored_step, train_iter.shard_indices)
     # Another pipeline's position: UsageError. A saved tf.data position restores in constant
     # time; without one the stream is replayed (said, with the reason).
-    return ckpt, state, train_iter.set_state(data_state, positions)
+    return (ckpt, state, train_iter.set_state(data_state, positions),
+            data_state.get(_SPIKE_KEY))
   if initial_checkpoint_dir:
     return None, resume.init_from(initial_checkpoint_dir, run.tx, abstract, state_sh,
-                                  run.mesh), None
+                                  run.mesh), None, None
   with jax.set_mesh(run.mesh), nn.logical_axis_rules(run.rules):
     state = jax.jit(lambda r: part.unbox(run.init_fn(r)), out_shardings=state_sh)(
         jax.random.key(seed))
-  return None, state, None
+  return None, state, None, None
 
 
 def _loop(run, state, step, train_steps, step_fn, eval_fn, batch_sh, train_iter, eval_iter, ckpt,
           model_dir, *, checkpoint_period, eval_period, eval_steps, log_period,
-          peak_flops_per_device, progress_bar, fail_on_nan, interrupts) -> Dict[str, Any]:
-  """Steps from `step` to TRAIN_STEPS (or a stop signal): logs, saves finite states, evaluates."""
+          peak_flops_per_device, progress_bar, fail_on_nan, interrupts,
+          guard=None) -> Dict[str, Any]:
+  """Steps from `step` to TRAIN_STEPS (or a stop signal): logs, saves finite states, evaluates.
+
+  With a `_SpikeGuard`, every step's loss and grad_norm go to its detector one step late (at a
+  save step at once, so a spiky state is never saved); a spike rolls the run back.
+  """
   cfg, length, batch_size = run.cfg, run.seq_len, run.batch_size
   first_step = step
   writer = MetricsWriter(model_dir, enabled=jax.process_index() == 0)
@@ -242,6 +272,7 @@ def _loop(run, state, step, train_steps, step_fn, eval_fn, batch_sh, train_iter,
         f"(raise TRAIN_STEPS to continue)")
   pending, t_last, logged_at = None, None, step
   saved_at = ckpt.latest_step()
+  watch = None  # (step, metrics) of the last step the spike guard has not seen yet
   try:
     with jax.set_mesh(run.mesh), nn.logical_axis_rules(run.rules):
       while step < end:
@@ -249,6 +280,15 @@ def _loop(run, state, step, train_steps, step_fn, eval_fn, batch_sh, train_iter,
         add_counts(unigram_counts, host_batch)
         state, metrics = step_fn(state, data_lib.to_global_arrays(host_batch, batch_sh))
         step += 1
+        # The spike guard sees the previous step now (the host does not wait on the device).
+        if guard is not None and watch is not None:
+          seen, watch = watch, None
+          rolled = guard.check(*seen, step_now=step, state=state, ckpt=ckpt,
+                               train_iter=train_iter, say=say)
+          if rolled is not None:
+            state, step, ckpt, pending = _after_rollback(rolled, pending)
+            saved_at, t_last, logged_at = ckpt.latest_step(), time.perf_counter(), step
+            continue
         # Fetch the previous logged step's metrics only now, so the host does not wait on the
         # device to write them.
         if pending is not None:
@@ -268,9 +308,22 @@ def _loop(run, state, step, train_steps, step_fn, eval_fn, batch_sh, train_iter,
                      length * batch_size, flops_per_token, peak)
           t_last, logged_at = now, step
         stop = interrupts.stop_at(step)
-        if step % checkpoint_period == 0 or step == end or stop:
+        save = step % checkpoint_period == 0 or step == end or stop
+        if guard is not None:
+          if save:  # this step's state may be saved only once the guard has seen it
+            rolled = guard.check(step, metrics, step_now=step, state=state, ckpt=ckpt,
+                                 train_iter=train_iter, say=say)
+            if rolled is not None:
+              state, step, ckpt, pending = _after_rollback(rolled, pending)
+              saved_at, t_last, logged_at = ckpt.latest_step(), time.perf_counter(), step
+              continue
+          else:
+            watch = (step, metrics)
+        if save:
           if _finite_or_stop(step, metrics, ckpt, fail_on_nan, say):
             data_state, positions = train_iter.checkpoint_items()
+            if guard is not None:
+              data_state = {**data_state, _SPIKE_KEY: guard.get_state()}
             ckpt.save(step, state, data_state, force=True, data_positions=positions)
             saved_at = step
           writer.flush()  # URL model dirs rewrite metrics.jsonl at most every minute otherwise
@@ -298,6 +351,102 @@ def _loop(run, state, step, train_steps, step_fn, eval_fn, batch_sh, train_iter,
               ckpt_lib.checkpoint_dir(model_dir) / str(saved_at)),
           "metrics_file": fs.join(model_dir, METRICS_FILE), "train": last, "eval": last_eval,
           "stopped_by": interrupts.signal_name}
+
+
+_SPIKE_KEY = "spikes"  # the spike guard's state, beside the data position in a checkpoint
+
+
+def _after_rollback(rolled, pending):
+  """(state, step, checkpointer, pending) after a rollback: the metrics waiting to be logged
+  are dropped when they are of the spike's step or later (those steps are undone)."""
+  state, step, ckpt, spike_step = rolled
+  if pending is not None and pending[0] >= spike_step:
+    pending = None
+  return state, step, ckpt, pending
+
+
+class _SpikeGuard:
+  """Acts on the decisions of a `spikes.SpikeDetector`: rolls back to the newest checkpoint
+  before a spike, sets the newer ones aside, skips the spike's batches, records the decision.
+
+  Its state (detector statistics, rollbacks made) is saved in each checkpoint's data item, so a
+  rollback or a resume restores it as it was there: a rerun killed after a rollback restores
+  the same checkpoint, meets the same spike and makes the same decision.
+  """
+
+  def __init__(self, detector, model_dir, *, allowed, skip_batches, rollback_steps, abstract,
+               keep_checkpoints, saved=None):
+    self.detector, self.model_dir, self.rollback_steps = detector, model_dir, rollback_steps
+    self.allowed, self.skip_batches = allowed, skip_batches
+    self.abstract, self.keep_checkpoints = abstract, keep_checkpoints
+    saved = saved or {}
+    self.detector.set_state(saved.get("detector"))
+    self.used = int(saved.get("rollbacks", 0))
+
+  def get_state(self) -> Dict[str, Any]:
+    return {"detector": self.detector.get_state(), "rollbacks": self.used}
+
+  def check(self, step, metrics, *, step_now, state, ckpt, train_iter, say):
+    """None when step `step` is normal; else (state, step, checkpointer, spike step) after
+    the rollback. `step_now` is the step the loop has reached (the state of the steps after
+    `step` is discarded). TrainingError when no rollback is left or no checkpoint is older."""
+    m = jax.device_get({k: metrics[k] for k in ("loss", "grad_norm", steps.STATE_FINITE)})
+    loss, grad_norm = float(m["loss"]), float(m["grad_norm"])
+    mean = self.detector.mean["loss"]
+    if math.isfinite(loss) and math.isfinite(grad_norm) and m[steps.STATE_FINITE] <= 0:
+      reason = "the update made the parameters or optimizer state non-finite"
+    else:  # a non-finite loss or grad_norm is said as such; a spiky state is not added
+      reason = self.detector.check(loss, grad_norm)
+    if reason is None:
+      return None
+    what = (f"loss spike at step {step} (loss {loss:.4g}, grad_norm {grad_norm:.4g}; "
+            f"running mean {mean:.4g})")
+    ckpt.wait_until_finished()
+    # Never a checkpoint of the spike's step or later (it holds the spike's update); with
+    # spike_rollback_steps > 1 not the last steps before it either (their state may already be
+    # on the way to the spike).
+    older = [s for s in ckpt.all_steps() if s <= step - self.rollback_steps]
+    if self.used >= self.allowed or not older:
+      why = (f"all {self.allowed} rollbacks of train.spike_rollbacks are used"
+             if self.used >= self.allowed else
+             f"no checkpoint at least train.spike_rollback_steps={self.rollback_steps} steps "
+             "before it to roll back to")
+      latest = ckpt.latest_step()
+      kept = (f"the newest checkpoint, step {latest}, holds a state from before the spike"
+              if latest is not None else "no checkpoint has been written")
+      raise TrainingError(f"{what}: {reason}; {why}; stopped without saving it; {kept}: lower "
+                          "the learning rate (OPTIMIZER_KWARGS) or raise train.spike_rollbacks "
+                          "and run again to resume")
+    target = older[-1]
+    # The batch position right after the spike's batch: one batch was read per step since.
+    after_spike = (train_iter.get_state()["shards"][0]["batches_consumed"] - (step_now - step))
+    ckpt.close()  # reopened once the newer steps are out of its listing
+    newer = [s for s in ckpt_lib.list_steps(self.model_dir) if s > target]
+    moved = []
+    if jax.process_index() == 0:
+      moved = [ckpt_lib.set_aside(self.model_dir, s, "spike") for s in newer]
+    ckpt_lib.allgather_json(0)  # every process waits for the moves
+    ckpt = ckpt_lib.Checkpointer(self.model_dir, max_to_keep=self.keep_checkpoints)
+    state, data_state = ckpt.restore(target, self.abstract)
+    positions = ckpt_lib.read_positions(self.model_dir, target, train_iter.shard_indices)
+    train_iter.set_state(data_state, positions)
+    # The detector as it was at the target; the rollbacks made keep counting (a rerun from the
+    # target makes them again, in the same order, so it counts alike).
+    self.detector.set_state((data_state.get(_SPIKE_KEY) or {}).get("detector"))
+    self.used += 1
+    start = data_state["shards"][0]["batches_consumed"]
+    stop = max(after_spike + self.skip_batches, start)
+    for _ in range(stop - start):  # the skipped batches are read, not trained on
+      next(train_iter)
+    if jax.process_index() == 0:
+      spikes.record(self.model_dir, {
+          "step": step, "reason": reason, "loss": loss, "grad_norm": grad_norm,
+          "running_mean_loss": mean, "rolled_back_to": target,
+          "skipped_batches": [start, stop], "set_aside": moved, "rollback": self.used,
+          "rollbacks_allowed": self.allowed})
+    say(f"{what}: rolled back to checkpoint {target}, skipping batches {start}..{stop - 1}; "
+        f"rollback {self.used} of {self.allowed}")
+    return state, int(jax.device_get(state["step"])), ckpt, step
 
 
 def _finite_or_stop(step, metrics, ckpt, fail_on_nan: bool, say) -> bool:

@@ -28,12 +28,18 @@ SETTINGS = {
     "pack": ("train.pack", FLAG),
     "progress_bar": ("train.progress_bar", FLAG),
     "fail_on_nan": ("train.fail_on_nan", FLAG),
+    "spike_rollbacks": ("train.spike_rollbacks", NON_NEGATIVE),  # 0: no spike detector
+    "spike_skip_batches": ("train.spike_skip_batches", NON_NEGATIVE),
+    "spike_min_steps": ("train.spike_min_steps", NON_NEGATIVE),
+    "spike_window": ("train.spike_window", POSITIVE),
+    "spike_rollback_steps": ("train.spike_rollback_steps", POSITIVE),
 }
 # Settings checked elsewhere, with their own messages: the model dir, data, optimizer, mesh.
 CHECKED_ELSEWHERE = ("model_config", "model_dir", "mixture_or_task_name", "task_feature_lengths",
                      "eval_split", "optimizer", "optimizer_kwargs", "peak_flops_per_device",
                      "num_data_shards", "num_expert_replicas", "initial_checkpoint_dir",
-                     "partitioning_rules")
+                     "partitioning_rules",
+                     "spike_threshold")  # a positive float: checked in train()
 
 # `openmoe-eval`'s settings (`evaluate_checkpoint`, macros of runs/eval.gin), the same way:
 # EVAL_STEPS=0 would report the loss of no batch as 0 (a perfect model that is not).
