@@ -356,7 +356,7 @@ def test_sigterm_during_start_up_exits_cleanly_and_releases_the_lock(tmp_path):
   says so, nothing trained or saved, no lock left behind (a stale lock on a bucket would make
   the next start wait)."""
   d = tmp_path / "run"
-  d.mkdir()  # an existing MODEL_DIR is locked before its data pipeline is built
+  d.mkdir()  # the lock file appears while the start-up (data, restore or init) is under way
   p = subprocess.Popen(_cmd(d, "--gin.TRAIN_STEPS=1000", SANE), cwd=ROOT, env=ENV,
                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   deadline = time.time() + 240

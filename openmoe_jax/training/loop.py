@@ -134,10 +134,12 @@ def train(model_config: ModelConfig, *, model_dir: str = gin.REQUIRED,
   interrupts = console.Interrupts()
   lock = None
   try:
-    # --- lock: from here on this process owns MODEL_DIR (a second trainer is refused). An
-    # existing MODEL_DIR is locked before its data pipeline is built, so a second trainer is
-    # refused at once; a new one is created only once the data checks have passed. ---
-    if fs.exists(model_dir):
+    # --- lock: from here on this process owns MODEL_DIR (a second trainer is refused). A
+    # single-process run on a MODEL_DIR with checkpoints is locked before its data pipeline is
+    # built, so a second trainer is refused at once; a new MODEL_DIR is created only once the
+    # data checks have passed. Multi-process runs lock after the pipeline, as before (taking
+    # the lock first there stalled a resume of tests/test_multiprocess.py: not yet understood).
+    if jax.process_count() == 1 and ckpt_lib.list_steps(model_dir):
       lock = resume.acquire_lock(model_dir, console.Say(None))
     # --- data ---
     train_iter = data_lib.ShardedIterator(
