@@ -14,7 +14,6 @@ import pytest
 import tensorflow as tf
 
 from openmoe_jax import fs
-from openmoe_jax.commands import analyze
 from openmoe_jax.training import run_dir
 from openmoe_jax.training import loop as train
 from openmoe_jax.model.config import ModelConfig
@@ -76,7 +75,7 @@ def test_run_files_on_a_url(url, cwd):
   assert run_dir.load_model_config(url) == cfg
   assert run_dir.run_info(url) == {"mixture_or_task_name": "builtin_corpus_full_lm",
                                         "task_feature_lengths": {"targets": 16}}
-  assert analyze._run_batch_size(url) == 8  # pylint: disable=protected-access
+  assert run_dir.batch_size(url) == 8  # run.json has no batch_size here: config.gin's
   assert not os.listdir(cwd)
 
 
