@@ -34,3 +34,41 @@ def test_a_closed_reader_never_blocks_the_writer():
                        stderr=subprocess.PIPE, cwd=ROOT)
   p.stderr.close()  # like `| head` exiting early
   assert p.wait(timeout=120) == 0
+
+
+def _raise_wrapped_no_space():
+  import errno
+  try:
+    raise OSError(errno.ENOSPC, "No space left on device", "/runs/x/checkpoints/4/state")
+  except OSError as e:  # as orbax re-raises the error of its background save
+    raise RuntimeError("async save failed") from e
+
+
+def test_a_full_disk_is_one_line_and_exit_1_other_errors_keep_their_traceback(capsys):
+  import errno
+  import pytest
+  from openmoe_jax.commands import cli
+  assert cli.run("openmoe-x", _raise_wrapped_no_space) == 1
+  last = capsys.readouterr().err.strip().splitlines()[-1]
+  assert last.startswith("openmoe-x: no space left on the device writing "
+                         "/runs/x/checkpoints/4/state: what was completely written before"), last
+
+  def other():
+    raise OSError(errno.EACCES, "Permission denied")
+  with pytest.raises(OSError):  # not a full disk: a bug's traceback stays
+    cli.run("openmoe-x", other)
+
+
+def test_a_commands_gin_lock_ends_with_the_command():
+  """A command finalizes (locks) gin; the next command in the same process may still import
+  modules that register configurables (tasks/, vocabularies): the lock ends with `cli.run`."""
+  import gin
+  from openmoe_jax.commands import cli
+  from openmoe_jax import gin_utils
+
+  def body():
+    gin_utils.parse_gin(["models/tiny.gin"], [])
+    assert gin.config_is_locked()
+    return 0
+  assert cli.run("openmoe-x", body) == 0
+  assert not gin.config_is_locked()

@@ -1,5 +1,4 @@
 """openmoe-export / openmoe-import: released HF layout, PyTorch parity, round trip, bad input."""
-import dataclasses
 import json
 import os
 import pathlib
@@ -13,9 +12,9 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from run_dirs import make_run_dir  # noqa: E402
 from openmoe_jax.training import checkpoint as ckpt_lib  # noqa: E402
 from openmoe_jax import gin_utils  # noqa: E402
-from openmoe_jax.interop import hf_export as export
 from openmoe_jax.commands import export as export_cmd
 from openmoe_jax.interop import hf_import
 from openmoe_jax.commands import import_model as import_cmd
@@ -35,16 +34,7 @@ STEP = 3
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-  d = tmp_path_factory.mktemp("export") / "run"
-  params = Transformer(CFG).init(jax.random.key(1), jnp.ones((1, 16), jnp.int32))["params"]
-  params = jax.tree.map(lambda x: getattr(x, "value", x), params,
-                        is_leaf=lambda x: hasattr(x, "value"))
-  os.makedirs(d)
-  (d / "model_config.json").write_text(json.dumps(dataclasses.asdict(CFG)))
-  (d / "run.json").write_text(json.dumps({"mixture_or_task_name": "builtin_corpus_full_lm"}))
-  with ckpt_lib.Checkpointer(d, async_save=False) as c:
-    c.save(STEP, {"step": np.int32(STEP), "params": params, "opt_state": {}}, {}, force=True)
-  return d
+  return make_run_dir(tmp_path_factory.mktemp("export") / "run", CFG, step=STEP, seed=1)
 
 
 @pytest.fixture(scope="module")

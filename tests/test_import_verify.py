@@ -2,14 +2,12 @@
 (NaN/Inf where the header is intact), cut short or with a broken header, in safetensors (float32
 shards, a bfloat16 single file) and t5x checkpoints, are one line naming the tensor and the file,
 exit code 2, and no MODEL_DIR (nor MODEL_DIR.tmp-*) left behind."""
-import dataclasses
 import json
 import os
 import shutil
 import struct
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -17,12 +15,12 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
+from run_dirs import make_run_dir  # noqa: E402
 from openmoe_jax.training import checkpoint as ckpt_lib  # noqa: E402
 from openmoe_jax.commands import export as export_cmd  # noqa: E402
 from openmoe_jax.commands import import_model as import_cmd  # noqa: E402
 from openmoe_jax.interop import hf_import  # noqa: E402
 from openmoe_jax.model.config import ModelConfig  # noqa: E402
-from openmoe_jax.model.transformer import Transformer  # noqa: E402
 
 TINY_GIN = ["--gin_file=models/tiny.gin", "--gin.NUM_EMBEDDINGS=8192"]
 CFG = ModelConfig(vocab_size=8192, emb_dim=32, num_heads=2, head_dim=16, mlp_dim=64,
@@ -35,16 +33,7 @@ NAN = {"F32": struct.pack("<f", float("nan")), "BF16": b"\xc0\x7f"}  # little-en
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-  d = tmp_path_factory.mktemp("verify") / "run"
-  params = Transformer(CFG).init(jax.random.key(2), jnp.ones((1, 16), jnp.int32))["params"]
-  params = jax.tree.map(lambda x: getattr(x, "value", x), params,
-                        is_leaf=lambda x: hasattr(x, "value"))
-  os.makedirs(d)
-  (d / "model_config.json").write_text(json.dumps(dataclasses.asdict(CFG)))
-  (d / "run.json").write_text(json.dumps({"mixture_or_task_name": "builtin_corpus_full_lm"}))
-  with ckpt_lib.Checkpointer(d, async_save=False) as c:
-    c.save(1, {"step": np.int32(1), "params": params, "opt_state": {}}, {}, force=True)
-  return d
+  return make_run_dir(tmp_path_factory.mktemp("verify") / "run", CFG, step=1, seed=2)
 
 
 @pytest.fixture(scope="module")

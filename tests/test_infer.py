@@ -1,18 +1,12 @@
 """openmoe-infer and metric-based openmoe-eval on a tiny checkpoint: outputs, parity with the
 exported PyTorch model (greedy tokens, multiple-choice log-likelihoods), bad input."""
-import dataclasses
 import json
-import os
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from openmoe_jax.training import checkpoint as ckpt_lib
+from run_dirs import make_run_dir
 from openmoe_jax.commands import infer
-from openmoe_jax.model import partitioning
-from openmoe_jax.model.transformer import Transformer
 from test_export import CFG, STEP
 
 PROMPTS = ["def add(a, b):", "Return the value", "import os", "class A(object):"]
@@ -20,16 +14,7 @@ PROMPTS = ["def add(a, b):", "Return the value", "import os", "class A(object):"
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-  d = tmp_path_factory.mktemp("infer") / "run"
-  params = partitioning.unbox(
-      Transformer(CFG).init(jax.random.key(2), jnp.ones((1, 16), jnp.int32))["params"])
-  os.makedirs(d)
-  (d / "model_config.json").write_text(json.dumps(dataclasses.asdict(CFG)))
-  (d / "run.json").write_text(json.dumps({"mixture_or_task_name": "builtin_corpus_full_lm",
-                                          "task_feature_lengths": {"targets": 64}}))
-  with ckpt_lib.Checkpointer(d, async_save=False) as c:
-    c.save(STEP, {"step": np.int32(STEP), "params": params, "opt_state": {}}, {}, force=True)
-  return d
+  return make_run_dir(tmp_path_factory.mktemp("infer") / "run", CFG, step=STEP, seed=2, run={'mixture_or_task_name': 'builtin_corpus_full_lm', 'task_feature_lengths': {'targets': 64}})
 
 
 def _infer(run_dir, tmp_path, *flags, lines=PROMPTS, name="in.txt"):
@@ -63,7 +48,6 @@ def test_greedy_output_rows_and_batch_independence(run_dir, tmp_path, capsys):
 def test_greedy_tokens_equal_exported_generate(run_dir, tmp_path):
   torch = pytest.importorskip("torch")
   pytest.importorskip("transformers")
-  from openmoe_jax.interop import hf_export as export
   from openmoe_jax.commands import export as export_cmd
   from test_export import _torch_model
   hf = tmp_path / "hf"

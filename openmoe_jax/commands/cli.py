@@ -11,7 +11,7 @@ import sys
 import threading
 from typing import Callable, Tuple, Union
 
-from openmoe_jax.errors import TrainingError, UsageError, error_line
+from openmoe_jax.errors import TrainingError, UsageError, error_line, no_space_error
 from openmoe_jax.planning import tpu
 
 
@@ -103,15 +103,25 @@ def _has_nvidia_gpu() -> bool:
   return os.path.exists("/dev/nvidiactl") or os.path.exists("/proc/driver/nvidia")
 
 
+def _unlock_gin() -> None:
+  """Ends a command's gin lock (`gin.finalize` in `gin_utils.parse_gin`) with the command: a
+  later command in the same process (a notebook, the tests) may still import modules that
+  register configurables (tasks/, the vocabularies)."""
+  gin = sys.modules.get("gin")
+  if gin is not None and gin.config_is_locked():
+    gin.config._set_config_is_locked(False)  # pylint: disable=protected-access
+
+
 def run(prog: str, fn: Callable[[], int], user_errors: Tuple[type, ...] = ()) -> int:
   """Runs a command's body; user errors become one line on stderr, printed last. Every command's
   `main` ends in this.
 
   `fn` returns the exit code. UsageError (and the command's `user_errors`, e.g. ValueError for a
   tool whose library reports bad input that way) -> 2, TrainingError -> 1, KeyboardInterrupt ->
-  130; anything else is a bug and keeps its traceback. Objects the failed call still holds (data
-  pipelines, whose TensorFlow finalizers print warnings) are collected before the line is
-  printed, so it stays the last one.
+  130, a full disk (OSError ENOSPC anywhere in the chain) -> 1; anything else is a bug and
+  keeps its traceback. Objects the failed call still holds (data pipelines, whose TensorFlow
+  finalizers print warnings) are collected before the line is printed, so it stays the last
+  one.
   """
   from openmoe_jax.training import console  # late: JAX after the flags (quick --help)
   console.set_prog(prog)
@@ -124,6 +134,16 @@ def run(prog: str, fn: Callable[[], int], user_errors: Tuple[type, ...] = ()) ->
     message, code = f"{prog}: {error_line(e)}", 1
   except KeyboardInterrupt:
     message, code = f"{prog}: aborted (Ctrl-C)", 130
+  except Exception as e:  # a full disk is the user's to fix, not a bug: one line, not a traceback
+    full = no_space_error(e)
+    if full is None:
+      raise
+    where = f" writing {full.filename}" if getattr(full, "filename", None) else ""
+    message, code = (f"{prog}: no space left on the device{where}: what was completely written "
+                     "before (earlier checkpoints, outputs) is intact; free some space (or point "
+                     "the output elsewhere) and run the same command again"), 1
+  finally:
+    _unlock_gin()
   if message is not None:
     gc.collect()
     sys.stdout.flush()

@@ -24,6 +24,7 @@ from openmoe_jax import fs
 from openmoe_jax.training import state_layout as layout
 from openmoe_jax.model import partitioning as part
 from openmoe_jax.training import resume
+from openmoe_jax.training import rollback
 from openmoe_jax.training import run_dir
 from openmoe_jax.training import run_setup
 from openmoe_jax.training import settings
@@ -192,7 +193,7 @@ def train(model_config: ModelConfig, *, model_dir: str = gin.REQUIRED,
 
     guard = None
     if spike_rollbacks:
-      guard = _SpikeGuard(
+      guard = rollback.SpikeGuard(
           spikes.SpikeDetector(spike_threshold, min_steps=spike_min_steps, window=spike_window),
           model_dir, allowed=spike_rollbacks, skip_batches=spike_skip_batches,
           rollback_steps=spike_rollback_steps,
@@ -238,7 +239,7 @@ def _restore_or_init(run, model_dir, keep_checkpoints, initial_checkpoint_dir, s
     # Another pipeline's position: UsageError. A saved tf.data position restores in constant
     # time; without one the stream is replayed (said, with the reason).
     return (ckpt, state, train_iter.set_state(data_state, positions),
-            data_state.get(_SPIKE_KEY))
+            data_state.get(rollback.STATE_KEY))
   if initial_checkpoint_dir:
     return None, resume.init_from(initial_checkpoint_dir, run.tx, abstract, state_sh,
                                   run.mesh), None, None
@@ -254,7 +255,7 @@ def _loop(run, state, step, train_steps, step_fn, eval_fn, batch_sh, train_iter,
           guard=None) -> Dict[str, Any]:
   """Steps from `step` to TRAIN_STEPS (or a stop signal): logs, saves finite states, evaluates.
 
-  With a `_SpikeGuard`, every step's loss and grad_norm go to its detector one step late (at a
+  With a `rollback.SpikeGuard`, every step's loss and grad_norm go to its detector one step late (at a
   save step at once, so a spiky state is never saved); a spike rolls the run back.
   """
   cfg, length, batch_size = run.cfg, run.seq_len, run.batch_size
@@ -288,7 +289,7 @@ def _loop(run, state, step, train_steps, step_fn, eval_fn, batch_sh, train_iter,
           rolled = guard.check(*seen, step_now=step, state=state, ckpt=ckpt,
                                train_iter=train_iter, say=say)
           if rolled is not None:
-            state, step, ckpt, pending = _after_rollback(rolled, pending)
+            state, step, ckpt, pending = rollback.after_rollback(rolled, pending)
             saved_at, t_last, logged_at = ckpt.latest_step(), time.perf_counter(), step
             continue
         # Fetch the previous logged step's metrics only now, so the host does not wait on the
@@ -316,7 +317,7 @@ def _loop(run, state, step, train_steps, step_fn, eval_fn, batch_sh, train_iter,
             rolled = guard.check(step, metrics, step_now=step, state=state, ckpt=ckpt,
                                  train_iter=train_iter, say=say)
             if rolled is not None:
-              state, step, ckpt, pending = _after_rollback(rolled, pending)
+              state, step, ckpt, pending = rollback.after_rollback(rolled, pending)
               saved_at, t_last, logged_at = ckpt.latest_step(), time.perf_counter(), step
               continue
           else:
@@ -325,7 +326,7 @@ def _loop(run, state, step, train_steps, step_fn, eval_fn, batch_sh, train_iter,
           if _finite_or_stop(step, metrics, ckpt, fail_on_nan, say):
             data_state, positions = train_iter.checkpoint_items()
             if guard is not None:
-              data_state = {**data_state, _SPIKE_KEY: guard.get_state()}
+              data_state = {**data_state, rollback.STATE_KEY: guard.get_state()}
             ckpt.save(step, state, data_state, force=True, data_positions=positions)
             saved_at = step
           writer.flush()  # URL model dirs rewrite metrics.jsonl at most every minute otherwise
@@ -355,100 +356,12 @@ def _loop(run, state, step, train_steps, step_fn, eval_fn, batch_sh, train_iter,
           "stopped_by": interrupts.signal_name}
 
 
-_SPIKE_KEY = "spikes"  # the spike guard's state, beside the data position in a checkpoint
-
-
-def _after_rollback(rolled, pending):
-  """(state, step, checkpointer, pending) after a rollback: the metrics waiting to be logged
-  are dropped when they are of the spike's step or later (those steps are undone)."""
-  state, step, ckpt, spike_step = rolled
-  if pending is not None and pending[0] >= spike_step:
-    pending = None
-  return state, step, ckpt, pending
-
-
-class _SpikeGuard:
-  """Acts on the decisions of a `spikes.SpikeDetector`: rolls back to the newest checkpoint
-  before a spike, sets the newer ones aside, skips the spike's batches, records the decision.
-
-  Its state (detector statistics, rollbacks made) is saved in each checkpoint's data item, so a
-  rollback or a resume restores it as it was there: a rerun killed after a rollback restores
-  the same checkpoint, meets the same spike and makes the same decision.
-  """
-
-  def __init__(self, detector, model_dir, *, allowed, skip_batches, rollback_steps, abstract,
-               keep_checkpoints, saved=None):
-    self.detector, self.model_dir, self.rollback_steps = detector, model_dir, rollback_steps
-    self.allowed, self.skip_batches = allowed, skip_batches
-    self.abstract, self.keep_checkpoints = abstract, keep_checkpoints
-    saved = saved or {}
-    self.detector.set_state(saved.get("detector"))
-    self.used = int(saved.get("rollbacks", 0))
-
-  def get_state(self) -> Dict[str, Any]:
-    return {"detector": self.detector.get_state(), "rollbacks": self.used}
-
-  def check(self, step, metrics, *, step_now, state, ckpt, train_iter, say):
-    """None when step `step` is normal; else (state, step, checkpointer, spike step) after
-    the rollback. `step_now` is the step the loop has reached (the state of the steps after
-    `step` is discarded). TrainingError when no rollback is left or no checkpoint is older."""
-    m = jax.device_get({k: metrics[k] for k in ("loss", "grad_norm", steps.STATE_FINITE)})
-    loss, grad_norm = float(m["loss"]), float(m["grad_norm"])
-    mean = self.detector.mean["loss"]
-    if math.isfinite(loss) and math.isfinite(grad_norm) and m[steps.STATE_FINITE] <= 0:
-      reason = "the update made the parameters or optimizer state non-finite"
-    else:  # a non-finite loss or grad_norm is said as such; a spiky state is not added
-      reason = self.detector.check(loss, grad_norm)
-    if reason is None:
-      return None
-    what = (f"loss spike at step {step} (loss {loss:.4g}, grad_norm {grad_norm:.4g}; "
-            f"running mean {mean:.4g})")
-    ckpt.wait_until_finished()
-    # Never a checkpoint of the spike's step or later (it holds the spike's update); with
-    # spike_rollback_steps > 1 not the last steps before it either (their state may already be
-    # on the way to the spike).
-    older = [s for s in ckpt.all_steps() if s <= step - self.rollback_steps]
-    if self.used >= self.allowed or not older:
-      why = (f"all {self.allowed} rollbacks of train.spike_rollbacks are used"
-             if self.used >= self.allowed else
-             f"no checkpoint at least train.spike_rollback_steps={self.rollback_steps} steps "
-             "before it to roll back to")
-      latest = ckpt.latest_step()
-      kept = (f"the newest checkpoint, step {latest}, holds a state from before the spike"
-              if latest is not None else "no checkpoint has been written")
-      raise TrainingError(f"{what}: {reason}; {why}; stopped without saving it; {kept}: lower "
-                          "the learning rate (OPTIMIZER_KWARGS) or raise train.spike_rollbacks "
-                          "and run again to resume")
-    target = older[-1]
-    # The batch position right after the spike's batch: one batch was read per step since.
-    after_spike = (train_iter.get_state()["shards"][0]["batches_consumed"] - (step_now - step))
-    ckpt.close()  # reopened once the newer steps are out of its listing
-    newer = [s for s in ckpt_lib.list_steps(self.model_dir) if s > target]
-    moved = []
-    if jax.process_index() == 0:
-      moved = [ckpt_lib.set_aside(self.model_dir, s, "spike") for s in newer]
-    ckpt_lib.allgather_json(0)  # every process waits for the moves
-    ckpt = ckpt_lib.Checkpointer(self.model_dir, max_to_keep=self.keep_checkpoints)
-    state, data_state = ckpt.restore(target, self.abstract)
-    positions = ckpt_lib.read_positions(self.model_dir, target, train_iter.shard_indices)
-    train_iter.set_state(data_state, positions)
-    # The detector as it was at the target; the rollbacks made keep counting (a rerun from the
-    # target makes them again, in the same order, so it counts alike).
-    self.detector.set_state((data_state.get(_SPIKE_KEY) or {}).get("detector"))
-    self.used += 1
-    start = data_state["shards"][0]["batches_consumed"]
-    stop = max(after_spike + self.skip_batches, start)
-    for _ in range(stop - start):  # the skipped batches are read, not trained on
-      next(train_iter)
-    if jax.process_index() == 0:
-      spikes.record(self.model_dir, {
-          "step": step, "reason": reason, "loss": loss, "grad_norm": grad_norm,
-          "running_mean_loss": mean, "rolled_back_to": target,
-          "skipped_batches": [start, stop], "set_aside": moved, "rollback": self.used,
-          "rollbacks_allowed": self.allowed})
-    say(f"{what}: rolled back to checkpoint {target}, skipping batches {start}..{stop - 1}; "
-        f"rollback {self.used} of {self.allowed}")
-    return state, int(jax.device_get(state["step"])), ckpt, step
+# A finite checkpoint can already hold the start of a divergence (the weights grow for a few
+# steps before the loss is NaN): resuming from it with the same settings meets the same NaN.
+_ADVICE = (", though it may already be on the way to this divergence: lower the learning rate "
+           "(OPTIMIZER_KWARGS) and run the same command to resume, or let the run roll back "
+           "further by itself (train.spike_rollbacks=1 train.spike_rollback_steps=N, "
+           "docs/checkpoints.md)")
 
 
 def _finite_or_stop(step, metrics, ckpt, fail_on_nan: bool, say) -> bool:
@@ -470,8 +383,7 @@ def _finite_or_stop(step, metrics, ckpt, fail_on_nan: bool, say) -> bool:
   if not fail_on_nan:
     say(f"{what}: checkpoint {step} not saved; {kept}")
     return False
-  raise TrainingError(f"{what}; stopped without saving it; {kept}: lower the learning rate "
-                      "(OPTIMIZER_KWARGS) and run the same command to resume")
+  raise TrainingError(f"{what}; stopped without saving it; {kept}{_ADVICE}")
 
 
 def _check_finite(step, metrics, ckpt):
@@ -482,8 +394,7 @@ def _check_finite(step, metrics, ckpt):
     latest = ckpt.latest_step()
     kept = (f"the newest checkpoint, step {latest}, holds a finite state" if latest is not None
             else "no checkpoint has been written")
-    raise TrainingError(f"loss is {loss} at step {step}; stopped; {kept}: lower the learning "
-                        "rate (OPTIMIZER_KWARGS) and run the same command to resume")
+    raise TrainingError(f"loss is {loss} at step {step}; stopped; {kept}{_ADVICE}")
 
 
 def _log(writer, bar, step, metrics, sec_per_step, tokens_per_step, flops_per_token, peak, *,
