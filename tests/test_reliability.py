@@ -371,3 +371,31 @@ def test_sigterm_during_start_up_exits_cleanly_and_releases_the_lock(tmp_path):
   assert not (d / run_lock.LOCK_FILE).exists()
   assert checkpoint.list_steps(d) == [] and not (d / "metrics.jsonl").exists()
   assert "continue        the same command (it resumes" in err
+
+
+def _small_disk(tmp_path, megabytes):
+  """A tmpfs of `megabytes` at tmp_path/disk (root only: mounting needs it)."""
+  mnt = tmp_path / "disk"
+  mnt.mkdir()
+  if os.geteuid() != 0 or subprocess.run(
+      ["mount", "-t", "tmpfs", "-o", f"size={megabytes}m", "tmpfs", str(mnt)],
+      capture_output=True).returncode != 0:
+    pytest.skip("mounting a small tmpfs needs root")
+  return mnt
+
+
+@pytest.mark.slow
+def test_a_full_disk_mid_save_is_one_line_and_keeps_the_complete_checkpoints(tmp_path):
+  """A real full disk (a 20 MB tmpfs: checkpoint 1 fits, 2 does not): exit 1, the cause in one
+  line that is the last one printed, none of the save threads' tracebacks, checkpoint 1 intact."""
+  mnt = _small_disk(tmp_path, 20)
+  try:
+    r = _run(mnt / "run", "--gin.TRAIN_STEPS=6", "--gin.CHECKPOINT_PERIOD=1",
+             "--gin.KEEP_CHECKPOINTS=5", SANE)
+    assert r.returncode == 1, r.stderr[-3000:]
+    assert _last_line(r.stderr).startswith("openmoe-train: no space left on the device")
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) <= 3, r.stderr[-3000:]
+    assert checkpoint.list_steps(mnt / "run") == [1]
+    assert _finite_checkpoints(mnt / "run") == {1: True}
+  finally:
+    subprocess.run(["umount", str(mnt)], check=False)

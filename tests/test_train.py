@@ -26,6 +26,22 @@ def _run(model_dir, *extra, env=None, timeout=300):
   return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=e, cwd=ROOT)
 
 
+@pytest.fixture(scope="session")
+def base_run(tmp_path_factory):
+  """A 2-step TINY run with its checkpoint at step 2, made once per test worker: tests that need
+  one to resume, fine-tune or refuse copy it (`copy_of`) or only read it."""
+  d = tmp_path_factory.mktemp("base") / "run"
+  r = _run(d, "--gin.TRAIN_STEPS=2", "--gin.CHECKPOINT_PERIOD=2")
+  assert r.returncode == 0, r.stderr[-3000:]
+  return d
+
+
+def copy_of(run_dir, to):
+  import shutil
+  shutil.copytree(run_dir, to)
+  return to
+
+
 def _metrics(model_dir):
   rows = [json.loads(l) for l in open(os.path.join(model_dir, "metrics.jsonl"))]
   return {r["step"]: r for r in rows if "loss" in r}
@@ -92,9 +108,8 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
   assert len(steps) == 1 and steps[0] >= max(_metrics(d)) - 1
 
 
-def test_nan_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
-  d = tmp_path / "nan"
-  assert _run(d, "--gin.TRAIN_STEPS=2", "--gin.CHECKPOINT_PERIOD=2").returncode == 0
+def test_nan_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path, base_run):
+  d = copy_of(base_run, tmp_path / "nan")
   r = _run(d, "--gin.TRAIN_STEPS=6", "--gin.CHECKPOINT_PERIOD=1", "--gin.Z_LOSS=1e38")
   assert r.returncode == 1
   assert "at step 3" in r.stderr and "step 2" in r.stderr
@@ -144,15 +159,14 @@ def _snapshot(d):
   return {str(p.relative_to(d)): p.stat().st_mtime_ns for p in d.rglob("*")}
 
 
-def test_incompatible_model_dir_is_refused_and_untouched(tmp_path):
-  d = tmp_path / "run"
-  assert _run(d, "--gin.TRAIN_STEPS=1", "--gin.CHECKPOINT_PERIOD=1").returncode == 0
+def test_incompatible_model_dir_is_refused_and_untouched(tmp_path, base_run):
+  d = copy_of(base_run, tmp_path / "run")
   before = _snapshot(d)
-  r = _run(d, "--gin.TRAIN_STEPS=2", "--gin.EMBED_DIM=64")
+  r = _run(d, "--gin.TRAIN_STEPS=3", "--gin.EMBED_DIM=64")
   assert r.returncode == 2 and "different model" in r.stderr and "emb_dim" in r.stderr
   assert _snapshot(d) == before
   # Other data settings: the saved data position does not match (one line, nothing changed).
-  r = _run(d, "--gin.TRAIN_STEPS=2", "--gin.BATCH_SIZE=4")
+  r = _run(d, "--gin.TRAIN_STEPS=3", "--gin.BATCH_SIZE=4")
   assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
   lines = [l for l in r.stderr.strip().splitlines() if l.startswith("openmoe-train")]
   assert lines == ["openmoe-train: error: data state does not match this iterator (saved, "
@@ -160,12 +174,11 @@ def test_incompatible_model_dir_is_refused_and_untouched(tmp_path):
   assert _snapshot(d) == before
 
 
-def test_finetuning_continues_the_schedule_and_writes_config_gin(tmp_path):
+def test_finetuning_continues_the_schedule_and_writes_config_gin(tmp_path, base_run):
   import jax
   from openmoe_jax.training import checkpoint
   from openmoe_jax.training.optimizer import make_schedule
-  base, tuned = tmp_path / "base", tmp_path / "tuned"
-  assert _run(base, "--gin.TRAIN_STEPS=2", "--gin.CHECKPOINT_PERIOD=2").returncode == 0
+  base, tuned = base_run, tmp_path / "tuned"
   r = _run(tuned, "--gin.TRAIN_STEPS=3", "--gin.CHECKPOINT_PERIOD=3",
            f"--gin.train.initial_checkpoint_dir='{base}'")
   assert r.returncode == 0, r.stderr[-2000:]

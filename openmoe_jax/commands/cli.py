@@ -3,6 +3,7 @@ errors as the last line printed, and exit codes (0 done, 1 training stopped, 2 b
 aborted by Ctrl-C).
 """
 import argparse
+import asyncio
 import atexit
 import gc
 import os
@@ -25,8 +26,44 @@ def quiet_libraries() -> None:
   # exist" for every checkpoint the tools read): errors only.
   import logging  # pylint: disable=g-import-not-at-top
   logging.getLogger("absl").setLevel(logging.ERROR)
+  for name in ("absl", "asyncio"):
+    log = logging.getLogger(name)
+    if not any(isinstance(f, _DiskFullRecords) for f in log.filters):
+      log.addFilter(_DiskFullRecords())
+  if not isinstance(asyncio.get_event_loop_policy(), _ClosedLoopsDropCallbacks):
+    asyncio.set_event_loop_policy(_ClosedLoopsDropCallbacks())
   if not _has_nvidia_gpu():
     os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+
+
+class _DiskFullRecords:
+  """Drops orbax's and asyncio's error records (each with its traceback, one per save thread or
+  pending write) whose cause is a full disk: the command reports that in one line (`run`)."""
+
+  def filter(self, record) -> bool:
+    exc = record.exc_info[1] if record.exc_info else None
+    text = record.getMessage()
+    full = "No space left on device" in text or "os_error_code='28'" in text
+    return not (full or (exc is not None and no_space_error(exc) is not None))
+
+
+class _QuietClosedLoop(asyncio.SelectorEventLoop):
+  """Drops a callback scheduled from another thread after the loop closed, instead of raising.
+
+  orbax runs each save coroutine in a loop of its own and closes it when the save fails (a full
+  disk); tensorstore's writes still pending then complete on its C++ threads, whose callbacks
+  into the closed loop raise and print one traceback each, hundreds, interleaved, burying the
+  command's one line. Nothing can run on a closed loop either way."""
+
+  def call_soon_threadsafe(self, callback, *args, context=None):
+    if self.is_closed():
+      return None
+    return super().call_soon_threadsafe(callback, *args, context=context)
+
+
+class _ClosedLoopsDropCallbacks(asyncio.DefaultEventLoopPolicy):
+  """The default event loop policy with `_QuietClosedLoop` loops (set by the commands only)."""
+  _loop_factory = _QuietClosedLoop
 
 
 # C++ log lines of TensorFlow, tf.text's SentencePiece and XLA that say nothing a user can act
@@ -38,6 +75,39 @@ _NOISE = re.compile(
     r"|normalizer\.cc\(\d+\) LOG\(INFO\) precompiled_charsmap is empty"
     r"|\s*\[\[\{\{node PyFunc\}\}\]\]"
     r"|W\d{4} [\d:. ]+\d+ op_level_cost_estimator)")
+
+
+class _TracebackNoise:
+  """Drops whole tracebacks that only say asyncio's event loop was closed under a callback.
+
+  Tensorstore's futures print them (one per pending write, hundreds) when orbax's save threads
+  stop on an error, e.g. a full disk, whose real cause the command then reports in one line.
+  Lines of a traceback are held until its last line decides; any other traceback passes whole.
+  """
+  HEAD = b"Traceback (most recent call last):\n"
+  TAIL = b"RuntimeError: Event loop is closed\n"
+
+  def __init__(self):
+    self.held = []
+
+  def filter(self, lines: list) -> list:
+    out = []
+    for line in lines:
+      if not self.held:
+        (self.held if line == self.HEAD else out).append(line)
+      elif line[:1] in (b" ", b"\t"):
+        self.held.append(line)
+      elif line == self.TAIL and all(b"asyncio" in l for l in self.held
+                                     if l.lstrip().startswith(b"File ")):
+        self.held = []
+      else:
+        out += self.flush()
+        (self.held if line == self.HEAD else out).append(line)
+    return out
+
+  def flush(self) -> list:
+    held, self.held = self.held, []
+    return held
 
 
 def filter_native_stderr() -> None:
@@ -62,6 +132,8 @@ def filter_native_stderr() -> None:
     except OSError:  # the reader went away (e.g. `| head`): keep draining, never block writers
       pass
 
+  blocks = _TracebackNoise()
+
   def pump():
     pending = b""
     while True:
@@ -71,13 +143,13 @@ def filter_native_stderr() -> None:
       pending += chunk
       *lines, pending = pending.split(b"\n")
       out = [l + b"\n" for l in lines if not _NOISE.match(l.decode("utf-8", "replace"))]
+      out = blocks.filter(out)
       if pending and b"\r" in pending:  # progress-bar updates: forward now
         out.append(pending)
         pending = b""
       if out:
         forward(b"".join(out))
-    if pending:
-      forward(pending)
+    forward(b"".join(blocks.flush()) + pending)
 
   thread = threading.Thread(target=pump, name="openmoe-stderr-filter", daemon=True)
   thread.start()

@@ -21,6 +21,7 @@ import ast
 import collections
 import functools
 import hashlib
+import os
 import pathlib
 import sys
 import sysconfig
@@ -148,15 +149,20 @@ def list_files(split: str, root: Optional[pathlib.Path] = None) -> list:
   root = pathlib.Path(root) if root else stdlib_root()
   if not root.is_dir():
     raise FileNotFoundError(f"standard library not found at {root}")
+  return [p for p in _py_files(str(root)) if split_of(os.path.relpath(p, root)) == split]
+
+
+@functools.lru_cache(maxsize=8)
+def _py_files(root: str) -> tuple:
+  """Sorted `.py` files under root, skipping _EXCLUDED_DIRS (pruned, not walked: site-packages
+  can be large) and symlinked directories (as pathlib's rglob does). Listed once per process."""
   files = []
-  for path in root.rglob("*.py"):
-    rel = path.relative_to(root)
+  for parent, dirs, names in os.walk(root):
+    dirs[:] = [d for d in dirs if d not in _EXCLUDED_DIRS]
     # _sysconfigdata_* describes the build machine, not the language: skip it.
-    if _EXCLUDED_DIRS & set(rel.parts[:-1]) or rel.name.startswith("_sysconfigdata"):
-      continue
-    if split_of(rel.as_posix()) == split:
-      files.append(str(path))
-  return sorted(files)
+    files += [os.path.join(parent, n) for n in names
+              if n.endswith(".py") and not n.startswith("_sysconfigdata")]
+  return tuple(sorted(files))
 
 
 _AST_LOCK = threading.Lock()

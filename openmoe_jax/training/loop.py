@@ -341,10 +341,14 @@ def _loop(run, state, step, train_steps, step_fn, eval_fn, batch_sh, train_iter,
         last = _log(writer, bar, *pending, fail_on_nan=fail_on_nan, ckpt=ckpt)
     ckpt.wait_until_finished()
   finally:
-    ckpt.close()
-    writer.close()
-    if bar is not None:
-      bar.close()
+    try:
+      ckpt.close()
+    finally:
+      try:
+        writer.close()  # also when the checkpoint could not close (a full disk)
+      finally:
+        if bar is not None:
+          bar.close()
   if interrupts.requested:
     say(f"{interrupts.signal_name} received: saved checkpoint {saved_at} in "
         f"{ckpt_lib.checkpoint_dir(model_dir)}; run the same command to resume")

@@ -9,6 +9,7 @@ tensorboardX, whose event files reach URLs through tf.io.gfile.
 """
 import json
 import os
+import sys
 import time
 from typing import Dict
 
@@ -31,11 +32,20 @@ class _GFileRecordWriterFactory:
 
 
 def _tensorboard_writer(logdir: str):
+  # tensorboardX imports PyTorch, when installed, only to recognise torch tensors, which we never
+  # log: one to two seconds of every training start. Hide it for that import (when the process
+  # has not imported it already); tensorboardX then treats numpy arrays as its tensors.
+  hide_torch = "torch" not in sys.modules
+  if hide_torch:
+    sys.modules["torch"] = None  # `import torch` raises ImportError
   try:
     from tensorboardX import SummaryWriter
     from tensorboardX import record_writer
   except ImportError:  # pragma: no cover - tensorboardX is a dependency
     return None
+  finally:
+    if hide_torch:
+      del sys.modules["torch"]
   if fs.is_url(logdir):
     record_writer.register_writer_factory(logdir.split(":")[0], _GFileRecordWriterFactory())
   return SummaryWriter(logdir)
@@ -114,6 +124,20 @@ class MetricsWriter:
   def close(self):
     if not self.enabled:
       return
-    self.flush()
-    if self._tb is not None:
+    try:
+      self.flush()
+    finally:
+      if self._tb is not None:
+        self._close_tensorboard()
+
+  def _close_tensorboard(self):
+    try:
       self._tb.close()
+    except OSError:
+      # The event file cannot be completed (a full disk): give it up, or tensorboardX's atexit
+      # hook retries the close and prints a traceback after the command's last line.
+      for file_writer in (getattr(self._tb, "all_writers", None) or {}).values():
+        events = getattr(file_writer, "event_writer", None)
+        if hasattr(events, "_closed"):
+          events._closed = True  # pylint: disable=protected-access
+      raise
