@@ -47,7 +47,7 @@ def make_routing_fn(cfg, capacity_factor: float):
         str(capacity_factor)]
     index, kept = [], []
     for _, lg in logits:
-      r = routing.route(cfg, lg, capacity)
+      r = routing.route(cfg, lg, capacity, seq_len=length)
       index.append(r.expert_index.reshape(b, length, -1))
       kept.append(r.kept.reshape(b, length, -1))
     return jax.numpy.stack(index), jax.numpy.stack(kept)

@@ -16,6 +16,8 @@ CAPACITY_FORMULAS = ("flaxformer", "colossalai")
 CAPACITY_MODES = ("fixed", "adaptive", "dropless")
 CAPACITY_ORDERS = ("openmoe", "random", "confidence")
 GROUPED_MATMULS = ("auto", "blocked", "ragged_dot", "pallas")
+ROUTER_SCORES = ("softmax", "softmax_selected", "sigmoid")   # routers.py
+BALANCE_LOSSES = ("switch", "sequence", "global")
 # The fields that fix the parameters' shapes: two configs equal on these read each other's
 # checkpoints (a MODEL_DIR refuses another model; an import checks its target by them).
 SHAPE_FIELDS = ("vocab_size", "emb_dim", "num_heads", "head_dim", "mlp_dim", "expert_mlp_dim",
@@ -92,6 +94,13 @@ class ModelConfig:
       activation dtype, multiply by the scale in that dtype. True: scale in float32, then cast.
     float32_attention_logits: False (OpenMoE, flaxformer `float32_logits=False`): attention
       logits and softmax in the activation dtype. True: in float32.
+    router_score: how logits become scores and gates (`routers.py`): 'softmax' (OpenMoE),
+      'softmax_selected' (Mixtral) or 'sigmoid' (DeepSeek-V3) (`ROUTER_SCORE`).
+    routed_scaling_factor: the gates are multiplied by it (DeepSeek-V2/V3; OpenMoE 1.0).
+    num_expert_groups, topk_groups: group-limited routing (DeepSeek-V3): experts in
+      num_expert_groups equal groups, top-k only within the topk_groups best; 0 turns it off.
+    balance_loss: 'switch' (OpenMoE), 'sequence' (DeepSeek-V3's sequence-wise loss) or 'global'
+      (the Switch loss over the global batch), times aux_loss_factor.
   """
   vocab_size: int = 512
   emb_dim: int = 32
@@ -131,6 +140,11 @@ class ModelConfig:
   moe_float32_output: bool = True
   float32_norm: bool = False
   float32_attention_logits: bool = False
+  router_score: str = "softmax"
+  routed_scaling_factor: float = 1.0
+  num_expert_groups: int = 0
+  topk_groups: int = 0
+  balance_loss: str = "switch"
 
   def __post_init__(self):
     positive = ("vocab_size", "emb_dim", "num_heads", "head_dim", "mlp_dim", "num_layers",
@@ -171,10 +185,40 @@ class ModelConfig:
                           ("grouped_matmul", GROUPED_MATMULS)):
       if getattr(self, name) not in allowed:
         raise ValueError(f"ModelConfig.{name}={getattr(self, name)!r} not in {allowed}")
+    for name, allowed in (("router_score", ROUTER_SCORES), ("balance_loss", BALANCE_LOSSES)):
+      if getattr(self, name) not in allowed:
+        raise ValueError(f"ModelConfig.{name}={getattr(self, name)!r} not in {allowed}")
+    if not self.routed_scaling_factor > 0:
+      raise ValueError("ModelConfig.routed_scaling_factor must be positive, got "
+                       f"{self.routed_scaling_factor}")
+    self._check_groups()
     if self.ep_buffer_factor < 0:
       raise ValueError(f"ModelConfig.ep_buffer_factor must be >= 0, got {self.ep_buffer_factor}")
     as_dtype(self.activation_dtype)
     as_dtype(self.param_dtype)
+
+  def _check_groups(self):
+    groups, top = self.num_expert_groups, self.topk_groups
+    if groups < 0 or top < 0:
+      raise ValueError(f"ModelConfig.num_expert_groups={groups} and topk_groups={top} must be "
+                       ">= 0")
+    if not groups:
+      if top:
+        raise ValueError(f"ModelConfig.topk_groups={top} needs num_expert_groups > 0")
+      return
+    if not self.num_sparse_layers:
+      return
+    if self.num_experts % groups:
+      raise ValueError(f"ModelConfig.num_experts={self.num_experts} is not divisible by "
+                       f"num_expert_groups={groups}")
+    if not 1 <= top <= groups:
+      raise ValueError(f"ModelConfig.topk_groups={top} must be in [1, num_expert_groups="
+                       f"{groups}]")
+    allowed = top * (self.num_experts // groups)
+    if self.num_selected_experts > allowed:
+      raise ValueError(f"ModelConfig.num_selected_experts={self.num_selected_experts} is more "
+                       f"than the {allowed} experts of the topk_groups={top} groups of "
+                       f"{self.num_experts // groups} it may choose from")
 
   @property
   def moe_interval(self) -> Optional[int]:

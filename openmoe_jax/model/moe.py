@@ -211,7 +211,7 @@ class MoeLayer(nn.Module):
     order_rng = None
     if cfg.capacity_order == "random" and not deterministic and self.has_rng("dropout"):
       order_rng = self.make_rng("dropout")
-    r = routing.route(cfg, logits, capacity, rng=order_rng)
+    r = routing.route(cfg, logits, capacity, rng=order_rng, seq_len=cols)
     experts = Experts(cfg, name="expert")
     out_dtype = jnp.float32 if cfg.moe_float32_output else cfg.dtype
     if not routing.uses_ragged_dispatch(cfg):

@@ -1,6 +1,8 @@
 """Token-choice top-k routing math (flaxformer `TokensChooseMaskedRouter`), separate from dispatch.
 
-Everything here is a pure function of router logits; `moe.py` turns a `Routing` into expert
+The router itself (scores, selection, gates, balancing losses) is `routers.py`; this module adds
+capacity: queue orders, adaptive capacities and which assignments are kept. Everything here is a
+pure function of router logits; `moe.py` turns a `Routing` into expert
 inputs and outputs. Legend: G token groups, T tokens per group, E experts, K experts per token,
 C expert capacity.
 """
@@ -11,6 +13,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from openmoe_jax.model import routers
 from openmoe_jax.model.config import CAPACITY_ORDERS
 
 
@@ -89,8 +92,9 @@ class Routing:
     position: int32[G, T, K] slot in the expert's buffer (may be >= C when dropped).
     kept: bool[G, T, K] assignment fits in the capacity.
     combine_weights: float32[G, T, K] gate of each kept assignment, 0 where dropped.
-    router_probs: float32[G, T, E] softmax over all experts.
-    aux_loss: float32[] load-balancing loss.
+    router_probs: float32[G, T, E] the router's scores normalised over the experts (softmax:
+      the probabilities).
+    aux_loss: float32[] the balancing loss (`routers.BALANCE_LOSSES`).
     router_z_loss: float32[] mean squared log-partition of the router logits.
     capacity: int, static.
   """
@@ -105,17 +109,8 @@ class Routing:
 
 
 def load_balancing_loss(router_probs: jax.Array, expert_index: jax.Array) -> jax.Array:
-  """Switch/ST-MoE auxiliary loss, flaxformer form: E^2 * mean_{g,e}(f_ge * P_ge).
-
-  Args:
-    router_probs: float32[G, T, E].
-    expert_index: int32[G, T, K]; f_ge is the fraction of tokens whose top-k contains e.
-  """
-  num_experts = router_probs.shape[-1]
-  chosen = jnp.max(jax.nn.one_hot(expert_index, num_experts, dtype=jnp.float32), axis=-2)
-  tokens_fraction = jnp.mean(chosen, axis=-2)
-  prob_fraction = jnp.mean(router_probs.astype(jnp.float32), axis=-2)
-  return jnp.mean(tokens_fraction * prob_fraction) * num_experts**2
+  """Switch/ST-MoE auxiliary loss (`routers.switch_loss`, kept under its old name)."""
+  return routers.switch_loss(router_probs, expert_index)
 
 
 def router_z_loss(router_logits: jax.Array) -> jax.Array:
@@ -204,22 +199,6 @@ def adaptive_capacities(expert_index: jax.Array, num_experts: int, budget: int) 
   return base + extra.astype(jnp.int32)
 
 
-def _top_k(probs: jax.Array, k: int):
-  """top_k by k rounds of argmax (lowest index wins ties, as lax.top_k).
-
-  lax.top_k lowers to a sort/custom call that the SPMD partitioner all-gathers across the
-  sharded group axis; argmax is a plain reduction and stays local. k is small (OpenMoE: 2).
-  """
-  gates, index = [], []
-  remaining = probs
-  for _ in range(k):
-    i = jnp.argmax(remaining, axis=-1)
-    gates.append(jnp.take_along_axis(probs, i[..., None], axis=-1)[..., 0])
-    index.append(i.astype(jnp.int32))
-    remaining = jnp.where(jax.nn.one_hot(i, probs.shape[-1], dtype=bool), -jnp.inf, remaining)
-  return jnp.stack(gates, axis=-1), jnp.stack(index, axis=-1)
-
-
 # ------------------------------------------------------------------ the capacity modes, in one place
 # A new capacity mode changes config.CAPACITY_MODES and these three functions only.
 def never_drops(cfg) -> bool:
@@ -242,18 +221,29 @@ def group_capacity(cfg, tokens_per_group: int, capacity_factor: float) -> int:
 
 
 def route(cfg, router_logits: jax.Array, capacity: int,
-          rng: Optional[jax.Array] = None) -> "Routing":
-  """`cfg`'s routing of float32[G, T, E] logits: top-k, queue order, and which assignments each
-  capacity mode keeps. The MoE layer and openmoe-analyze both route through here."""
+          rng: Optional[jax.Array] = None, *, seq_len: Optional[int] = None,
+          expert_bias: Optional[jax.Array] = None) -> "Routing":
+  """`cfg`'s routing of float32[G, T, E] logits: its router (`routers.py`), queue order, and
+  which assignments each capacity mode keeps. The MoE layer and openmoe-analyze both route
+  through here. seq_len: tokens per sequence of the [G, T] block (the 'sequence' balance loss);
+  expert_bias: float32[E] added to the scores for the choice only."""
   return top_k_routing(router_logits, cfg.num_selected_experts, capacity,
                        renormalize_gates=cfg.renormalize_gates, order=cfg.capacity_order,
-                       rng=rng, adaptive=cfg.capacity_mode == "adaptive")
+                       rng=rng, adaptive=cfg.capacity_mode == "adaptive",
+                       score=cfg.router_score, scaling_factor=cfg.routed_scaling_factor,
+                       num_groups=cfg.num_expert_groups, topk_groups=cfg.topk_groups,
+                       balance=cfg.balance_loss, seq_len=seq_len, expert_bias=expert_bias)
 
 
 def top_k_routing(router_logits: jax.Array, num_selected_experts: int, capacity: int, *,
                   renormalize_gates: bool = False, order: str = "openmoe",
-                  rng: Optional[jax.Array] = None, adaptive: bool = False) -> Routing:
-  """Softmax over all experts, then top-k; capacity by first-choice-first priority.
+                  rng: Optional[jax.Array] = None, adaptive: bool = False,
+                  score: str = "softmax", scaling_factor: float = 1.0, num_groups: int = 0,
+                  topk_groups: int = 0, balance: str = "switch", seq_len: Optional[int] = None,
+                  expert_bias: Optional[jax.Array] = None) -> Routing:
+  """Router scores, top-k, then capacity by first-choice-first priority.
+
+  The defaults are OpenMoE's: softmax over all experts, top-k, the Switch loss.
 
   Args:
     router_logits: float32[G, T, E].
@@ -264,13 +254,15 @@ def top_k_routing(router_logits: jax.Array, num_selected_experts: int, capacity:
     rng: key for order='random'.
     adaptive: share the group's E*C slots between experts by load (`adaptive_capacities`)
       instead of C each.
+    score, scaling_factor, num_groups, topk_groups, expert_bias: the router (`routers.choose`).
+    balance, seq_len: the balancing loss (`routers.balance_loss`).
   """
   router_logits = router_logits.astype(jnp.float32)
   num_experts = router_logits.shape[-1]
-  probs = jax.nn.softmax(router_logits, axis=-1)
-  gates, expert_index = _top_k(probs, num_selected_experts)
-  if renormalize_gates:
-    gates = gates / jnp.sum(gates, axis=-1, keepdims=True)
+  choice = routers.choose(router_logits, num_selected_experts, kind=score,
+                          renormalize=renormalize_gates, scaling_factor=scaling_factor,
+                          bias=expert_bias, num_groups=num_groups, topk_groups=topk_groups)
+  gates, expert_index = choice.gates, choice.expert_index
   position = priority_positions(expert_index, num_experts, queue_order(order, gates, rng))
   if adaptive:
     caps = adaptive_capacities(expert_index, num_experts, num_experts * capacity)
@@ -284,8 +276,8 @@ def top_k_routing(router_logits: jax.Array, num_selected_experts: int, capacity:
       position=position,
       kept=kept,
       combine_weights=jnp.where(kept, gates, 0.0),
-      router_probs=probs,
-      aux_loss=load_balancing_loss(probs, expert_index),
+      router_probs=choice.probs,
+      aux_loss=routers.balance_loss(balance, choice.probs, expert_index, seq_len),
       router_z_loss=router_z_loss(router_logits),
       capacity=capacity,
   )
