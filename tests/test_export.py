@@ -92,12 +92,22 @@ def _log_probs_jax(cfg, params, ids):
   return np.asarray(jax.nn.log_softmax(logits, -1))
 
 
-@pytest.mark.parametrize("mode", ["no_drop", "eval_capacity", "colossalai_capacity", "dropless"])
+ROUTER_KEYS = ("router_score", "routed_scaling_factor", "router_num_expert_groups",
+               "router_topk_groups", "router_renormalize_gates")
+
+
+@pytest.mark.parametrize("mode", ["no_drop", "eval_capacity", "colossalai_capacity", "dropless",
+                                  "sigmoid_groups", "softmax_selected"])
 def test_log_probs_match_jax(run_dir, hf_dir, mode):
   params = _params(run_dir)
   overrides = {"no_drop": dict(no_drop=True), "eval_capacity": {},
                "colossalai_capacity": dict(capacity_formula="colossalai"),
-               "dropless": dict(capacity_mode="dropless")}[mode]
+               "dropless": dict(capacity_mode="dropless"),
+               # DeepSeek-V3's router (routers.py) in the exported PyTorch code
+               "sigmoid_groups": dict(router_score="sigmoid", renormalize_gates=True,
+                                      routed_scaling_factor=2.5, num_expert_groups=4,
+                                      topk_groups=2, no_drop=True),
+               "softmax_selected": dict(router_score="softmax_selected", no_drop=True)}[mode]
   cfg = CFG.replace(**overrides)
   rng = np.random.default_rng(0)
   ids = rng.integers(3, 8192, (2, 64))
@@ -107,10 +117,15 @@ def test_log_probs_match_jax(run_dir, hf_dir, mode):
     assert np.abs(want - _log_probs_jax(CFG.replace(no_drop=True), params, ids)).max() > 1e-2
   exported = name_map.hf_config(cfg)  # what openmoe-export writes for this configuration
   model = _torch_model(hf_dir, router_no_drop=exported["router_no_drop"],
-                       router_capacity_formula=exported["router_capacity_formula"])
+                       router_capacity_formula=exported["router_capacity_formula"],
+                       **{key: exported[key] for key in ROUTER_KEYS})
   with torch.no_grad():
     got = torch.log_softmax(model(torch.tensor(ids)).logits, -1).numpy()
   np.testing.assert_allclose(got, want, atol=1e-4)
+  if overrides.get("router_score", "softmax") != "softmax":  # the router changes the model
+    assert np.abs(want - _log_probs_jax(CFG.replace(no_drop=True), params, ids)).max() > 1e-3
+  # config.json carries the router both ways
+  assert name_map.model_config_fields(exported)["router_score"] == cfg.router_score
 
 
 def test_greedy_generate_matches_jax_greedy_decoding(run_dir, hf_dir):

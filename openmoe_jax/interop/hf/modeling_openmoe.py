@@ -54,8 +54,9 @@ class OpenMoeConfig(PretrainedConfig):
                rms_norm_eps=1e-6, num_experts=32, moe_layer_interval=6, router_topk=2,
                router_capacity_factor_train=1.25, router_capacity_factor_eval=2.0,
                router_min_capacity=4, router_capacity_formula="flaxformer", router_no_drop=False,
-               router_group_size=4096, router_renormalize_gates=False,
-               expert_intermediate_size=None, initializer_range=0.02, use_cache=True,
+               router_group_size=4096, router_renormalize_gates=False, router_score="softmax",
+               routed_scaling_factor=1.0, router_num_expert_groups=0, router_topk_groups=0,
+               router_balance_loss="switch", expert_intermediate_size=None, initializer_range=0.02, use_cache=True,
                moe_float32_output=True, rms_norm_float32=False, attention_float32_logits=False,
                bos_token_id=0, eos_token_id=1, pad_token_id=0, tie_word_embeddings=False,
                **kwargs):
@@ -83,6 +84,14 @@ class OpenMoeConfig(PretrainedConfig):
     self.router_no_drop = router_no_drop
     self.router_group_size = router_group_size
     self.router_renormalize_gates = router_renormalize_gates
+    if router_score not in ("softmax", "softmax_selected", "sigmoid"):
+      raise ValueError(f"router_score={router_score!r}: use 'softmax', 'softmax_selected' or "
+                       "'sigmoid'")
+    self.router_score = router_score
+    self.routed_scaling_factor = routed_scaling_factor
+    self.router_num_expert_groups = router_num_expert_groups
+    self.router_topk_groups = router_topk_groups
+    self.router_balance_loss = router_balance_loss  # training only; kept for the round trip
     self.moe_float32_output = moe_float32_output
     self.rms_norm_float32 = rms_norm_float32
     self.attention_float32_logits = attention_float32_logits
@@ -238,6 +247,32 @@ def expert_capacity(config, group, training):
   return max(cap, config.router_min_capacity)
 
 
+def route(logits, cfg):
+  """Router logits [T, E] (float32) -> (gates, experts) [T, K], best first, as openmoe_jax's
+  `model/routers.py`: softmax over all experts (OpenMoE), over the selected logits
+  ('softmax_selected') or sigmoid scores; group-limited choice; gates optionally renormalised,
+  then scaled by routed_scaling_factor."""
+  k, e = cfg.router_topk, logits.shape[-1]
+  kind = getattr(cfg, "router_score", "softmax")
+  scores = torch.sigmoid(logits) if kind == "sigmoid" else torch.softmax(logits, dim=-1)
+  choice = scores
+  groups = getattr(cfg, "router_num_expert_groups", 0)
+  if groups:
+    size = e // groups
+    best = choice.view(-1, groups, size).topk(min(2, size), dim=-1).values.sum(-1)
+    top = best.topk(cfg.router_topk_groups, dim=-1).indices
+    allowed = torch.zeros_like(best, dtype=torch.bool).scatter(1, top, True)
+    choice = choice.masked_fill(~allowed.repeat_interleave(size, dim=-1), float("-inf"))
+  index = torch.topk(choice, k, dim=-1).indices
+  gates = scores.gather(-1, index)
+  if kind == "softmax_selected":
+    gates = torch.softmax(logits.gather(-1, index), dim=-1)
+  elif cfg.router_renormalize_gates:
+    gates = gates / (gates.sum(-1, keepdim=True) + (1e-20 if kind == "sigmoid" else 0.0))
+  scale = getattr(cfg, "routed_scaling_factor", 1.0)
+  return (gates * scale if scale != 1.0 else gates), index
+
+
 class OpenMoeSparseMLP(nn.Module):
   """Router (`gate_weight` [E, d], float32) + capacity-limited top-k dispatch to the experts."""
 
@@ -257,10 +292,7 @@ class OpenMoeSparseMLP(nn.Module):
     tokens = padded.reshape(-1, d)
     n = num_groups(rows * cols, cfg.router_group_size, e)
     g = rows * cols // n
-    probs = torch.softmax(tokens.float() @ self.gate_weight.float().t(), dim=-1)
-    gates, index = torch.topk(probs, k, dim=-1)  # [T, K], best first
-    if cfg.router_renormalize_gates:
-      gates = gates / gates.sum(-1, keepdim=True)
+    gates, index = route(tokens.float() @ self.gate_weight.float().t(), cfg)  # [T, K]
     # Priority: within each group all first choices (left to right), then all second choices.
     order = index.view(n, g, k).transpose(1, 2).reshape(n, k * g)
     one_hot = F.one_hot(order, e)

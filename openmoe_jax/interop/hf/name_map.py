@@ -109,6 +109,9 @@ ROUTING_KEYS = {"router_topk": "num_selected_experts",
                 # Ours (absent from the released files).
                 "router_group_size": "group_size", "router_capacity_formula": "capacity_formula",
                 "router_renormalize_gates": "renormalize_gates",
+                "router_score": "router_score", "routed_scaling_factor": "routed_scaling_factor",
+                "router_num_expert_groups": "num_expert_groups",
+                "router_topk_groups": "topk_groups", "router_balance_loss": "balance_loss",
                 "moe_float32_output": "moe_float32_output", "rms_norm_float32": "float32_norm",
                 "attention_float32_logits": "float32_attention_logits"}
 
