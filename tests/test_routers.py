@@ -227,6 +227,7 @@ def test_a_bad_router_setting_is_one_line_from_the_command_and_writes_nothing(tm
     (dict(router_score="sigmoid", renormalize_gates=True, num_expert_groups=4, topk_groups=2,
           balance_loss="global"), "dropless"),
     (dict(router_score="softmax_selected", balance_loss="global"), "adaptive"),
+    (dict(num_shared_experts=1, shared_expert_gate=True, first_k_dense_layers=1), "dropless"),
 ])
 def test_every_router_composes_with_the_capacity_modes_on_an_expert_mesh(router, mode):
   """Loss and gradients on a (data 2, expert 4) mesh equal one device's, for each router in a
@@ -243,3 +244,50 @@ def test_every_router_composes_with_the_capacity_modes_on_an_expert_mesh(router,
                                                        atol=1e-6), sharded_grads, grads)
   no_aux = jax.jit(lambda p, t: _loss(p, t, cfg.replace(aux_loss_factor=0.0)))(params, TOKENS)
   assert float(no_aux) != float(loss)
+
+
+def test_shared_experts_with_the_routed_experts_zeroed_are_a_dense_ffn_of_the_shared_width():
+  """A MoE layer whose routed experts are zero computes exactly a dense FFN of width
+  SHARED_EXPERT_MLP_DIM on the same input (with the gate, times sigmoid(x w)); the whole model
+  uses it (the logits change without it)."""
+  from openmoe_jax.model import partitioning as part
+  from openmoe_jax.model.layers import MlpBlock
+  from openmoe_jax.model.moe import MoeLayer
+  from openmoe_jax.model.transformer import Transformer
+  for gate in (False, True):
+    cfg = ModelConfig(vocab_size=64, activation_dtype="float32", num_shared_experts=2,
+                      shared_expert_mlp_dim=48, shared_expert_gate=gate, no_drop=True)
+    tokens = jax.random.randint(jax.random.key(0), (2, 16), 1, 64)
+    params = part.unbox(Transformer(cfg).init(jax.random.key(1), tokens)["params"])
+    moe = params["decoder"]["layers_1"]["mlp"]
+    assert moe["shared_expert"]["ffn"]["wi_1"]["kernel"].shape == (32, 48)
+    assert ("gate" in moe["shared_expert"]) == gate
+    zeroed = {**moe, "expert": jax.tree.map(jnp.zeros_like, moe["expert"])}
+    x = jax.random.normal(jax.random.key(2), (2, 16, 32))
+    got = MoeLayer(cfg).apply({"params": zeroed}, x, jnp.ones((2, 16), bool),
+                              deterministic=True)[0]
+    want = MlpBlock(cfg, 48).apply({"params": moe["shared_expert"]["ffn"]}, x, deterministic=True)
+    if gate:
+      want = want * jax.nn.sigmoid(x @ moe["shared_expert"]["gate"]["kernel"])
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-7)
+    with_shared = Transformer(cfg).apply({"params": params}, tokens)[0]
+    routed_only = {k: v for k, v in moe.items() if k != "shared_expert"}
+    without = jax.tree.map(lambda a: a, params)
+    without["decoder"]["layers_1"]["mlp"] = routed_only
+    no_shared = Transformer(cfg.replace(num_shared_experts=0)).apply({"params": without}, tokens)[0]
+    assert np.abs(np.asarray(with_shared) - np.asarray(no_shared)).max() > 1e-4
+
+
+def test_deepseeks_layer_rule_and_openmoes_rule():
+  openmoe = ModelConfig(num_layers=12, num_sparse_layers=2)
+  assert openmoe.moe_layers == (5, 11) and openmoe.moe_interval == 6
+  deepseek = ModelConfig(num_layers=6, num_sparse_layers=5, first_k_dense_layers=1)
+  assert deepseek.moe_layers == (1, 2, 3, 4, 5) and deepseek.moe_interval is None
+  every_other = ModelConfig(num_layers=6, num_sparse_layers=2, first_k_dense_layers=2,
+                            moe_layer_freq=2)
+  assert every_other.moe_layers == (2, 4)
+  with pytest.raises(ValueError, match="num_sparse_layers=3 must be 5"):
+    ModelConfig(num_layers=6, num_sparse_layers=3, first_k_dense_layers=1)
+  from openmoe_jax.interop.hf import name_map
+  assert name_map.unexportable(ModelConfig()) == []
+  assert len(name_map.unexportable(deepseek.replace(num_shared_experts=1))) == 2

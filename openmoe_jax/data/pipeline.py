@@ -29,6 +29,9 @@ from openmoe_jax.training.checkpoint import allgather_json
 BATCH_KEYS = ("decoder_target_tokens", "decoder_input_tokens", "decoder_loss_weights",
               "decoder_segment_ids", "decoder_positions")
 STATE_VERSION = 1
+# The data seed of every held-out evaluation (the training loop's and openmoe-eval's): the
+# held-out examples do not change with train.seed.
+EVAL_SEED = 0
 _SHARD_SEED_STRIDE = 1_000_003  # keeps per-host seeds distinct for any seed < 2**40
 
 

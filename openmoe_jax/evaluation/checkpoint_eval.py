@@ -65,7 +65,8 @@ def evaluate_checkpoint(*, model_dir: str = gin.REQUIRED, mixture_or_task_name: 
     raise UsageError(f"NUM_SAMPLES / TEMPERATURE sample completions for an eval task "
                                f"with metrics; {name} is evaluated by its loss")
   fn = jax.jit(lambda p, b: steps.eval_step(p, b, cfg=cfg))
-  it = data_lib.make_iterator(name, lengths, batch_size, split=split, shuffle=False, num_epochs=1)
+  it = data_lib.make_iterator(name, lengths, batch_size, split=split, shuffle=False, num_epochs=1,
+                              seed=data_lib.EVAL_SEED)
   result = evaluate(params, fn, it, batch_sh, eval_steps)
   result.update(step=step, split=split, mixture_or_task_name=name,
                 eval_capacity_factor=cfg.eval_capacity_factor)

@@ -222,6 +222,10 @@ def export(model_dir: str, output_dir: str, *, step=None, dtype: str = "float32"
   check_output_dir(model_dir, output_dir, overwrite)
   _say_leftovers(output_dir)
   cfg = run_dir.load_model_config(model_dir)
+  missing = name_map.unexportable(cfg)
+  if missing:
+    raise UsageError(f"the OpenMoE Hugging Face layout has no {' and no '.join(missing)}: this "
+                     "model cannot be exported to it (--format=t5x writes every parameter)")
   spm = _spm_path(model_dir, spm_path)
   reader, step = _open_reader(model_dir, step)
   parent = os.path.dirname(os.path.abspath(output_dir))

@@ -21,7 +21,9 @@ BALANCE_LOSSES = ("switch", "sequence", "global")
 # The fields that fix the parameters' shapes: two configs equal on these read each other's
 # checkpoints (a MODEL_DIR refuses another model; an import checks its target by them).
 SHAPE_FIELDS = ("vocab_size", "emb_dim", "num_heads", "head_dim", "mlp_dim", "expert_mlp_dim",
-                "num_layers", "num_experts", "num_sparse_layers")
+                "num_layers", "num_experts", "num_sparse_layers", "num_shared_experts",
+                "shared_expert_mlp_dim", "shared_expert_gate", "first_k_dense_layers",
+                "moe_layer_freq")
 
 
 def as_dtype(name_or_dtype):
@@ -101,6 +103,15 @@ class ModelConfig:
       num_expert_groups equal groups, top-k only within the topk_groups best; 0 turns it off.
     balance_loss: 'switch' (OpenMoE), 'sequence' (DeepSeek-V3's sequence-wise loss) or 'global'
       (the Switch loss over the global batch), times aux_loss_factor.
+    num_shared_experts: always-on experts beside the routed ones, as one FFN of width
+      shared_expert_mlp_dim (0: num_shared_experts * expert_mlp_dim) whose output is added to
+      the routed experts' (DeepSeek-MoE, arXiv:2401.06066); 0 = none (OpenMoE).
+    shared_expert_gate: scale the shared experts' output by sigmoid(x w) (Qwen2-MoE's
+      `shared_expert_gate`).
+    first_k_dense_layers, moe_layer_freq: DeepSeek's layer rule (`first_k_dense_replace`,
+      `moe_layer_freq`): layer i is MoE iff i >= first_k_dense_layers and i % moe_layer_freq
+      == 0. Both 0 (default): OpenMoE's rule from num_sparse_layers. With the DeepSeek rule,
+      num_sparse_layers must equal the number of MoE layers it gives.
   """
   vocab_size: int = 512
   emb_dim: int = 32
@@ -145,6 +156,11 @@ class ModelConfig:
   num_expert_groups: int = 0
   topk_groups: int = 0
   balance_loss: str = "switch"
+  num_shared_experts: int = 0
+  shared_expert_mlp_dim: int = 0
+  shared_expert_gate: bool = False
+  first_k_dense_layers: int = 0
+  moe_layer_freq: int = 0
 
   def __post_init__(self):
     positive = ("vocab_size", "emb_dim", "num_heads", "head_dim", "mlp_dim", "num_layers",
@@ -161,7 +177,14 @@ class ModelConfig:
       if self.num_experts <= 0:
         raise ValueError("ModelConfig.num_experts must be positive when num_sparse_layers="
                          f"{self.num_sparse_layers}")
-      if self.num_layers % self.num_sparse_layers:
+      if self.deepseek_layer_rule:
+        rule = sum(self._deepseek_moe(i) for i in range(self.num_layers))
+        if rule != self.num_sparse_layers:
+          raise ValueError(f"ModelConfig.num_sparse_layers={self.num_sparse_layers} must be "
+                           f"{rule}, the MoE layers of first_k_dense_layers="
+                           f"{self.first_k_dense_layers} and moe_layer_freq="
+                           f"{self.moe_layer_freq} in {self.num_layers} layers")
+      elif self.num_layers % self.num_sparse_layers:
         raise ValueError(f"ModelConfig.num_sparse_layers={self.num_sparse_layers} must divide "
                          f"num_layers={self.num_layers}")
       if self.expert_mlp_dim <= 0:
@@ -192,6 +215,10 @@ class ModelConfig:
       raise ValueError("ModelConfig.routed_scaling_factor must be positive, got "
                        f"{self.routed_scaling_factor}")
     self._check_groups()
+    for name in ("num_shared_experts", "shared_expert_mlp_dim", "first_k_dense_layers",
+                 "moe_layer_freq"):
+      if int(getattr(self, name)) < 0:
+        raise ValueError(f"ModelConfig.{name} must be >= 0, got {getattr(self, name)}")
     if self.ep_buffer_factor < 0:
       raise ValueError(f"ModelConfig.ep_buffer_factor must be >= 0, got {self.ep_buffer_factor}")
     as_dtype(self.activation_dtype)
@@ -221,12 +248,35 @@ class ModelConfig:
                        f"{self.num_experts // groups} it may choose from")
 
   @property
+  def deepseek_layer_rule(self) -> bool:
+    """True when first_k_dense_layers or moe_layer_freq choose the MoE layers."""
+    return bool(self.first_k_dense_layers or self.moe_layer_freq)
+
+  def _deepseek_moe(self, i: int) -> bool:
+    return i >= self.first_k_dense_layers and i % max(self.moe_layer_freq, 1) == 0
+
+  @property
   def moe_interval(self) -> Optional[int]:
-    return self.num_layers // self.num_sparse_layers if self.num_sparse_layers else None
+    """OpenMoE's rule's interval; None for a dense model or under the DeepSeek rule."""
+    if not self.num_sparse_layers or self.deepseek_layer_rule:
+      return None
+    return self.num_layers // self.num_sparse_layers
+
+  @property
+  def shared_width(self) -> int:
+    """Hidden width of the shared experts' FFN (0 without shared experts)."""
+    if not self.num_shared_experts:
+      return 0
+    return self.shared_expert_mlp_dim or self.num_shared_experts * self.expert_mlp_dim
 
   def is_moe_layer(self, i: int) -> bool:
-    """flaxformer MIXED layout: layer i is sparse iff (i + 1) % interval == 0."""
-    return bool(self.num_sparse_layers) and (i + 1) % self.moe_interval == 0
+    """flaxformer MIXED layout: layer i is sparse iff (i + 1) % interval == 0; or DeepSeek's
+    rule (`deepseek_layer_rule`)."""
+    if not self.num_sparse_layers:
+      return False
+    if self.deepseek_layer_rule:
+      return self._deepseek_moe(i)
+    return (i + 1) % self.moe_interval == 0
 
   @property
   def moe_layers(self) -> tuple:

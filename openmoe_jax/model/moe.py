@@ -21,7 +21,7 @@ from openmoe_jax.model import ragged_dispatch
 from openmoe_jax.model import partitioning as p
 from openmoe_jax.model import routing
 from openmoe_jax.model.config import ModelConfig
-from openmoe_jax.model.layers import gated_activation, kernel_init
+from openmoe_jax.model.layers import Dense, MlpBlock, gated_activation, kernel_init
 
 
 def resolve_dispatch(mode: str) -> str:
@@ -181,8 +181,26 @@ def _metrics(r: routing.Routing, token_mask, cfg: ModelConfig) -> MoeMetrics:
   )
 
 
+class SharedExperts(nn.Module):
+  """Always-on experts (DeepSeek-MoE, arXiv:2401.06066): one FFN of width `cfg.shared_width`
+  (parameters .../mlp/shared_expert/{wi_0,wi_1,wo}/kernel), optionally times sigmoid(x w)
+  (Qwen2-MoE's `shared_expert_gate`, .../mlp/shared_expert/gate/kernel [D, 1])."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x, *, deterministic: bool):
+    cfg = self.cfg
+    y = MlpBlock(cfg, cfg.shared_width, name="ffn")(x, deterministic=deterministic)
+    if cfg.shared_expert_gate:
+      gate = Dense(1, (p.EMBED, p.UNMODELED), cfg.scale, "truncated_normal", cfg,
+                   out_dtype=jnp.float32, name="gate")(x)
+      y = y * jax.nn.sigmoid(gate).astype(y.dtype)
+    return y
+
+
 class MoeLayer(nn.Module):
-  """Routed experts: router (float32, no bias) -> top-k capacity routing -> experts -> combine."""
+  """Routed experts: router (float32, no bias) -> top-k capacity routing -> experts -> combine;
+  plus the shared experts' output when `num_shared_experts` > 0."""
   cfg: ModelConfig
 
   @nn.compact
@@ -223,6 +241,8 @@ class MoeLayer(nn.Module):
                      r.combine_weights.astype(out_dtype))
     y = p.constrain(y.astype(out_dtype), (p.BATCH, p.LENGTH, p.EMBED))
     y = y.reshape(rows, cols, d)[:b, :length]
+    if cfg.num_shared_experts:
+      y = y + SharedExperts(cfg, name="shared_expert")(x[:b, :length], deterministic=deterministic)
     metrics = _metrics(r, token_mask, cfg)
     return (y, metrics, r) if return_routing else (y, metrics)
 

@@ -3,6 +3,7 @@
     h = embed(tokens)
     for each layer: h += Attn(norm(h));  h += FFN(norm(h))            (dense layer)
                 or: h += Attn(norm(h));  h += MoE(norm(h));  h += ExtraFFN(norm(h))  (MoE layer)
+    with shared experts MoE(x) = routed(x) + [sigmoid(x w) *] shared(x) (DeepSeek-MoE, Qwen2-MoE)
     logits = logits_dense(norm(h))   (float32, untied)
 
 Legend: B batch, L length, D embed, V vocab, E experts. Parameter paths mirror flaxformer's

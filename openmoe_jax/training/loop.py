@@ -186,10 +186,12 @@ def train(model_config: ModelConfig, *, model_dir: str = gin.REQUIRED,
           console.Say(None)(note)
     # --- loop ---
     def eval_iter():
+      # The held-out set does not depend on train.seed (a mixture's sampling would): runs of
+      # different seeds or designs are compared on the same examples, the ones openmoe-eval reads.
       return data_lib.ShardedIterator(
           num_data_shards, mixture_or_task_name=mixture_or_task_name,
           task_feature_lengths=task_feature_lengths, split=eval_split, batch_size=batch_size,
-          shuffle=False, seed=seed, pack=pack, num_epochs=1)
+          shuffle=False, seed=data_lib.EVAL_SEED, pack=pack, num_epochs=1)
 
     guard = None
     if spike_rollbacks:

@@ -29,7 +29,9 @@ def check_model_dir(model_dir: str, cfg: ModelConfig) -> None:
   path = fs.join(model_dir, MODEL_CONFIG)
   ours = dataclasses.asdict(cfg)
   if fs.exists(path) and ckpt_lib.list_steps(model_dir):
-    theirs = json.loads(fs.read_text(path))
+    # A field a run from an older version did not save has its default value.
+    defaults = dataclasses.asdict(ModelConfig())
+    theirs = {**{k: defaults[k] for k in SHAPE_FIELDS}, **json.loads(fs.read_text(path))}
     diff = [k for k in SHAPE_FIELDS if theirs.get(k) != ours[k]]
     if diff:
       raise UsageError(f"MODEL_DIR {model_dir} holds a different model ("

@@ -116,6 +116,18 @@ ROUTING_KEYS = {"router_topk": "num_selected_experts",
                 "attention_float32_logits": "float32_attention_logits"}
 
 
+def unexportable(cfg) -> list:
+  """What of `cfg` the OpenMoE layout (its `modeling_openmoe.py` and weight names) cannot hold:
+  shared experts and DeepSeek's layer rule ([] when it can hold everything)."""
+  out = []
+  if cfg.num_shared_experts:
+    out.append(f"shared experts (NUM_SHARED_EXPERTS={cfg.num_shared_experts})")
+  if cfg.deepseek_layer_rule:
+    out.append(f"DeepSeek's layer rule (FIRST_K_DENSE_LAYERS={cfg.first_k_dense_layers}, "
+               f"MOE_LAYER_FREQ={cfg.moe_layer_freq})")
+  return out
+
+
 def hf_config(cfg, torch_dtype: str = "float32") -> dict:
   """config.json of the released layout (OrionZheng/openmoe-8b `config.json`) for a ModelConfig, plus our routing fields.
 
