@@ -291,3 +291,37 @@ def test_deepseeks_layer_rule_and_openmoes_rule():
   from openmoe_jax.interop.hf import name_map
   assert name_map.unexportable(ModelConfig()) == []
   assert len(name_map.unexportable(deepseek.replace(num_shared_experts=1))) == 2
+
+
+def test_expert_choice_gives_every_expert_exactly_c_tokens_as_a_loop_does():
+  rng = np.random.default_rng(5)
+  logits = jnp.asarray(rng.normal(size=(3, 16, 4)), jnp.float32)
+  r = routing.experts_choose_routing(logits, 5)
+  kept, probs = np.asarray(r.kept), np.asarray(jax.nn.softmax(logits, -1), np.float64)
+  assert (kept.sum(axis=1) == 5).all()  # every expert of every group: exactly C tokens
+  for g in range(3):
+    for e in range(4):
+      want = _top(probs[g, :, e], 5)  # a stable sort: ties to the lowest token
+      np.testing.assert_array_equal(np.flatnonzero(kept[g, :, e]), np.sort(want))
+      np.testing.assert_array_equal(np.asarray(r.position)[g, want, e], np.arange(5))
+  np.testing.assert_allclose(np.asarray(r.combine_weights), np.where(kept, probs, 0), rtol=1e-6)
+  assert float(r.aux_loss) == 0.0
+
+
+def test_an_expert_choice_model_trains_on_a_mesh_like_one_device_and_refuses_to_decode():
+  from test_partitioning import CFG, TOKENS, _loss, _sharded
+  from openmoe_jax.evaluation import decoding
+  from openmoe_jax.errors import UsageError
+  from openmoe_jax.model import partitioning as part
+  from openmoe_jax.model.transformer import Transformer
+  cfg = CFG.replace(router="experts_choose", train_capacity_factor=2.0)
+  params = part.unbox(Transformer(cfg).init(jax.random.key(1), TOKENS)["params"])
+  loss, grads = jax.jit(jax.value_and_grad(lambda p, t: _loss(p, t, cfg)))(params, TOKENS)
+  _, _, sharded_loss, sharded_grads, _ = _sharded(4, 1, cfg, values=params)
+  np.testing.assert_allclose(float(sharded_loss), float(loss), rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4,
+                                                       atol=1e-6), sharded_grads, grads)
+  with pytest.raises(UsageError, match="not causal"):
+    decoding.generate(params, cfg, [[5, 6]], max_new_tokens=2)
+  with pytest.raises(ValueError, match="capacity_mode='fixed'"):
+    ModelConfig(router="experts_choose", capacity_mode="dropless")

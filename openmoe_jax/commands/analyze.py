@@ -68,6 +68,9 @@ def main(argv=None):
       cfg = run_dir.load_model_config(args.model_dir, overrides)
       if not cfg.moe_layers:
         raise UsageError("the model has no MoE layer: nothing to analyse")
+      if cfg.router == "experts_choose":
+        raise UsageError("openmoe-analyze reads token-choice routing (each token's top-k); an "
+                         "expert-choice model (ROUTER='experts_choose') is not supported yet")
       from openmoe_jax.training import checkpoint  # late: JAX after the flags
       have = checkpoint.list_steps(args.model_dir)
       if args.steps and not re.fullmatch(r"\d+(,\d+)*", args.steps):

@@ -167,6 +167,7 @@ def run(args, overrides=None) -> tuple:
           downstream.prompt_rows(args.mixture_or_task_name, args.split, args.num_examples))
   overrides = dict(overrides or {}, **({"no_drop": True} if args.no_drop else {}))
   cfg = run_dir.load_model_config(args.model_dir, overrides)
+  decoding.check_causal(cfg)
   vocabulary = _vocabulary(args.model_dir, args.mixture_or_task_name)
   budget = length_budget(args.model_dir, args.max_length)
   params, step = run_dir.load_params(args.model_dir, args.step)

@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from openmoe_jax.errors import UsageError
 from openmoe_jax.model import partitioning as part
 from openmoe_jax.model.config import ModelConfig
 from openmoe_jax.model.transformer import DecodeCache, Transformer
@@ -202,6 +203,15 @@ def left_pad(prompts: Sequence[Sequence[int]], length: int, rows: int):
   return tokens, start
 
 
+def check_causal(cfg: ModelConfig) -> None:
+  """UsageError for a model that cannot decode token by token: expert-choice routing lets an
+  expert pick a token by the tokens after it."""
+  if cfg.router == "experts_choose":
+    raise UsageError("expert-choice routing (ROUTER='experts_choose') is not causal: an expert "
+                     "chooses a token by comparing it with the later tokens of its group, so the "
+                     "model cannot decode; score or evaluate its loss instead")
+
+
 def generate(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], *,
              max_new_tokens: int, sampling: Sampling = Sampling(), rng=None,
              eos_id: int = EOS_ID, stop_sequences: Sequence[Sequence[int]] = (),
@@ -222,6 +232,7 @@ def generate(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], *,
       to it, so one compilation serves every batch.
     mesh: run sharded on this (data, expert, model) mesh with the training axis rules.
   """
+  check_causal(cfg)
   prompts, rows, plen, num_new = _batching(prompts, max_new_tokens, add_bos, batch_size, mesh)
   if not prompts:
     return []
@@ -374,6 +385,7 @@ def beam_search(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]], *,
     raise ValueError(f"num_beams must be >= 1, got {num_beams}")
   if not np.isfinite(alpha):
     raise ValueError(f"alpha must be finite, got {alpha}")
+  check_causal(cfg)
   prompts, rows, plen, num_new = _batching(prompts, max_new_tokens, add_bos, batch_size, mesh)
   stops, stop_valid = _stop_arrays(stop_sequences)
   fn = _compiled_beam(cfg, num_beams, num_new, eos_id, mesh)

@@ -16,6 +16,7 @@ CAPACITY_FORMULAS = ("flaxformer", "colossalai")
 CAPACITY_MODES = ("fixed", "adaptive", "dropless")
 CAPACITY_ORDERS = ("openmoe", "random", "confidence")
 GROUPED_MATMULS = ("auto", "blocked", "ragged_dot", "pallas")
+ROUTERS = ("tokens_choose", "experts_choose")
 ROUTER_SCORES = ("softmax", "softmax_selected", "sigmoid")   # routers.py
 BALANCE_LOSSES = ("switch", "sequence", "global")
 # The fields that fix the parameters' shapes: two configs equal on these read each other's
@@ -96,6 +97,10 @@ class ModelConfig:
       activation dtype, multiply by the scale in that dtype. True: scale in float32, then cast.
     float32_attention_logits: False (OpenMoE, flaxformer `float32_logits=False`): attention
       logits and softmax in the activation dtype. True: in float32.
+    router: 'tokens_choose' (each token its top-k experts: OpenMoE) or 'experts_choose' (each
+      expert its top-C tokens of the group, Zhou et al. 2022, flaxformer
+      `ExpertsChooseMaskedRouter`; C from the capacity factor; fixed capacity only; not causal,
+      so training and scoring only) (`ROUTER`).
     router_score: how logits become scores and gates (`routers.py`): 'softmax' (OpenMoE),
       'softmax_selected' (Mixtral) or 'sigmoid' (DeepSeek-V3) (`ROUTER_SCORE`).
     routed_scaling_factor: the gates are multiplied by it (DeepSeek-V2/V3; OpenMoE 1.0).
@@ -151,6 +156,7 @@ class ModelConfig:
   moe_float32_output: bool = True
   float32_norm: bool = False
   float32_attention_logits: bool = False
+  router: str = "tokens_choose"
   router_score: str = "softmax"
   routed_scaling_factor: float = 1.0
   num_expert_groups: int = 0
@@ -208,13 +214,21 @@ class ModelConfig:
                           ("grouped_matmul", GROUPED_MATMULS)):
       if getattr(self, name) not in allowed:
         raise ValueError(f"ModelConfig.{name}={getattr(self, name)!r} not in {allowed}")
-    for name, allowed in (("router_score", ROUTER_SCORES), ("balance_loss", BALANCE_LOSSES)):
+    for name, allowed in (("router", ROUTERS), ("router_score", ROUTER_SCORES),
+                          ("balance_loss", BALANCE_LOSSES)):
       if getattr(self, name) not in allowed:
         raise ValueError(f"ModelConfig.{name}={getattr(self, name)!r} not in {allowed}")
     if not self.routed_scaling_factor > 0:
       raise ValueError("ModelConfig.routed_scaling_factor must be positive, got "
                        f"{self.routed_scaling_factor}")
     self._check_groups()
+    if self.router == "experts_choose":
+      if self.capacity_mode != "fixed":
+        raise ValueError(f"ModelConfig.router='experts_choose' takes capacity_mode='fixed' (an "
+                         f"expert's C tokens are its capacity), got {self.capacity_mode!r}")
+      if self.num_expert_groups or self.router_score == "softmax_selected":
+        raise ValueError("ModelConfig.router='experts_choose' chooses tokens, not experts: "
+                         "num_expert_groups and router_score='softmax_selected' do not apply")
     for name in ("num_shared_experts", "shared_expert_mlp_dim", "first_k_dense_layers",
                  "moe_layer_freq"):
       if int(getattr(self, name)) < 0:

@@ -153,10 +153,17 @@ class MoeMetrics:
 
 def _metrics(r: routing.Routing, token_mask, cfg: ModelConfig) -> MoeMetrics:
   b, length = token_mask.shape
-  k = cfg.num_selected_experts
+  k = r.kept.shape[-1]  # K; E under expert choice
   real = token_mask.reshape(r.kept.shape[:2]).astype(jnp.float32)[..., None]  # [G, T, 1]
   real_k = jnp.broadcast_to(real, r.kept.shape)
-  dropped = (1.0 - r.kept.astype(jnp.float32)) * real_k
+  if cfg.router == "experts_choose":
+    # Under expert choice a (token, expert) pair that was not picked is not a dropped choice:
+    # "dropped" counts tokens no expert took (one column), the load counts picks.
+    left = 1.0 - jnp.max(r.kept.astype(jnp.float32), axis=-1, keepdims=True)
+    real_k, k = real, 1
+    dropped = left * real
+  else:
+    dropped = (1.0 - r.kept.astype(jnp.float32)) * real_k
   n_assign = jnp.maximum(real_k.sum(), 1.0)
   buckets = cfg.position_buckets
   # Positions into equal buckets by a [L, buckets] one-hot and a sum, not a scatter-add: XLA
@@ -168,15 +175,18 @@ def _metrics(r: routing.Routing, token_mask, cfg: ModelConfig) -> MoeMetrics:
   by_bucket = jnp.sum(per_pos_dropped[:, None] * in_bucket, axis=0)
   by_bucket /= jnp.maximum(jnp.sum(per_pos_total[:, None] * in_bucket, axis=0), 1.0)
   kept_any = jnp.max(r.kept.astype(jnp.float32), axis=-1, keepdims=True) * real
-  load = jnp.sum(jax.nn.one_hot(r.expert_index, cfg.num_experts) * real_k[..., None], axis=(0, 1, 2))
-  n_kept = jnp.maximum(jnp.sum(r.kept * real_k), 1.0)
+  counted = (r.kept * real if cfg.router == "experts_choose" else real_k).astype(jnp.float32)
+  load = jnp.sum(jax.nn.one_hot(r.expert_index, cfg.num_experts) * counted[..., None],
+                 axis=(0, 1, 2))
+  n_kept = jnp.maximum(jnp.sum(r.kept * real), 1.0)
   return MoeMetrics(
       aux_loss=r.aux_loss,
       router_z_loss=r.router_z_loss,
       dropped_fraction=dropped.sum() / n_assign,
       dropped_by_position=by_bucket,
       tokens_left_behind=1.0 - kept_any.sum() / jnp.maximum(real.sum(), 1.0),
-      expert_load=load / n_assign,
+      expert_load=load / (jnp.maximum(load.sum(), 1.0) if cfg.router == "experts_choose"
+                          else n_assign),
       router_confidence=jnp.sum(r.combine_weights * real_k) / n_kept,
   )
 

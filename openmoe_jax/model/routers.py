@@ -67,6 +67,14 @@ def top_k(values: jax.Array, k: int):
   return jnp.stack(picked, axis=-1), jnp.stack(index, axis=-1)
 
 
+def pick(values: jax.Array, index: jax.Array) -> jax.Array:
+  """values[..., index] for int32[..., K] index, one size-1 gather per choice level: the
+  backward of a K-wide gather is a scatter, which XLA:TPU v5p/v6e offload to the SparseCore,
+  where the compiler's cost model times nothing."""
+  return jnp.stack([jnp.take_along_axis(values, index[..., j:j + 1], axis=-1)[..., 0]
+                    for j in range(index.shape[-1])], axis=-1)
+
+
 def score(logits: jax.Array, kind: str) -> jax.Array:
   """float32[..., E] logits -> the scores experts are chosen by (softmax or sigmoid)."""
   logits = logits.astype(jnp.float32)
@@ -89,15 +97,18 @@ def group_mask(choice_scores: jax.Array, num_groups: int, topk_groups: int) -> j
 
 
 def select(scores: jax.Array, k: int, *, bias: Optional[jax.Array] = None, num_groups: int = 0,
-           topk_groups: int = 0) -> jax.Array:
-  """int32[..., K] the experts with the k largest scores (+ bias, for the choice only), within
-  the allowed groups when num_groups > 0."""
-  if bias is not None:  # [E], broadcast over the leading axes
-    scores = scores + bias.astype(jnp.float32).reshape((1,) * (scores.ndim - 1) + (-1,))
+           topk_groups: int = 0):
+  """(the chosen experts' scores, int32[..., K] the experts) with the k largest scores (+ bias,
+  for the choice only), within the allowed groups when num_groups > 0."""
   choice = scores
+  if bias is not None:  # [E], broadcast over the leading axes
+    choice = choice + bias.astype(jnp.float32).reshape((1,) * (scores.ndim - 1) + (-1,))
   if num_groups:
     choice = jnp.where(group_mask(choice, num_groups, topk_groups), choice, -jnp.inf)
-  return top_k(choice, k)[1]
+  if choice is scores:  # OpenMoE's path: top_k's own picks are the scores
+    return top_k(scores, k)
+  index = top_k(choice, k)[1]
+  return pick(scores, index), index
 
 
 def choose(logits: jax.Array, k: int, *, kind: str = "softmax", renormalize: bool = False,
@@ -106,10 +117,10 @@ def choose(logits: jax.Array, k: int, *, kind: str = "softmax", renormalize: boo
   """float32[G, T, E] logits -> `Choice` for router score `kind` (module docstring)."""
   logits = logits.astype(jnp.float32)
   scores = score(logits, kind)
-  expert_index = select(scores, k, bias=bias, num_groups=num_groups, topk_groups=topk_groups)
-  picked = jnp.take_along_axis(scores, expert_index, axis=-1)
+  picked, expert_index = select(scores, k, bias=bias, num_groups=num_groups,
+                                topk_groups=topk_groups)
   if kind == "softmax_selected":
-    gates = jax.nn.softmax(jnp.take_along_axis(logits, expert_index, axis=-1), axis=-1)
+    gates = jax.nn.softmax(pick(logits, expert_index), axis=-1)
   elif renormalize:
     gates = picked / (jnp.sum(picked, axis=-1, keepdims=True) + (1e-20 if kind == "sigmoid" else 0))
   else:

@@ -227,6 +227,9 @@ def route(cfg, router_logits: jax.Array, capacity: int,
   which assignments each capacity mode keeps. The MoE layer and openmoe-analyze both route
   through here. seq_len: tokens per sequence of the [G, T] block (the 'sequence' balance loss);
   expert_bias: float32[E] added to the scores for the choice only."""
+  if cfg.router == "experts_choose":
+    return experts_choose_routing(router_logits, capacity, score=cfg.router_score,
+                                  scaling_factor=cfg.routed_scaling_factor)
   return top_k_routing(router_logits, cfg.num_selected_experts, capacity,
                        renormalize_gates=cfg.renormalize_gates, order=cfg.capacity_order,
                        rng=rng, adaptive=cfg.capacity_mode == "adaptive",
@@ -278,6 +281,45 @@ def top_k_routing(router_logits: jax.Array, num_selected_experts: int, capacity:
       combine_weights=jnp.where(kept, gates, 0.0),
       router_probs=choice.probs,
       aux_loss=routers.balance_loss(balance, choice.probs, expert_index, seq_len),
+      router_z_loss=router_z_loss(router_logits),
+      capacity=capacity,
+  )
+
+
+def experts_choose_routing(router_logits: jax.Array, capacity: int, *, score: str = "softmax",
+                           scaling_factor: float = 1.0) -> Routing:
+  """Expert-choice routing (Zhou et al. 2022, arXiv:2202.09368; flaxformer
+  `ExpertsChooseMaskedRouter`): each expert takes the `capacity` tokens of the group with the
+  highest scores for it (ties to the lowest token index), so every expert gets exactly C tokens
+  and a token gets 0 to E experts. No balancing loss is needed (aux_loss 0); the z-loss stays.
+
+  Expressed in `Routing`'s token-major form with K = E: expert_index[g, t, e] = e, kept where
+  expert e took token t, position its rank among e's tokens, combine weight its score (times
+  scaling_factor). It is not causal: a token's experts depend on later tokens of its group.
+
+  Args:
+    router_logits: float32[G, T, E].
+    capacity: C tokens per expert and group (<= T).
+  """
+  router_logits = router_logits.astype(jnp.float32)
+  g, t, e = router_logits.shape
+  capacity = min(capacity, t)
+  scores = routers.score(router_logits, score)
+  _, picked = routers.top_k(jnp.swapaxes(scores, 1, 2), capacity)      # [G, E, C] tokens
+  rank = jnp.broadcast_to(jnp.arange(capacity, dtype=jnp.int32), picked.shape)
+  # [G, E, T]: rank of each token in each expert's pick (C where not picked)
+  position = jax.vmap(jax.vmap(lambda tok, r: jnp.full((t,), capacity, jnp.int32).at[tok].set(r)))(
+      picked, rank)
+  position = jnp.swapaxes(position, 1, 2)                              # [G, T, E]
+  kept = position < capacity
+  probs = scores if score != "sigmoid" else scores / jnp.sum(scores, axis=-1, keepdims=True)
+  return Routing(
+      expert_index=jnp.broadcast_to(jnp.arange(e, dtype=jnp.int32), (g, t, e)),
+      position=position,
+      kept=kept,
+      combine_weights=jnp.where(kept, scores * scaling_factor, 0.0),
+      router_probs=probs,
+      aux_loss=jnp.zeros((), jnp.float32),
       router_z_loss=router_z_loss(router_logits),
       capacity=capacity,
   )

@@ -118,8 +118,10 @@ ROUTING_KEYS = {"router_topk": "num_selected_experts",
 
 def unexportable(cfg) -> list:
   """What of `cfg` the OpenMoE layout (its `modeling_openmoe.py` and weight names) cannot hold:
-  shared experts and DeepSeek's layer rule ([] when it can hold everything)."""
+  expert choice, shared experts and DeepSeek's layer rule ([] when it can hold everything)."""
   out = []
+  if cfg.router == "experts_choose":
+    out.append("expert-choice routing (ROUTER='experts_choose')")
   if cfg.num_shared_experts:
     out.append(f"shared experts (NUM_SHARED_EXPERTS={cfg.num_shared_experts})")
   if cfg.deepseek_layer_rule:
