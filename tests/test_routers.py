@@ -325,3 +325,18 @@ def test_an_expert_choice_model_trains_on_a_mesh_like_one_device_and_refuses_to_
     decoding.generate(params, cfg, [[5, 6]], max_new_tokens=2)
   with pytest.raises(ValueError, match="capacity_mode='fixed'"):
     ModelConfig(router="experts_choose", capacity_mode="dropless")
+
+
+def test_info_counts_the_experts_a_token_uses_under_each_router():
+  """Active parameters: top-k of E experts for token choice; under expert choice E x C slots for
+  T tokens, so the training capacity factor's worth of experts per token on average; shared
+  experts are always active."""
+  from openmoe_jax.model import counts
+  base = counts.summarize(ModelConfig())
+  per_expert = base["expert_params"] // 8
+  assert base["total_params"] - base["activated_params"] == per_expert * (8 - 2)
+  ec = counts.summarize(ModelConfig(router="experts_choose", train_capacity_factor=1.0))
+  assert ec["total_params"] - ec["activated_params"] == per_expert * (8 - 1)
+  shared = counts.summarize(ModelConfig(num_shared_experts=1))
+  assert shared["total_params"] - shared["activated_params"] == per_expert * (8 - 2)
+  assert shared["total_params"] > base["total_params"]

@@ -31,8 +31,11 @@ def summarize(cfg: ModelConfig, seq_len: int = 2048) -> dict:
   token_emb = sizes["token_embedder/embedding"]
   head = sizes["decoder/logits_dense/kernel"]
   expert = sum(v for k, v in sizes.items() if "/mlp/expert/" in k)
-  k, e = cfg.num_selected_experts, max(cfg.num_experts, 1)
-  inactive_expert = expert * (e - k) // e if cfg.num_sparse_layers else 0
+  e = max(cfg.num_experts, 1)
+  # Experts per token: top-k; under expert choice E x C slots for T tokens, C = cf * T / E, so
+  # the training capacity factor on average.
+  k = cfg.train_capacity_factor if cfg.router == "experts_choose" else cfg.num_selected_experts
+  inactive_expert = int(round(expert * (e - k) / e)) if cfg.num_sparse_layers else 0
   activated = total - inactive_expert
   norms = sum(v for key, v in sizes.items() if key.endswith("/scale"))
   matmul_activated = activated - token_emb - norms
