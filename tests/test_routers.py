@@ -221,6 +221,21 @@ def test_a_bad_router_setting_is_one_line_from_the_command_and_writes_nothing(tm
   assert not d.exists()
 
 
+def _mesh_equals_one_device(cfg):
+  """Loss and gradients of `cfg` on a (data 2, expert 4) mesh equal one device's; returns
+  (params, loss)."""
+  from test_partitioning import TOKENS, _loss, _sharded
+  from openmoe_jax.model import partitioning as part
+  from openmoe_jax.model.transformer import Transformer
+  params = part.unbox(Transformer(cfg).init(jax.random.key(1), TOKENS)["params"])
+  loss, grads = jax.jit(jax.value_and_grad(lambda p, t: _loss(p, t, cfg)))(params, TOKENS)
+  _, _, sharded_loss, sharded_grads, _ = _sharded(4, 1, cfg, values=params)
+  np.testing.assert_allclose(float(sharded_loss), float(loss), rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4,
+                                                       atol=1e-6), sharded_grads, grads)
+  return params, loss
+
+
 @pytest.mark.parametrize("router,mode", [
     (dict(router_score="sigmoid", renormalize_gates=True, routed_scaling_factor=2.5,
           num_expert_groups=4, topk_groups=2, balance_loss="sequence"), "fixed"),
@@ -232,16 +247,9 @@ def test_a_bad_router_setting_is_one_line_from_the_command_and_writes_nothing(tm
 def test_every_router_composes_with_the_capacity_modes_on_an_expert_mesh(router, mode):
   """Loss and gradients on a (data 2, expert 4) mesh equal one device's, for each router in a
   capacity mode; the balancing loss enters the loss."""
-  from test_partitioning import CFG, TOKENS, _loss, _sharded
-  from openmoe_jax.model import partitioning as part
-  from openmoe_jax.model.transformer import Transformer
+  from test_partitioning import CFG, TOKENS, _loss
   cfg = CFG.replace(capacity_mode=mode, **router)
-  params = part.unbox(Transformer(cfg).init(jax.random.key(1), TOKENS)["params"])
-  loss, grads = jax.jit(jax.value_and_grad(lambda p, t: _loss(p, t, cfg)))(params, TOKENS)
-  _, _, sharded_loss, sharded_grads, _ = _sharded(4, 1, cfg, values=params)
-  np.testing.assert_allclose(float(sharded_loss), float(loss), rtol=1e-5)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4,
-                                                       atol=1e-6), sharded_grads, grads)
+  params, loss = _mesh_equals_one_device(cfg)
   no_aux = jax.jit(lambda p, t: _loss(p, t, cfg.replace(aux_loss_factor=0.0)))(params, TOKENS)
   assert float(no_aux) != float(loss)
 
@@ -309,18 +317,11 @@ def test_expert_choice_gives_every_expert_exactly_c_tokens_as_a_loop_does():
 
 
 def test_an_expert_choice_model_trains_on_a_mesh_like_one_device_and_refuses_to_decode():
-  from test_partitioning import CFG, TOKENS, _loss, _sharded
+  from test_partitioning import CFG
   from openmoe_jax.evaluation import decoding
   from openmoe_jax.errors import UsageError
-  from openmoe_jax.model import partitioning as part
-  from openmoe_jax.model.transformer import Transformer
   cfg = CFG.replace(router="experts_choose", train_capacity_factor=2.0)
-  params = part.unbox(Transformer(cfg).init(jax.random.key(1), TOKENS)["params"])
-  loss, grads = jax.jit(jax.value_and_grad(lambda p, t: _loss(p, t, cfg)))(params, TOKENS)
-  _, _, sharded_loss, sharded_grads, _ = _sharded(4, 1, cfg, values=params)
-  np.testing.assert_allclose(float(sharded_loss), float(loss), rtol=1e-5)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4,
-                                                       atol=1e-6), sharded_grads, grads)
+  params, _ = _mesh_equals_one_device(cfg)
   with pytest.raises(UsageError, match="not causal"):
     decoding.generate(params, cfg, [[5, 6]], max_new_tokens=2)
   with pytest.raises(ValueError, match="capacity_mode='fixed'"):

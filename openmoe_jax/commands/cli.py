@@ -77,39 +77,6 @@ _NOISE = re.compile(
     r"|W\d{4} [\d:. ]+\d+ op_level_cost_estimator)")
 
 
-class _TracebackNoise:
-  """Drops whole tracebacks that only say asyncio's event loop was closed under a callback.
-
-  Tensorstore's futures print them (one per pending write, hundreds) when orbax's save threads
-  stop on an error, e.g. a full disk, whose real cause the command then reports in one line.
-  Lines of a traceback are held until its last line decides; any other traceback passes whole.
-  """
-  HEAD = b"Traceback (most recent call last):\n"
-  TAIL = b"RuntimeError: Event loop is closed\n"
-
-  def __init__(self):
-    self.held = []
-
-  def filter(self, lines: list) -> list:
-    out = []
-    for line in lines:
-      if not self.held:
-        (self.held if line == self.HEAD else out).append(line)
-      elif line[:1] in (b" ", b"\t"):
-        self.held.append(line)
-      elif line == self.TAIL and all(b"asyncio" in l for l in self.held
-                                     if l.lstrip().startswith(b"File ")):
-        self.held = []
-      else:
-        out += self.flush()
-        (self.held if line == self.HEAD else out).append(line)
-    return out
-
-  def flush(self) -> list:
-    held, self.held = self.held, []
-    return held
-
-
 def filter_native_stderr() -> None:
   """Drops the known noise lines (above) that native libraries write to file descriptor 2.
 
@@ -132,8 +99,6 @@ def filter_native_stderr() -> None:
     except OSError:  # the reader went away (e.g. `| head`): keep draining, never block writers
       pass
 
-  blocks = _TracebackNoise()
-
   def pump():
     pending = b""
     while True:
@@ -143,13 +108,13 @@ def filter_native_stderr() -> None:
       pending += chunk
       *lines, pending = pending.split(b"\n")
       out = [l + b"\n" for l in lines if not _NOISE.match(l.decode("utf-8", "replace"))]
-      out = blocks.filter(out)
       if pending and b"\r" in pending:  # progress-bar updates: forward now
         out.append(pending)
         pending = b""
       if out:
         forward(b"".join(out))
-    forward(b"".join(blocks.flush()) + pending)
+    if pending:
+      forward(pending)
 
   thread = threading.Thread(target=pump, name="openmoe-stderr-filter", daemon=True)
   thread.start()
