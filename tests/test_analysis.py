@@ -90,15 +90,17 @@ def test_overloaded_expert_drops_rise_with_position_and_vanish_without_capacity_
   assert d["dropped_fraction"] == 0.0 and set(d["by_position_bin"]) == {0.0}
 
 
-@pytest.mark.parametrize("mode,order", [("fixed", "openmoe"), ("dropless", "openmoe"),
-                                        ("adaptive", "confidence")])
-def test_captured_routing_matches_the_model_and_identical_checkpoints_agree(mode, order):
+@pytest.mark.parametrize("mode,order,router", [
+    ("fixed", "openmoe", "tokens_choose"), ("dropless", "openmoe", "tokens_choose"),
+    ("adaptive", "confidence", "tokens_choose"), ("fixed", "openmoe", "experts_choose")])
+def test_captured_routing_matches_the_model_and_identical_checkpoints_agree(mode, order, router):
   """The analysis re-routes with the model's own capacity mode and order, so its drops are the
-  model's drops (none for dropless)."""
+  model's drops (none for dropless; under expert choice, tokens no expert took, as the model's
+  moe/dropped_fraction, and load = picks)."""
   cfg = ModelConfig(vocab_size=V, emb_dim=16, num_heads=2, head_dim=8, mlp_dim=24,
                     expert_mlp_dim=24, num_layers=2, num_experts=4, num_sparse_layers=1,
                     eval_capacity_factor=1.0, group_size=64, capacity_mode=mode,
-                    capacity_order=order)
+                    capacity_order=order, router=router)
   ids, pos, _ = _tokens(5)
   batch = {"decoder_input_tokens": np.pad(ids[:, 1:], ((0, 0), (1, 0))),
            "decoder_target_tokens": ids, "decoder_positions": np.asarray(pos)}
@@ -115,6 +117,9 @@ def test_captured_routing_matches_the_model_and_identical_checkpoints_agree(mode
   np.testing.assert_allclose(analysis.load_share(layer.load), metrics.expert_load[0], atol=1e-3)
   agree = analysis.top1_agreement(layer.token_top1, again.token_top1)
   assert agree["num_ids"] > 50 and agree["agreement"] == agree["weighted_agreement"] == 1.0
+  if router == "experts_choose":
+    assert layer.dropped[1.0].sum() > 0  # C = T / E: some tokens are left to no expert
+    assert layer.token_top1.sum() == layer.num_tokens - layer.tokens_not_taken
 
 
 @pytest.fixture(scope="module")
@@ -171,3 +176,91 @@ def test_cli_usage_errors(model_dir, tmp_path):
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("openmoe-analyze: error:") and needle in last, last
   assert not (tmp_path / "routing_report.json").exists()
+
+
+def _numpy_expert_choice(logits, capacity):
+  """Expert choice from scratch: bool[G, T, E] expert e takes its `capacity` highest-softmax
+  tokens of each group (ties to the lowest token index)."""
+  z = np.exp(logits - logits.max(axis=-1, keepdims=True))
+  scores = z / z.sum(axis=-1, keepdims=True)
+  g, t, e = scores.shape
+  kept = np.zeros((g, t, e), bool)
+  for gi in range(g):
+    for ei in range(e):
+      kept[gi, np.argsort(-scores[gi, :, ei], kind="stable")[:capacity], ei] = True
+  return kept, scores
+
+
+def test_cli_expert_choice_report_matches_a_numpy_recount(model_dir, tmp_path, monkeypatch):
+  """An expert-choice model (the fixture's checkpoint read with ROUTER='experts_choose': the
+  router has the same parameters): the report's not-taken fraction per position bin and its
+  top-1 specialisation equal a from-scratch numpy routing of the captured router logits."""
+  from flax import traverse_util
+  from openmoe_jax.commands import analyze as analyze_cmd
+  from openmoe_jax.data import pipeline as data
+  from openmoe_jax.model.moe import Router
+  from openmoe_jax.training import run_dir
+  task, out, bins, min_count, num_tokens = "builtin_corpus_full_lm", tmp_path / "ec", 8, 4, 300
+  pulled = []  # the batches the tool reads (one pipeline build instead of two)
+  make_iterator = data.make_iterator
+  def recording(*args, **kwargs):
+    for batch in make_iterator(*args, **kwargs):
+      pulled.append({k: np.asarray(v) for k, v in batch.items()})
+      yield batch
+  monkeypatch.setattr(data, "make_iterator", recording)
+  assert analyze_cmd.main([f"--model_dir={model_dir}", "--steps=2", f"--num_tokens={num_tokens}",
+                           "--seq_len=32", "--batch_size=8", f"--min_count={min_count}",
+                           "--capacity_factors=1.0", f"--position_bins={bins}",
+                           f"--mixture_or_task_name={task}", "--no_progress",
+                           f"--output_dir={out}", "--gin.ROUTER='experts_choose'",
+                           "--gin.ModelConfig.min_expert_capacity=2"]) == 0
+  rep = json.loads((out / "routing_report.json").read_text())
+  s = rep["settings"]
+  assert s["router"] == "experts_choose" and s["tokens_per_group"] == 32
+  assert s["expert_capacity"] == {"1.0": 4, "2.0": 8}  # round(cf * 32 / 8)
+  cfg = run_dir.load_model_config(model_dir, {"router": "experts_choose",
+                                              "min_expert_capacity": 2})
+  params, _ = run_dir.load_params(model_dir, 2)
+
+  @jax.jit
+  def router_logits(batch):
+    _, state = Transformer(cfg).apply(
+        {"params": params}, batch["decoder_input_tokens"], batch["decoder_target_tokens"],
+        batch.get("decoder_segment_ids"), batch.get("decoder_positions"), deterministic=True,
+        capture_intermediates=lambda m, _: isinstance(m, Router), mutable=["intermediates"])
+    [lg] = [v[0] for k, v in traverse_util.flatten_dict(state["intermediates"]).items()
+            if k[-2] == "router"]
+    return lg
+
+  not_taken, real_per_bin = np.zeros(bins), np.zeros(bins)
+  top1_counts = np.zeros((cfg.vocab_size, cfg.num_experts), np.int64)
+  left_out = seen = 0
+  for batch in pulled:
+    if seen >= num_tokens:  # the tool reads batches until it has seen num_tokens real tokens
+      break
+    real = batch["decoder_target_tokens"] > 0
+    seen += int(real.sum())
+    logits = np.asarray(router_logits(batch), np.float64)  # [8 groups = the 8 rows, 32, 8]
+    kept, _ = _numpy_expert_choice(logits, 4)  # cf 1.0: drops
+    pos_bin = np.arange(32) * bins // 32
+    np.add.at(not_taken, pos_bin, (real & ~kept.any(axis=-1)).sum(axis=0))
+    np.add.at(real_per_bin, pos_bin, real.sum(axis=0))
+    kept, scores = _numpy_expert_choice(logits, 8)  # cf 2.0, the eval factor: top-1
+    top1 = np.where(kept, scores, -1.0).argmax(axis=-1)
+    taken = real & kept.any(axis=-1)
+    left_out += int((real & ~taken).sum())
+    np.add.at(top1_counts, (batch["decoder_input_tokens"][taken], top1[taken]), 1)
+  layer = rep["checkpoints"]["2"]["tasks"][task]["layers"][str(cfg.moe_layers[0])]
+  drops = layer["drops"]["1.0"]
+  assert layer["num_tokens"] == seen and 0 < drops["dropped_fraction"] < 1
+  np.testing.assert_allclose(drops["by_position_bin"], not_taken / real_per_bin, atol=1e-9)
+  np.testing.assert_allclose(drops["dropped_fraction"], not_taken.sum() / seen)
+  assert abs(sum(drops["experts_per_token"]) - 1) < 1e-9 and drops["experts_per_token"][0] > 0
+  assert layer["num_tokens_not_taken"] == left_out > 0
+  frequent = top1_counts[top1_counts.sum(axis=1) >= min_count]
+  spec = layer["token_id_specialisation"]
+  assert spec["num_ids"] == len(frequent) > 0 and spec["num_occurrences"] == frequent.sum()
+  np.testing.assert_allclose(spec["top1_share"], frequent.max(axis=1).sum() / frequent.sum())
+  assert rep["early_routing"]["layers"][str(cfg.moe_layers[0])]["2"]["agreement"] == 1.0
+  assert sorted(rep["figures"]) == ["drops_by_position.png", "early_routing.png",
+                                    "expert_load.png", "specialisation.png"]

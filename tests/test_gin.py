@@ -29,7 +29,8 @@ def test_gin_files_found():
           "models/tiny.gin", "models/small.gin"} <= set(GIN_FILES)
 
 
-@pytest.mark.parametrize("gin_file", GIN_FILES)
+# The routing designs (gin/routing/) train and round-trip in test_routing_designs.py instead.
+@pytest.mark.parametrize("gin_file", [f for f in GIN_FILES if not f.startswith("routing/")])
 def test_gin_file_parses_finalizes_and_initializes(gin_file):
   text = (GIN_DIR / gin_file).read_text()
   bindings = list(TINY) + ["NUM_DECODER_LAYERS = 4", "NUM_DECODER_SPARSE_LAYERS = 2"]

@@ -47,17 +47,22 @@ def _metrics(model_dir):
   return {r["step"]: r for r in rows if "loss" in r}
 
 
+# The SIGKILL run trains with the loss-free balancing bias on (training state outside the
+# optimizer, `training/expert_bias.py`): it too must resume bitwise.
+BIAS = "--gin.EXPERT_BIAS_UPDATE_RATE=1e-3"
+
+
 @pytest.mark.slow
 def test_loss_falls_and_resume_after_sigkill_is_exact(tmp_path):
   straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-  r = _run(straight, "--gin.TRAIN_STEPS=24", "--gin.CHECKPOINT_PERIOD=12")
+  r = _run(straight, "--gin.TRAIN_STEPS=24", "--gin.CHECKPOINT_PERIOD=12", BIAS)
   assert r.returncode == 0, r.stderr[-3000:]
   m = _metrics(straight)
   assert sorted(m) == list(range(1, 25))
   assert np.mean([m[s]["loss"] for s in (22, 23, 24)]) < np.mean([m[s]["loss"] for s in (1, 2, 3)]) - 0.3
   for key in ("cross_entropy", "z_loss", "aux_loss", "router_z_loss", "moe/dropped_fraction",
               "moe/dropped_by_position", "moe/expert_load_cv", "learning_rate", "grad_norm",
-              "perf/tokens_per_second", "perf/mfu"):
+              "perf/tokens_per_second", "perf/mfu", "moe/expert_bias_abs_max"):
     assert key in m[24], key
   # perf/ times finished steps on the device: not the first (its compile), never above the peak.
   assert "perf/mfu" not in m[1]
@@ -66,10 +71,10 @@ def test_loss_falls_and_resume_after_sigkill_is_exact(tmp_path):
   assert list((straight / "tensorboard" / "train").iterdir())
 
   # Run to step 12 (checkpoint), then SIGKILL a continuation in the middle, then resume to 24.
-  assert _run(resumed, "--gin.TRAIN_STEPS=12", "--gin.CHECKPOINT_PERIOD=12").returncode == 0
+  assert _run(resumed, "--gin.TRAIN_STEPS=12", "--gin.CHECKPOINT_PERIOD=12", BIAS).returncode == 0
   p = subprocess.Popen([sys.executable, "-m", "openmoe_jax.main", *TINY,
                         f"--gin.MODEL_DIR='{resumed}'", "--gin.TRAIN_STEPS=1000",
-                        "--gin.CHECKPOINT_PERIOD=1000"], cwd=ROOT, stdout=subprocess.DEVNULL,
+                        "--gin.CHECKPOINT_PERIOD=1000", BIAS], cwd=ROOT, stdout=subprocess.DEVNULL,
                        stderr=subprocess.DEVNULL,
                        env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2"))
   deadline = time.time() + 240
@@ -77,7 +82,7 @@ def test_loss_falls_and_resume_after_sigkill_is_exact(tmp_path):
     time.sleep(0.5)
   p.send_signal(signal.SIGKILL)
   p.wait()
-  r = _run(resumed, "--gin.TRAIN_STEPS=24", "--gin.CHECKPOINT_PERIOD=12")
+  r = _run(resumed, "--gin.TRAIN_STEPS=24", "--gin.CHECKPOINT_PERIOD=12", BIAS)
   assert r.returncode == 0, r.stderr[-3000:]
   # The input pipeline's saved position is restored (constant time), not replayed.
   assert "openmoe-train: input restored at batch 12 from the saved pipeline position" in r.stderr
@@ -88,6 +93,14 @@ def test_loss_falls_and_resume_after_sigkill_is_exact(tmp_path):
     final[row["step"]] = row
   for s in range(13, 25):
     assert final[s]["loss"] == pytest.approx(m[s]["loss"], rel=1e-6, abs=1e-6), s
+  # The whole state at step 24, the bias included, is bitwise the uninterrupted run's.
+  from openmoe_jax.training import checkpoint as ckpt_lib
+  a, b = (ckpt_lib.restore_params(str(d), 24) for d in (straight, resumed))
+  bias = a["decoder"]["layers_1"]["mlp"]["expert_bias"]
+  assert np.abs(bias).max() > 0 and final[24]["moe/expert_bias_abs_max"] > 0
+  import jax
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    assert np.array_equal(x, y)
 
 
 @pytest.mark.slow

@@ -10,6 +10,12 @@ O/routing_report.json plus PNG figures: expert load per task (+ coefficient of v
 context-independent specialisation (token IDs vs position IDs vs uniform routing), drops by
 position bin at each capacity factor, and top-1 agreement of every checkpoint with the last.
 Load, specialisation and agreement use the routing at the model's eval capacity factor.
+
+Expert-choice models (ROUTER='experts_choose': each expert takes its top-C tokens, a token
+gets 0..E experts) get the same report: load counts the experts' picks, a token's top-1 expert
+is the one with the highest gate among those that took it (tokens no expert took are left out
+of specialisation and agreement, and counted), and drops are the tokens no expert took
+(docs/routing_analysis.md).
 """
 import argparse
 import json
@@ -68,9 +74,6 @@ def main(argv=None):
       cfg = run_dir.load_model_config(args.model_dir, overrides)
       if not cfg.moe_layers:
         raise UsageError("the model has no MoE layer: nothing to analyse")
-      if cfg.router == "experts_choose":
-        raise UsageError("openmoe-analyze reads token-choice routing (each token's top-k); an "
-                         "expert-choice model (ROUTER='experts_choose') is not supported yet")
       from openmoe_jax.training import checkpoint  # late: JAX after the flags
       have = checkpoint.list_steps(args.model_dir)
       if args.steps and not re.fullmatch(r"\d+(,\d+)*", args.steps):

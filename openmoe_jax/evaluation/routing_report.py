@@ -25,13 +25,20 @@ def make_routing_fn(cfg, capacity_factor: float):
   """jit fn(params, batch) -> (expert_index int32[M, B, L, K], kept bool[M, B, L, K]) over the M
   MoE layers, running the model with `capacity_factor` as its eval capacity factor.
 
+  Under expert choice (cfg.router 'experts_choose', K = E) it returns two more arrays:
+  top1 int32[M, B, L], each token's top-1 expert (the highest combine weight among the experts
+  that took it, lowest index on a tie; -1 where none took it), and preferred int32[M, B, L], its
+  highest-scoring expert (argmax of the router scores).
+
   The router logits are captured with flax `capture_intermediates` and routed again with the
   layer's own capacity rule, so model.py needs no analysis hooks.
   """
   import jax
+  import jax.numpy as jnp
   from flax import traverse_util
   # remat would wrap the layers in a transform that capture_intermediates cannot see through.
   run_cfg = cfg.replace(eval_capacity_factor=capacity_factor, remat_policy="none")
+  expert_choice = cfg.router == "experts_choose"
 
   def fn(params, batch):
     inputs = batch["decoder_input_tokens"]
@@ -41,24 +48,39 @@ def make_routing_fn(cfg, capacity_factor: float):
         batch.get("decoder_segment_ids"), batch.get("decoder_positions"), deterministic=True,
         capture_intermediates=lambda m, _: isinstance(m, Router), mutable=["intermediates"])
     flat = traverse_util.flatten_dict(state["intermediates"])
-    logits = sorted((int(re.search(r"layers_(\d+)", "/".join(k)).group(1)), v[0])
+    flat_params = traverse_util.flatten_dict(params)
+    # (layer, router logits, the layer's loss-free expert bias or None: it moves the choice)
+    logits = sorted((int(re.search(r"layers_(\d+)", "/".join(k)).group(1)), v[0],
+                     flat_params.get((*k[:-2], "expert_bias")))
                     for k, v in flat.items() if k[-2] == "router")
     capacity = group_settings(cfg, b, length, [capacity_factor])["expert_capacity"][
         str(capacity_factor)]
-    index, kept = [], []
-    for _, lg in logits:
-      r = routing.route(cfg, lg, capacity, seq_len=length)
-      index.append(r.expert_index.reshape(b, length, -1))
-      kept.append(r.kept.reshape(b, length, -1))
-    return jax.numpy.stack(index), jax.numpy.stack(kept)
+    # The layer pads [B, L] to a multiple of E x replicas before grouping (`group_layout`):
+    # route the padded block, then cut back to the real [B, L] as the layer does.
+    pad_rows, pad_cols, _, _ = routing.group_layout(cfg, b, length)
+    unpad = lambda x: x.reshape(b + pad_rows, length + pad_cols, -1)[:b, :length]
+    out = ([], [], [], [])
+    for _, lg, bias in logits:
+      r = routing.route(cfg, lg, capacity, seq_len=length + pad_cols, expert_bias=bias)
+      out[0].append(unpad(r.expert_index))
+      out[1].append(unpad(r.kept))
+      if expert_choice:
+        kept = unpad(r.kept)
+        top1 = jnp.argmax(jnp.where(kept, unpad(r.combine_weights), -jnp.inf), axis=-1)
+        out[2].append(jnp.where(kept.any(axis=-1), top1, -1).astype(jnp.int32))
+        out[3].append(jnp.argmax(unpad(r.router_probs), axis=-1).astype(jnp.int32))
+    return tuple(jnp.stack(x) for x in out if x)
 
   return jax.jit(fn)
 
 
 def group_settings(cfg, batch_size: int, length: int, capacity_factors) -> dict:
-  """Tokens per routing group and expert capacity per capacity factor, as the layer computes."""
+  """Tokens per routing group and expert capacity per capacity factor, as the layer computes
+  (under expert choice, an expert's capacity is the tokens it takes, at most the group's)."""
   _, _, groups, per_group = routing.group_layout(cfg, batch_size, length)
   caps = {str(cf): routing.group_capacity(cfg, per_group, cf) for cf in capacity_factors}
+  if cfg.router == "experts_choose":
+    caps = {cf: min(c, per_group) for cf, c in caps.items()}
   return {"num_groups": groups, "tokens_per_group": per_group, "expert_capacity": caps}
 
 
@@ -73,8 +95,11 @@ def collect(cfg, params, batches, capacity_factors, routing_cf, position_bins, p
     routing_cf: capacity factor whose routing feeds load, specialisation and agreement.
     position_bins: bins of the drop-by-position counters.
     progress: optional callable(num_real_tokens) after each batch.
+
+  Under expert choice the counters are expert-choice ones (`routing_stats` module docstring).
   """
   fns = {cf: make_routing_fn(cfg, cf) for cf in dict.fromkeys([routing_cf, *capacity_factors])}
+  expert_choice = cfg.router == "experts_choose"
   counters = None
   for batch in batches:
     batch = {k: np.asarray(v) for k, v in batch.items()}
@@ -82,9 +107,19 @@ def collect(cfg, params, batches, capacity_factors, routing_cf, position_bins, p
     length = real.shape[1]
     positions = batch.get("decoder_positions", np.broadcast_to(np.arange(length), real.shape))
     if counters is None:
-      counters = [analysis.RoutingCounters(cfg.vocab_size, cfg.num_experts, length, position_bins)
+      counters = [analysis.RoutingCounters(cfg.vocab_size, cfg.num_experts, length, position_bins,
+                                           expert_choice=expert_choice)
                   for _ in cfg.moe_layers]
     for cf, fn in fns.items():
+      if expert_choice:
+        _, kept, top1, preferred = (np.asarray(x) for x in fn(params, batch))
+        for layer, c in enumerate(counters):
+          if cf == routing_cf:
+            c.add_expert_choices(batch["decoder_input_tokens"], positions, kept[layer],
+                                 top1[layer], real)
+          if cf in capacity_factors:
+            c.add_expert_choice_drops(cf, kept[layer], preferred[layer], real)
+        continue
       index, kept = (np.asarray(x) for x in fn(params, batch))
       for layer, c in enumerate(counters):
         if cf == routing_cf:
@@ -131,7 +166,8 @@ def analyze(cfg, model_dir, steps, tasks, lengths, batch_size, num_tokens, capac
       "model_dir": fs.abspath(model_dir), "steps": steps, "tasks": tasks,
       "num_tokens_requested": num_tokens, "task_feature_lengths": lengths,
       "batch_size": batch_size, "split": split, "seed": seed,
-      "capacity_factors": capacity_factors, "routing_capacity_factor": routing_cf,
+      "router": cfg.router, "capacity_factors": capacity_factors,
+      "routing_capacity_factor": routing_cf,
       "train_capacity_factor": cfg.train_capacity_factor,
       "eval_capacity_factor": cfg.eval_capacity_factor, "capacity_formula": cfg.capacity_formula,
       "no_drop": cfg.no_drop, "capacity_mode": cfg.capacity_mode,
@@ -175,11 +211,13 @@ def analyze(cfg, model_dir, steps, tasks, lengths, batch_size, num_tokens, capac
 
 
 def write_figures(report: dict, output_dir: str) -> list:
-  """PNG figures of `report` (matplotlib Agg); returns their file names."""
+  """PNG figures of `report` (matplotlib Agg); returns their file names. Under expert choice
+  the same four figures, with the expert-choice meanings in their labels."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   s = report["settings"]
+  expert_choice = s.get("router") == "experts_choose"
   steps, tasks, layers = s["steps"], s["tasks"], [str(l) for l in s["moe_layers"]]
   last = report["checkpoints"][str(steps[-1])]
   names = []
@@ -201,7 +239,8 @@ def write_figures(report: dict, output_dir: str) -> list:
       ax.bar(e + j * width, m["expert_load"], width, label=t)
       cvs.append(f"{m['expert_load_cv']:.2f}")
     ax.axhline(1 / s["num_experts"], color="k", lw=0.8, ls="--")
-    ax.set(title=f"layer {l} (CV {', '.join(cvs)})", xlabel="expert", ylabel="share of assignments")
+    ax.set(title=f"layer {l} (CV {', '.join(cvs)})", xlabel="expert",
+           ylabel="share of picks" if expert_choice else "share of assignments")
   axes[0][0].legend(fontsize=7)
   save(fig, "expert_load.png")
 
@@ -224,14 +263,15 @@ def write_figures(report: dict, output_dir: str) -> list:
   fig, axes = plt.subplots(1, len(cfs), figsize=(4.5 * len(cfs), 3.2), squeeze=False)
   for ax, cf in zip(axes[0], cfs):
     for t in tasks:
-      for key, style, what in (("by_position_bin", "o-", "all"),
-                               ("first_choice_by_position_bin", "x--", "1st choice")):
+      for key, style, what in (("by_position_bin", "o-", "no expert" if expert_choice else "all"),
+                               ("first_choice_by_position_bin", "x--",
+                                "not its best expert" if expert_choice else "1st choice")):
         curves = [last["tasks"][t]["layers"][l]["drops"][cf][key] for l in layers]
         mean = [np.mean([c[b] for c in curves if c[b] is not None] or [np.nan])
                 for b in range(s["position_bins"])]
         ax.plot(100 * np.asarray(mean), style, label=f"{t} ({what})")
     ax.set(title=f"capacity factor {cf}", xlabel=f"position bin (of {s['position_bins']})",
-           ylabel="dropped assignments (%)")
+           ylabel="tokens not taken (%)" if expert_choice else "dropped assignments (%)")
   axes[0][0].legend(fontsize=7)
   save(fig, "drops_by_position.png")
 

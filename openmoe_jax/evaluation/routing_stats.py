@@ -10,6 +10,17 @@ number of tokens seen. The measurement functions below turn counters into number
   * `drop_fraction_by_bin`: dropped assignments by position bin (drop-towards-the-end).
   * `top1_agreement`: share of token IDs whose top-1 expert agrees between two checkpoints.
 
+Expert-choice routing (ROUTER='experts_choose': each expert takes its top-C tokens of the group,
+so a token gets 0..E experts) has no per-token top-k; its counters (`expert_choice=True`) are
+fed by `add_expert_choices` and `add_expert_choice_drops` with these definitions:
+  * load: picks per expert (uniform by construction at a fixed capacity, up to padding tokens
+    taking picks);
+  * a token's top-1 expert: the expert with the highest combine weight among those that took it;
+    tokens no expert took are left out of specialisation and agreement, and counted
+    (`tokens_not_taken`);
+  * drops: real tokens no expert took (`dropped`/`assigned` count tokens, not assignments), and
+    apart, tokens their preferred expert (the highest router score) did not take (`dropped_first`).
+
 Legend: B batch, L length, K experts per token, E experts, V vocabulary.
 """
 from typing import Dict, Optional, Sequence
@@ -21,21 +32,32 @@ class RoutingCounters:
   """Routing statistics of one MoE layer on one task at one checkpoint.
 
   Attributes:
-    load: int64[E] assignments (all K choices) of real tokens per expert.
-    token_top1: int64[V, E] top-1 choices per input token ID.
-    position_top1: int64[L, E] top-1 choices per position ID.
-    dropped: dict capacity factor -> int64[bins] dropped assignments per position bin.
-    assigned: dict capacity factor -> int64[bins] assignments per position bin.
-    dropped_first: dict capacity factor -> int64[bins] dropped first choices per position bin.
+    expert_choice: the layer routes by expert choice (module docstring): the counters below
+      then count as noted in brackets.
+    load: int64[E] assignments (all K choices) of real tokens per expert [picks of real tokens].
+    token_top1: int64[V, E] top-1 choices per input token ID [of the tokens some expert took].
+    position_top1: int64[L, E] top-1 choices per position ID [likewise].
+    tokens_not_taken: int, real tokens no expert took at the routing capacity factor (expert
+      choice only; 0 under token choice).
+    dropped: dict capacity factor -> int64[bins] dropped assignments per position bin [real
+      tokens no expert took].
+    assigned: dict capacity factor -> int64[bins] assignments per position bin [real tokens].
+    dropped_first: dict capacity factor -> int64[bins] dropped first choices per position bin
+      [real tokens their preferred expert did not take].
     tokens_by_bin: dict capacity factor -> int64[bins] real tokens per position bin.
+    experts_per_token: dict capacity factor -> int64[E + 1] real tokens taken by 0..E experts
+      [expert choice only].
   """
 
-  def __init__(self, vocab_size: int, num_experts: int, max_length: int, position_bins: int):
+  def __init__(self, vocab_size: int, num_experts: int, max_length: int, position_bins: int,
+               expert_choice: bool = False):
     self.vocab_size = vocab_size
     self.num_experts = num_experts
     self.max_length = max_length
     self.position_bins = position_bins
+    self.expert_choice = expert_choice
     self.num_tokens = 0
+    self.tokens_not_taken = 0
     self.load = np.zeros(num_experts, np.int64)
     self.token_top1 = np.zeros((vocab_size, num_experts), np.int64)
     self.position_top1 = np.zeros((max_length, num_experts), np.int64)
@@ -43,6 +65,7 @@ class RoutingCounters:
     self.assigned: Dict[float, np.ndarray] = {}
     self.dropped_first: Dict[float, np.ndarray] = {}
     self.tokens_by_bin: Dict[float, np.ndarray] = {}
+    self.experts_per_token: Dict[float, np.ndarray] = {}
 
   def _bincount2(self, rows, experts, num_rows):
     flat = rows.astype(np.int64) * self.num_experts + experts.astype(np.int64)
@@ -57,6 +80,7 @@ class RoutingCounters:
       expert_index: int[B, L, K] chosen experts, best first.
       real: bool[B, L] real (non-padding) tokens; the rest are ignored.
     """
+    assert not self.expert_choice, "expert-choice counters take add_expert_choices"
     real = np.asarray(real, bool)
     expert_index = np.asarray(expert_index)
     self.num_tokens += int(real.sum())
@@ -77,6 +101,7 @@ class RoutingCounters:
       kept: bool[B, L, K] assignment fits in its expert's capacity.
       real: bool[B, L] real tokens.
     """
+    assert not self.expert_choice, "expert-choice counters take add_expert_choice_drops"
     kept = np.asarray(kept, bool)
     real = np.asarray(real, bool)
     length = kept.shape[1]
@@ -101,14 +126,72 @@ class RoutingCounters:
     self.tokens_by_bin[capacity_factor] += np.bincount(bins, real.sum(axis=0),
                                                        self.position_bins).astype(np.int64)
 
+  def _bins(self, per_position) -> np.ndarray:
+    length = len(per_position)
+    bins = (np.arange(length) * self.position_bins) // length
+    return np.bincount(bins, per_position, self.position_bins).astype(np.int64)
+
+  def add_expert_choices(self, token_ids, position_ids, kept, top1, real) -> None:
+    """Adds the expert-choice routing of one batch (module docstring).
+
+    Args:
+      token_ids: int[B, L] input token at each position.
+      position_ids: int[B, L] position ID of each token.
+      kept: bool[B, L, E] expert e took the token.
+      top1: int[B, L] the token's top-1 expert: the one with the highest combine weight among
+        those that took it; -1 where no expert took it.
+      real: bool[B, L] real tokens; the rest are ignored.
+    """
+    assert self.expert_choice, "token-choice counters take add_choices"
+    real = np.asarray(real, bool)
+    kept = np.asarray(kept, bool)
+    top1 = np.asarray(top1)
+    self.num_tokens += int(real.sum())
+    self.load += kept[real].sum(axis=0).astype(np.int64)
+    taken = real & (top1 >= 0)
+    self.tokens_not_taken += int((real & ~taken).sum())
+    self.token_top1 += self._bincount2(np.asarray(token_ids)[taken], top1[taken], self.vocab_size)
+    positions = np.minimum(np.asarray(position_ids)[taken], self.max_length - 1)
+    self.position_top1 += self._bincount2(positions, top1[taken], self.max_length)
+
+  def add_expert_choice_drops(self, capacity_factor: float, kept, preferred, real) -> None:
+    """Adds which real tokens of one batch the experts took at `capacity_factor` (expert choice).
+
+    Bins are over the index in the row, as in `add_drops`. `dropped` counts tokens no expert
+    took (over `assigned`, the real tokens), `dropped_first` tokens their preferred expert did
+    not take, and `experts_per_token` how many experts took each token.
+
+    Args:
+      capacity_factor: the capacity factor the routing used (the dict key).
+      kept: bool[B, L, E] expert e took the token.
+      preferred: int[B, L] the token's highest-scoring expert (argmax of the router scores).
+      real: bool[B, L] real tokens.
+    """
+    assert self.expert_choice, "token-choice counters take add_drops"
+    kept = np.asarray(kept, bool)
+    real = np.asarray(real, bool)
+    taken_by = kept.sum(axis=-1)
+    pref_took = np.take_along_axis(kept, np.asarray(preferred)[..., None], axis=-1)[..., 0]
+    zeros = lambda n=self.position_bins: np.zeros(n, np.int64)
+    for name, per_position in (("assigned", real), ("tokens_by_bin", real),
+                               ("dropped", real & (taken_by == 0)),
+                               ("dropped_first", real & ~pref_took)):
+      counts = getattr(self, name)
+      counts.setdefault(capacity_factor, zeros())
+      counts[capacity_factor] += self._bins(per_position.sum(axis=0))
+    self.experts_per_token.setdefault(capacity_factor, zeros(self.num_experts + 1))
+    self.experts_per_token[capacity_factor] += np.bincount(
+        taken_by[real], minlength=self.num_experts + 1).astype(np.int64)
+
 
 def merge(counters: Sequence[RoutingCounters]) -> RoutingCounters:
   """Sums the choice counters (not the drops) of one layer over tasks."""
   first = counters[0]
   total = RoutingCounters(first.vocab_size, first.num_experts, first.max_length,
-                          first.position_bins)
+                          first.position_bins, first.expert_choice)
   for c in counters:
     total.num_tokens += c.num_tokens
+    total.tokens_not_taken += c.tokens_not_taken
     total.load += c.load
     total.token_top1 += c.token_top1
     total.position_top1 += c.position_top1
@@ -230,15 +313,26 @@ def top1_agreement(counts_a: np.ndarray, counts_b: np.ndarray, min_count: int = 
 def _drops(counters: RoutingCounters, cf: float) -> dict:
   dropped, assigned, first = counters.dropped[cf], counters.assigned[cf], counters.dropped_first[cf]
   tokens = counters.tokens_by_bin[cf]
-  return {"dropped_fraction": float(dropped.sum() / max(assigned.sum(), 1)),
-          "by_position_bin": drop_fraction_by_bin(dropped, assigned),
-          "first_choice_dropped_fraction": float(first.sum() / max(tokens.sum(), 1)),
-          "first_choice_by_position_bin": drop_fraction_by_bin(first, tokens)}
+  out = {"dropped_fraction": float(dropped.sum() / max(assigned.sum(), 1)),
+         "by_position_bin": drop_fraction_by_bin(dropped, assigned),
+         "first_choice_dropped_fraction": float(first.sum() / max(tokens.sum(), 1)),
+         "first_choice_by_position_bin": drop_fraction_by_bin(first, tokens)}
+  if counters.expert_choice:
+    hist = counters.experts_per_token[cf]
+    out["experts_per_token"] = load_share(hist).tolist()
+    out["mean_experts_per_token"] = float(hist @ np.arange(len(hist)) / max(hist.sum(), 1))
+  return out
 
 
 def summarise(counters: RoutingCounters, min_count: int, decode=None,
               top_tokens: Optional[int] = 10) -> dict:
-  """All per-(checkpoint, task, layer) measurements of one `RoutingCounters` as JSON."""
+  """All per-(checkpoint, task, layer) measurements of one `RoutingCounters` as JSON.
+
+  Expert-choice counters add num_tokens_not_taken (real tokens left out of the top-1
+  measurements), and per capacity factor under drops, experts_per_token (shares of real tokens
+  taken by 0..E experts) and mean_experts_per_token; the other keys keep their names with the
+  expert-choice meanings of the module docstring.
+  """
   out = {
       "num_tokens": counters.num_tokens,
       "expert_load": load_share(counters.load).tolist(),
@@ -247,6 +341,8 @@ def summarise(counters: RoutingCounters, min_count: int, decode=None,
       "position_id_specialisation": specialisation(counters.position_top1, min_count),
       "drops": {str(cf): _drops(counters, cf) for cf in sorted(counters.dropped)},
   }
+  if counters.expert_choice:
+    out["num_tokens_not_taken"] = counters.tokens_not_taken
   if top_tokens:
     out["top_tokens_per_expert"] = top_tokens_per_expert(counters.token_top1, top_tokens,
                                                          min_count, decode)

@@ -328,5 +328,6 @@ def _fresh_opt_state(params, cfg: ModelConfig):
   """A fresh OpenMoE Adafactor state for `params` (the train loop's default optimizer)."""
   import jax
   import jax.numpy as jnp
+  from openmoe_jax.training import expert_bias
   tx, _ = make_optimizer("adafactor", param_axes=steps.param_axes(cfg))
-  return tx.init(jax.tree.map(jnp.asarray, params))
+  return tx.init(expert_bias.trainable(jax.tree.map(jnp.asarray, params)))

@@ -24,7 +24,7 @@ BALANCE_LOSSES = ("switch", "sequence", "global")
 SHAPE_FIELDS = ("vocab_size", "emb_dim", "num_heads", "head_dim", "mlp_dim", "expert_mlp_dim",
                 "num_layers", "num_experts", "num_sparse_layers", "num_shared_experts",
                 "shared_expert_mlp_dim", "shared_expert_gate", "first_k_dense_layers",
-                "moe_layer_freq")
+                "moe_layer_freq", "expert_bias")
 
 
 def as_dtype(name_or_dtype):
@@ -117,6 +117,13 @@ class ModelConfig:
       `moe_layer_freq`): layer i is MoE iff i >= first_k_dense_layers and i % moe_layer_freq
       == 0. Both 0 (default): OpenMoE's rule from num_sparse_layers. With the DeepSeek rule,
       num_sparse_layers must equal the number of MoE layers it gives.
+    expert_bias_update_rate: auxiliary-loss-free balancing (DeepSeek-V3 section 2.1.2): a
+      per-expert bias added to the scores for the choice of experts only, moved by this rate
+      towards balance after every step (`training/expert_bias.py`); 0 = off (OpenMoE)
+      (`EXPERT_BIAS_UPDATE_RATE`). Token choice only.
+    expert_bias: the model holds that bias (parameter .../mlp/expert_bias float32[E]); set
+      whenever expert_bias_update_rate > 0, and alone to keep a trained bias fixed (fine-tuning
+      with rate 0) (`EXPERT_BIAS`).
   """
   vocab_size: int = 512
   emb_dim: int = 32
@@ -167,6 +174,8 @@ class ModelConfig:
   shared_expert_gate: bool = False
   first_k_dense_layers: int = 0
   moe_layer_freq: int = 0
+  expert_bias_update_rate: float = 0.0
+  expert_bias: bool = False
 
   def __post_init__(self):
     positive = ("vocab_size", "emb_dim", "num_heads", "head_dim", "mlp_dim", "num_layers",
@@ -233,6 +242,15 @@ class ModelConfig:
                  "moe_layer_freq"):
       if int(getattr(self, name)) < 0:
         raise ValueError(f"ModelConfig.{name} must be >= 0, got {getattr(self, name)}")
+    if not self.expert_bias_update_rate >= 0:
+      raise ValueError("ModelConfig.expert_bias_update_rate must be >= 0 (0 turns the "
+                       f"loss-free balancing off), got {self.expert_bias_update_rate}")
+    if self.expert_bias_update_rate > 0 and not self.expert_bias:
+      object.__setattr__(self, "expert_bias", True)  # the rate implies the bias
+    if self.expert_bias and self.router == "experts_choose":
+      raise ValueError("ModelConfig.expert_bias (EXPERT_BIAS_UPDATE_RATE > 0) balances the "
+                       "experts tokens choose; under router='experts_choose' every expert "
+                       "takes C tokens already")
     if self.ep_buffer_factor < 0:
       raise ValueError(f"ModelConfig.ep_buffer_factor must be >= 0, got {self.ep_buffer_factor}")
     as_dtype(self.activation_dtype)

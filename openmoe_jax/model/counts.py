@@ -26,7 +26,9 @@ def summarize(cfg: ModelConfig, seq_len: int = 2048) -> dict:
   """Parameter and FLOP counts. FLOPs per trained token = 6 x activated matmul weights (the
   output head included, the embedding lookup not) + attention 12 * layers * N*H * seq_len."""
   flat = traverse_util.flatten_dict(abstract_params(cfg), sep="/")
-  sizes = {k: math.prod(v.shape) for k, v in flat.items()}
+  # The loss-free balancing bias is routing state, not a weight (as transformers keeps
+  # DeepSeek-V3's `e_score_correction_bias` a buffer): not counted.
+  sizes = {k: math.prod(v.shape) for k, v in flat.items() if not k.endswith("/expert_bias")}
   total = sum(sizes.values())
   token_emb = sizes["token_embedder/embedding"]
   head = sizes["decoder/logits_dense/kernel"]

@@ -149,6 +149,8 @@ class MoeMetrics:
   tokens_left_behind: jax.Array        # [] real tokens with no kept assignment
   expert_load: jax.Array               # [E] share of real-token assignments chosen per expert
   router_confidence: jax.Array         # [] mean combine weight per kept assignment
+  expert_counts: jax.Array             # [E] real-token assignments chosen per expert (the
+                                       # loss-free bias's load, `training/expert_bias.py`)
 
 
 def _metrics(r: routing.Routing, token_mask, cfg: ModelConfig) -> MoeMetrics:
@@ -188,6 +190,7 @@ def _metrics(r: routing.Routing, token_mask, cfg: ModelConfig) -> MoeMetrics:
       expert_load=load / (jnp.maximum(load.sum(), 1.0) if cfg.router == "experts_choose"
                           else n_assign),
       router_confidence=jnp.sum(r.combine_weights * real_k) / n_kept,
+      expert_counts=load,
   )
 
 
@@ -210,7 +213,8 @@ class SharedExperts(nn.Module):
 
 class MoeLayer(nn.Module):
   """Routed experts: router (float32, no bias) -> top-k capacity routing -> experts -> combine;
-  plus the shared experts' output when `num_shared_experts` > 0."""
+  plus the shared experts' output when `num_shared_experts` > 0. With `cfg.expert_bias`, the
+  parameter `expert_bias` float32[E] is added to the scores for the choice only."""
   cfg: ModelConfig
 
   @nn.compact
@@ -239,7 +243,13 @@ class MoeLayer(nn.Module):
     order_rng = None
     if cfg.capacity_order == "random" and not deterministic and self.has_rng("dropout"):
       order_rng = self.make_rng("dropout")
-    r = routing.route(cfg, logits, capacity, rng=order_rng, seq_len=cols)
+    bias = None
+    if cfg.expert_bias:
+      # Loss-free balancing: the choice's bias, trained by no gradient (training/expert_bias.py).
+      bias = jax.lax.stop_gradient(self.param(
+          "expert_bias", p.param_init(nn.initializers.zeros_init(), (p.UNMODELED,)),
+          (cfg.num_experts,), jnp.float32))
+    r = routing.route(cfg, logits, capacity, rng=order_rng, seq_len=cols, expert_bias=bias)
     experts = Experts(cfg, name="expert")
     out_dtype = jnp.float32 if cfg.moe_float32_output else cfg.dtype
     if not routing.uses_ragged_dispatch(cfg):

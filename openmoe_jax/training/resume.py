@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from openmoe_jax.training import checkpoint as ckpt_lib
+from openmoe_jax.training import expert_bias
 from openmoe_jax.errors import TrainingError, UsageError, error_line
 from openmoe_jax.training.run_lock import RunLock
 
@@ -166,7 +167,8 @@ def init_from(source_dir: str, tx, abstract, state_sh, mesh):
     raise UsageError(f"initial checkpoint in {source_dir} does not match the model gin")
   params = jax.tree.map(lambda a, s: jax.device_put(a, s), loaded, state_sh["params"])
   with jax.set_mesh(mesh):
-    opt_state = jax.jit(tx.init, out_shardings=state_sh["opt_state"])(params)
+    opt_state = jax.jit(lambda ps: tx.init(expert_bias.trainable(ps)),
+                        out_shardings=state_sh["opt_state"])(params)
   step = jax.device_put(jnp.int32(steps_there[-1]), state_sh["step"])
   return {"step": step, "params": params, "opt_state": opt_state}
 

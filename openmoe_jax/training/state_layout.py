@@ -10,7 +10,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from openmoe_jax.data import pipeline as data
 from openmoe_jax.model import partitioning as part
-from openmoe_jax.training import steps
+from openmoe_jax.training import expert_bias, steps
 from openmoe_jax.training.optimizer import state_partition_specs
 
 
@@ -67,14 +67,17 @@ def lower_update(tx, mesh, abstract_state, rules=part.LOGICAL_AXIS_RULES):
   state_sh = shard(abstract_state)
 
   def update(state, grads):
-    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-    return {"step": state["step"] + 1, "params": optax.apply_updates(state["params"], updates),
+    trained, biases = expert_bias.split(state["params"])
+    updates, opt_state = tx.update(grads, state["opt_state"], trained)
+    params = expert_bias.merge(optax.apply_updates(trained, updates), biases)
+    return {"step": state["step"] + 1, "params": params,
             "opt_state": opt_state}, optax.global_norm(grads)
 
-  fn = jax.jit(update, in_shardings=(state_sh, state_sh["params"]),
+  grads = expert_bias.trainable(abstract_state["params"])
+  fn = jax.jit(update, in_shardings=(state_sh, expert_bias.trainable(state_sh["params"])),
                out_shardings=(state_sh, None), donate_argnums=(0,))
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    return fn.lower(abstract_state, abstract_state["params"])
+    return fn.lower(abstract_state, grads)
 
 
 def cost(compiled) -> Dict[str, float]:

@@ -13,6 +13,7 @@ import optax
 from openmoe_jax.model import partitioning as p
 from openmoe_jax.model.config import ModelConfig
 from openmoe_jax.model.transformer import Transformer, compute_loss
+from openmoe_jax.training import expert_bias
 
 # Key of the train step's metrics that is 1.0 when the updated state is all finite; the loop
 # reads it before saving and does not log it.
@@ -26,7 +27,8 @@ def init_state(cfg: ModelConfig, tx: optax.GradientTransformation, rng, batch_si
   params = Transformer(cfg).init(rng, tokens)["params"]
   unboxed = jax.tree.map(lambda x: getattr(x, "value", x), params,
                          is_leaf=lambda x: hasattr(x, "value"))
-  return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(unboxed)}
+  return {"step": jnp.zeros((), jnp.int32), "params": params,
+          "opt_state": tx.init(expert_bias.trainable(unboxed))}
 
 
 def param_axes(cfg: ModelConfig) -> Dict[str, tuple]:
@@ -67,18 +69,27 @@ def _moe_summary(moe) -> Dict[str, jax.Array]:
   }
 
 
+# The train step's per-layer expert counts [MoE layers, E] for the loss-free bias (not logged).
+_COUNTS = "moe/expert_counts_per_layer"
+
+
 def train_step(state, batch, *, cfg: ModelConfig, tx, schedule, num_microbatches: int = 1,
                seed: int = 0):
-  """One optimizer step over `batch` split into `num_microbatches` (gradients averaged)."""
+  """One optimizer step over `batch` split into `num_microbatches` (gradients averaged); then,
+  with the loss-free bias, the bias update from the step's global expert counts
+  (`expert_bias.py`; the optimizer and the gradients never see the bias)."""
   rng = jax.random.fold_in(jax.random.key(seed), state["step"])
+  trained, biases = expert_bias.split(state["params"])
 
   def loss_fn(params, mb, mb_rng):
-    loss, _, parts, moe = _forward(cfg, params, mb, deterministic=False, rng=mb_rng)
-    return loss, {**parts, **_moe_summary(moe)}
+    loss, _, parts, moe = _forward(cfg, expert_bias.merge(params, biases), mb,
+                                   deterministic=False, rng=mb_rng)
+    extra = {_COUNTS: moe.expert_counts} if biases else {}
+    return loss, {**parts, **_moe_summary(moe), **extra}
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   if num_microbatches == 1:
-    (_, metrics), grads = grad_fn(state["params"], batch, rng)
+    (_, metrics), grads = grad_fn(trained, batch, rng)
   else:
     # Microbatch i takes rows i, i+M, i+2M, ...: the split keeps every device's rows on that
     # device (a contiguous split would move the batch-sharded rows between devices or, worse,
@@ -92,16 +103,20 @@ def train_step(state, batch, *, cfg: ModelConfig, tx, schedule, num_microbatches
     def body(carry, xs):
       mb, i = xs
       mb = jax.tree.map(lambda x: p.constrain(x, (p.BATCH,) + (None,) * (x.ndim - 1)), mb)
-      (_, m), g = grad_fn(state["params"], mb, jax.random.fold_in(rng, i))
+      (_, m), g = grad_fn(trained, mb, jax.random.fold_in(rng, i))
       return jax.tree.map(jnp.add, carry, (g, m)), None
 
-    zeros = jax.eval_shape(lambda: grad_fn(state["params"], jax.tree.map(lambda x: x[0], split),
-                                           rng))
+    zeros = jax.eval_shape(lambda: grad_fn(trained, jax.tree.map(lambda x: x[0], split), rng))
     zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (zeros[1], zeros[0][1]))
     (grads, metrics), _ = jax.lax.scan(body, zeros, (split, jnp.arange(num_microbatches)))
     grads, metrics = jax.tree.map(lambda x: x / num_microbatches, (grads, metrics))
-  updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-  params = optax.apply_updates(state["params"], updates)
+  updates, opt_state = tx.update(grads, state["opt_state"], trained)
+  params = optax.apply_updates(trained, updates)
+  if biases:
+    biases = expert_bias.updated(biases, metrics.pop(_COUNTS), cfg.expert_bias_update_rate,
+                                 cfg.moe_layers)
+    metrics["moe/expert_bias_abs_max"] = expert_bias.abs_max(biases)
+    params = expert_bias.merge(params, biases)
   metrics = dict(metrics, grad_norm=optax.global_norm(grads),
                  # asarray: optax's constant schedule returns a Python float.
                  learning_rate=jnp.asarray(schedule(state["step"]), jnp.float32))

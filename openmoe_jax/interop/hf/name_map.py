@@ -118,12 +118,15 @@ ROUTING_KEYS = {"router_topk": "num_selected_experts",
 
 def unexportable(cfg) -> list:
   """What of `cfg` the OpenMoE layout (its `modeling_openmoe.py` and weight names) cannot hold:
-  expert choice, shared experts and DeepSeek's layer rule ([] when it can hold everything)."""
+  expert choice, shared experts, the loss-free balancing bias and DeepSeek's layer rule ([] when
+  it can hold everything)."""
   out = []
   if cfg.router == "experts_choose":
     out.append("expert-choice routing (ROUTER='experts_choose')")
   if cfg.num_shared_experts:
     out.append(f"shared experts (NUM_SHARED_EXPERTS={cfg.num_shared_experts})")
+  if cfg.expert_bias:
+    out.append("the loss-free balancing bias (EXPERT_BIAS_UPDATE_RATE / EXPERT_BIAS)")
   if cfg.deepseek_layer_rule:
     out.append(f"DeepSeek's layer rule (FIRST_K_DENSE_LAYERS={cfg.first_k_dense_layers}, "
                f"MOE_LAYER_FREQ={cfg.moe_layer_freq})")
