@@ -166,3 +166,8 @@ def test_the_rate_implies_the_bias_and_the_bias_is_part_of_the_model_shape():
   # A trained bias kept fixed: the same shapes as the run that trained it.
   assert name_map.shape_mismatch(ModelConfig(expert_bias_update_rate=1e-3),
                                  ModelConfig(expert_bias=True)) == []
+  # openmoe-info counts weights: the bias (state, like transformers' DeepSeek-V3 buffer) is not one.
+  from openmoe_jax.model import counts
+  with_bias, without = (counts.summarize(ModelConfig(expert_bias=b)) for b in (True, False))
+  assert with_bias["total_params"] == without["total_params"]
+  assert with_bias["train_flops_per_token"] == without["train_flops_per_token"]

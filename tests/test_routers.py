@@ -209,15 +209,20 @@ def test_bad_router_settings_are_refused(changes, needle):
   assert needle in str(e.value)
 
 
-def test_a_bad_router_setting_is_one_line_from_the_command_and_writes_nothing(tmp_path, capsys):
+@pytest.mark.parametrize("flags,needle", [
+    (["--gin.NUM_EXPERT_GROUPS=4", "--gin.TOPK_GROUPS=8"], "topk_groups=8"),
+    (["--gin.EXPERT_BIAS_UPDATE_RATE=-0.001"], "expert_bias_update_rate must be >= 0"),
+])
+def test_a_bad_router_setting_is_one_line_from_the_command_and_writes_nothing(
+    tmp_path, capsys, flags, needle):
   from openmoe_jax.commands import train as main
   d = tmp_path / "run"
   code = main.main(["--gin_file=models/tiny.gin", "--gin_file=runs/pretrain.gin",
                     f"--gin.MODEL_DIR='{d}'", "--gin.MIXTURE_OR_TASK_NAME='builtin_corpus_full_lm'",
                     "--gin.TASK_FEATURE_LENGTHS={'targets': 32}", "--gin.TRAIN_STEPS=2",
-                    "--gin.BATCH_SIZE=8", "--gin.NUM_EXPERT_GROUPS=4", "--gin.TOPK_GROUPS=8"])
+                    "--gin.BATCH_SIZE=8", *flags])
   err = capsys.readouterr().err.strip().splitlines()
-  assert code == 2 and err[-1].startswith("openmoe-train: error: ") and "topk_groups=8" in err[-1]
+  assert code == 2 and err[-1].startswith("openmoe-train: error: ") and needle in err[-1]
   assert not d.exists()
 
 

@@ -17,9 +17,11 @@ from openmoe_jax.training import checkpoint as ckpt_lib
 
 GIN_DIR = pathlib.Path(__file__).resolve().parent.parent / "gin"
 DESIGNS = sorted(p.name for p in (GIN_DIR / "routing").glob("*.gin"))
-# Fine-grained-ready tiny sizes: 32 experts of width 16 (DeepSeek-V3's 8 groups of 4, top 4).
-MODEL = ["--gin_file=models/tiny.gin", "--gin.NUM_EMBEDDINGS=8192", "--gin.NUM_EXPERTS=32",
-         "--gin.EXPERT_MLP_DIM=16"]
+# Fine-grained-ready tiny sizes: one MoE layer of 16 experts of width 16 (DeepSeek-V3's 8
+# groups of 2, top 4 groups: 8 experts to choose 8 from).
+MODEL = ["--gin_file=models/tiny.gin", "--gin.NUM_EMBEDDINGS=8192", "--gin.NUM_EXPERTS=16",
+         "--gin.EXPERT_MLP_DIM=16", "--gin.NUM_DECODER_LAYERS=1",
+         "--gin.NUM_DECODER_SPARSE_LAYERS=1"]
 
 
 def _params(model_dir):
