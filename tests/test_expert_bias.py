@@ -171,3 +171,19 @@ def test_the_rate_implies_the_bias_and_the_bias_is_part_of_the_model_shape():
   with_bias, without = (counts.summarize(ModelConfig(expert_bias=b)) for b in (True, False))
   assert with_bias["total_params"] == without["total_params"]
   assert with_bias["train_flops_per_token"] == without["train_flops_per_token"]
+
+
+def test_the_bias_steers_evaluation_and_decoding():
+  """Evaluation and cached decoding read the bias as the training step does: a large bias on
+  one expert moves every token's choice to it (the logits change) and greedy decoding runs."""
+  from openmoe_jax.evaluation import decoding
+  from openmoe_jax.model.transformer import Transformer
+  cfg = CFG.replace(no_drop=True)
+  tokens = _batch()["decoder_input_tokens"]
+  params = _init(cfg, optax.sgd(0.1))["params"]
+  forward = jax.jit(lambda p: Transformer(cfg).apply({"params": p}, tokens)[0])
+  biased = jax.tree.map(lambda x: x, params)
+  biased["decoder"]["layers_1"]["mlp"]["expert_bias"] = jnp.array([0.0, 0.0, 0.0, 10.0])
+  assert np.abs(np.asarray(forward(biased)) - np.asarray(forward(params))).max() > 1e-4
+  out = decoding.generate(biased, cfg, [[5, 6, 7]], max_new_tokens=3)
+  assert len(out) == 1 and len(out[0].ids) <= 3 and np.isfinite(out[0].log_probs).all()

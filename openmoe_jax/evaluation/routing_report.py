@@ -179,14 +179,18 @@ def analyze(cfg, model_dir, steps, tasks, lengths, batch_size, num_tokens, capac
   bar = tqdm.tqdm(total=num_tokens * len(steps) * len(tasks), unit="tok", disable=not progress_bar,
                   file=sys.stderr)
   token_counts = {}
+  # Each task's batches are read once and kept (num_tokens x 5 int32 features: 2 MB per 100k
+  # tokens) for every checkpoint: half the input work, and one stream per task left unfinished
+  # instead of one per checkpoint (tf.data can hang destroying a half-read iterator).
+  streams = {task: list(_batches(task, lengths, batch_size, split, seed, num_tokens))
+             for task in tasks}
   for step in steps:
     params, _ = run_dir.load_params(model_dir, step)
     per_task = {}
     for task in tasks:
       bar.set_description(f"step {step} {task}")
-      per_task[task] = collect(cfg, params, _batches(task, lengths, batch_size, split, seed,
-                                                     num_tokens),
-                               capacity_factors, routing_cf, position_bins, bar.update)
+      per_task[task] = collect(cfg, params, streams[task], capacity_factors, routing_cf,
+                               position_bins, bar.update)
       if per_task[task] is None:
         raise UsageError(f"task {task} gave no complete batch of {batch_size} rows")
     last = step == steps[-1]

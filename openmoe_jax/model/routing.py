@@ -89,7 +89,8 @@ class Routing:
 
   Attributes:
     expert_index: int32[G, T, K] chosen experts, best first.
-    position: int32[G, T, K] slot in the expert's buffer (may be >= C when dropped).
+    position: int32[G, T, K] slot in the expert's buffer (may be >= C when dropped); 0 in the
+      'dropless' mode, which has no buffers.
     kept: bool[G, T, K] assignment fits in the capacity.
     combine_weights: float32[G, T, K] gate of each kept assignment, 0 where dropped.
     router_probs: float32[G, T, E] the router's scores normalised over the experts (softmax:
@@ -233,6 +234,7 @@ def route(cfg, router_logits: jax.Array, capacity: int,
   return top_k_routing(router_logits, cfg.num_selected_experts, capacity,
                        renormalize_gates=cfg.renormalize_gates, order=cfg.capacity_order,
                        rng=rng, adaptive=cfg.capacity_mode == "adaptive",
+                       dropless=cfg.capacity_mode == "dropless",
                        score=cfg.router_score, scaling_factor=cfg.routed_scaling_factor,
                        num_groups=cfg.num_expert_groups, topk_groups=cfg.topk_groups,
                        balance=cfg.balance_loss, seq_len=seq_len, expert_bias=expert_bias)
@@ -243,7 +245,7 @@ def top_k_routing(router_logits: jax.Array, num_selected_experts: int, capacity:
                   rng: Optional[jax.Array] = None, adaptive: bool = False,
                   score: str = "softmax", scaling_factor: float = 1.0, num_groups: int = 0,
                   topk_groups: int = 0, balance: str = "switch", seq_len: Optional[int] = None,
-                  expert_bias: Optional[jax.Array] = None) -> Routing:
+                  expert_bias: Optional[jax.Array] = None, dropless: bool = False) -> Routing:
   """Router scores, top-k, then capacity by first-choice-first priority.
 
   The defaults are OpenMoE's: softmax over all experts, top-k, the Switch loss.
@@ -259,6 +261,9 @@ def top_k_routing(router_logits: jax.Array, num_selected_experts: int, capacity:
       instead of C each.
     score, scaling_factor, num_groups, topk_groups, expert_bias: the router (`routers.choose`).
     balance, seq_len: the balancing loss (`routers.balance_loss`).
+    dropless: the 'dropless' capacity mode: every assignment kept and no queue positions
+      computed (position 0: its grouped FFN has no slots; the [G, T*K, E] queue cumsum is what
+      grows with E at fine-grained top-8, benchmarks/RESULTS.md).
   """
   router_logits = router_logits.astype(jnp.float32)
   num_experts = router_logits.shape[-1]
@@ -266,13 +271,17 @@ def top_k_routing(router_logits: jax.Array, num_selected_experts: int, capacity:
                           renormalize=renormalize_gates, scaling_factor=scaling_factor,
                           bias=expert_bias, num_groups=num_groups, topk_groups=topk_groups)
   gates, expert_index = choice.gates, choice.expert_index
-  position = priority_positions(expert_index, num_experts, queue_order(order, gates, rng))
-  if adaptive:
+  if dropless:
+    position = jnp.zeros(expert_index.shape, jnp.int32)
+    kept = jnp.ones(expert_index.shape, bool)
+  elif adaptive:
+    position = priority_positions(expert_index, num_experts, queue_order(order, gates, rng))
     caps = adaptive_capacities(expert_index, num_experts, num_experts * capacity)
     g = expert_index.shape[0]
     limit = jnp.take_along_axis(caps, expert_index.reshape(g, -1), axis=1)
     kept = position < limit.reshape(expert_index.shape)
   else:
+    position = priority_positions(expert_index, num_experts, queue_order(order, gates, rng))
     kept = position < capacity
   return Routing(
       expert_index=expert_index,
