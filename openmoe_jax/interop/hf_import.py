@@ -16,7 +16,7 @@ from openmoe_jax.errors import UsageError
 from openmoe_jax.model.counts import abstract_params
 from openmoe_jax.interop import t5x as t5x_checkpoint
 from openmoe_jax.training import checkpoint as ckpt_lib
-from openmoe_jax.training import steps
+from openmoe_jax.training import expert_bias, steps
 from openmoe_jax.training.optimizer import make_optimizer
 
 
@@ -328,6 +328,5 @@ def _fresh_opt_state(params, cfg: ModelConfig):
   """A fresh OpenMoE Adafactor state for `params` (the train loop's default optimizer)."""
   import jax
   import jax.numpy as jnp
-  from openmoe_jax.training import expert_bias
   tx, _ = make_optimizer("adafactor", param_axes=steps.param_axes(cfg))
   return tx.init(expert_bias.trainable(jax.tree.map(jnp.asarray, params)))
