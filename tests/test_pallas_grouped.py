@@ -12,10 +12,11 @@ N, D, F, E = 40, 16, 8, 4
 SIZES = np.array([10, 0, 17, 9], np.int32)  # 36 rows; the last 4 are padding
 
 
-def _inputs(seed=0):
+def _inputs(seed=0, gate_width=2):
+  """gate_width 2: OpenMoE's wi_0 [E, D, 2F]; 1: the gated (gate / up) layout's [E, D, F]."""
   ks = jax.random.split(jax.random.key(seed), 5)
   x = jax.random.normal(ks[0], (N, D), jnp.float32)
-  w0 = jax.random.normal(ks[1], (E, D, 2 * F), jnp.float32) / 4
+  w0 = jax.random.normal(ks[1], (E, D, gate_width * F), jnp.float32) / 4
   w1 = jax.random.normal(ks[2], (E, D, F), jnp.float32) / 4
   wo = jax.random.normal(ks[3], (E, F, D), jnp.float32) / 4
   ct = jax.random.normal(ks[4], (N, D), jnp.float32)
@@ -26,8 +27,8 @@ def _reference(x, w0, w1, wo):
   """float64, row by row: each row through its expert's weights; padding rows zero."""
   expert = np.repeat(np.arange(E), SIZES)
   rows = len(expert)
-  a, b = np.split(np.einsum("nd,ndf->nf", x[:rows], w0[expert]), 2, axis=-1)
-  h = a * (b / (1 + np.exp(-b))) * np.einsum("nd,ndf->nf", x[:rows], w1[expert])
+  h = _act(np.einsum("nd,ndf->nf", x[:rows], w0[expert]),
+           np.einsum("nd,ndf->nf", x[:rows], w1[expert]), np)
   y = np.zeros_like(x)
   y[:rows] = np.einsum("nf,nfd->nd", h, wo[expert])
   return y
@@ -47,8 +48,18 @@ def test_forward_matches_blocked_and_float64_reference():
   assert not np.any(np.asarray(y)[SIZES.sum():])  # padding rows are zero
 
 
-def test_gradients_match_blocked_and_float64_reference():
-  x, w0, w1, wo, ct = _inputs(1)
+def _act(h0, h1, xnp):
+  """The reference activation, written out per layout (xnp: numpy or jax.numpy)."""
+  silu = lambda z: z / (1 + xnp.exp(-z))
+  if h0.shape[-1] == h1.shape[-1]:
+    return silu(h0) * h1
+  a, b = xnp.split(h0, 2, axis=-1)
+  return a * silu(b) * h1
+
+
+@pytest.mark.parametrize("gate_width", [2, 1], ids=["openmoe", "gated"])
+def test_gradients_match_blocked_and_float64_reference(gate_width):
+  x, w0, w1, wo, ct = _inputs(1, gate_width)
   pallas = lambda *a: pallas_grouped.expert_ffn(*a, interpret=True)
   g = jax.grad(_loss(pallas, ct), argnums=(0, 1, 2, 3))(x, w0, w1, wo)
   gb = jax.grad(_loss(lambda *a: grouped.expert_ffn(*a, impl="blocked"), ct),
@@ -59,8 +70,8 @@ def test_gradients_match_blocked_and_float64_reference():
     def ref_loss(x, w0, w1, wo):
       expert = jnp.asarray(np.repeat(np.arange(E), SIZES))
       rows = expert.shape[0]
-      a, b = jnp.split(jnp.einsum("nd,ndf->nf", x[:rows], w0[expert]), 2, axis=-1)
-      h = a * jax.nn.silu(b) * jnp.einsum("nd,ndf->nf", x[:rows], w1[expert])
+      h = _act(jnp.einsum("nd,ndf->nf", x[:rows], w0[expert]),
+               jnp.einsum("nd,ndf->nf", x[:rows], w1[expert]), jnp)
       return jnp.sum(jnp.einsum("nf,nfd->nd", h, wo[expert]) * args64[4][:rows])
 
     g64 = jax.grad(ref_loss, argnums=(0, 1, 2, 3))(*args64[:4])

@@ -28,6 +28,7 @@ import sys
 from openmoe_jax.interop.hf_export import export  # noqa: F401
 from openmoe_jax.interop.hf_export import export_t5x  # noqa: F401
 from openmoe_jax.commands import cli
+from openmoe_jax.errors import UsageError
 
 
 def main(argv=None):
@@ -44,19 +45,26 @@ def main(argv=None):
   parser.add_argument("--format", default="hf", choices=("hf", "t5x"),
                       help="hf (default): a Hugging Face folder; t5x: OUTPUT_DIR/checkpoint_<step>"
                            " in OpenMoE's t5x checkpoint layout")
+  parser.add_argument("--hf_family", choices=("openmoe", "mixtral", "olmoe", "qwen3_moe"),
+                      help="with --format=hf: the Hugging Face layout to write (default: the "
+                           "one the model is built like: OpenMoE's own, or the family an "
+                           "openmoe-import read); the families' load in transformers without "
+                           "trust_remote_code")
   parser.add_argument("--overwrite", action="store_true",
                       help="replace an output_dir that an earlier openmoe-export wrote (any "
                            "other non-empty folder, and the model dir, are refused)")
   args = parser.parse_args(argv)
 
   def body() -> int:
+    if args.format == "t5x" and args.hf_family:
+      raise UsageError("--hf_family is a Hugging Face layout: it goes with --format=hf")
     if args.format == "t5x":
       out = export_t5x(args.model_dir, args.output_dir, step=args.step, dtype=args.dtype,
                        overwrite=args.overwrite)
     else:
       out = export(args.model_dir, args.output_dir, step=args.step, dtype=args.dtype,
                    max_shard_size_mb=args.max_shard_size_mb, spm_path=args.spm_path,
-                   overwrite=args.overwrite)
+                   overwrite=args.overwrite, hf_family=args.hf_family)
     print(json.dumps(out), file=sys.stderr)
     return 0
 

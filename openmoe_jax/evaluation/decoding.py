@@ -3,7 +3,7 @@
 `generate(params, cfg, prompts, ...)` is a pure function of its arguments. Prompts (token ids,
 BOS = 0 added) are left-padded into a [B, P] batch, so every row's next token is read from the
 last column, while each row's positions still count from its own BOS (`DecodeCache.start`). The
-cache is preallocated as [B, P + N, heads, head_dim] per layer, with P and N rounded up to powers
+cache is preallocated as [B, P + N, key/value heads, head_dim] per layer, with P and N rounded up to powers
 of two: one compilation per (batch, P, N) bucket, none per prompt length. Under a mesh the cache
 is sharded over `batch` and `heads` by the training rules (partitioning.py).
 
@@ -120,7 +120,7 @@ def _stop_hit(window, stops, stop_valid):
 
 def init_cache(cfg: ModelConfig, batch: int, length: int, start) -> DecodeCache:
   """Zero cache of `length` columns; start: int32[B] first real column of each row."""
-  shape = (batch, length, cfg.num_heads, cfg.head_dim)
+  shape = (batch, length, cfg.kv_heads, cfg.head_dim)
   zeros = lambda: part.constrain(jnp.zeros(shape, cfg.dtype),
                                  (part.BATCH, part.LENGTH, part.HEADS, part.KV))
   return DecodeCache(keys=tuple(zeros() for _ in range(cfg.num_layers)),

@@ -14,7 +14,7 @@ from openmoe_jax.data import corpus
 from openmoe_jax.data import special_tokens
 from openmoe_jax.training import run_dir
 from openmoe_jax.errors import error_line
-from openmoe_jax.interop.hf import name_map
+from openmoe_jax.interop.hf import families, name_map
 from openmoe_jax.errors import UsageError
 from openmoe_jax.training import console
 from openmoe_jax.training import checkpoint as ckpt_lib
@@ -210,23 +210,61 @@ def export_t5x(model_dir: str, output_dir: str, *, step=None, dtype: str = "floa
           "checkpoint": os.path.join(output_dir, name)}
 
 
+HF_FAMILIES = ("openmoe", *families.FAMILIES)
+
+
+def resolve_family(cfg, family=None) -> str:
+  """The Hugging Face layout to write: `family`, or the one `cfg` is built like
+  (`families.infer_family`; OpenMoE's own otherwise). Raises UsageError when the layout cannot
+  hold the model, naming what it lacks."""
+  if family is not None and family not in HF_FAMILIES:
+    raise UsageError(f"--hf_family={family}: choose from {', '.join(HF_FAMILIES)}")
+  family = family or families.infer_family(cfg) or "openmoe"
+  if family == "openmoe":
+    missing = name_map.unexportable(cfg)
+    if cfg.mlp_layout != "openmoe" or not cfg.moe_extra_mlp or cfg.qk_norm != "none" \
+        or cfg.num_kv_heads not in (0, cfg.num_heads) or cfg.attention_scale != 1.0:
+      missing.append("today's families' attention and FFN (NUM_KV_HEADS, QK_NORM, "
+                     "ATTENTION_SCALE, MLP_LAYOUT, MOE_EXTRA_MLP)")
+    name = "OpenMoE"
+  else:
+    missing = families.unexportable(cfg, family)
+    name = family
+  if missing:
+    raise UsageError(f"the {name} Hugging Face layout has no {' and no '.join(missing)}: this "
+                     "model cannot be exported to it (--format=t5x writes every parameter)")
+  return family
+
+
+def _copy_hf_tokenizer(model_dir: str, out_dir: str) -> list:
+  """The tokenizer files an import kept (MODEL_DIR/hf_tokenizer) into the export."""
+  src = fs.join(model_dir, families.HF_TOKENIZER_DIR)
+  names = sorted(fs.listdir(src)) if fs.isdir(src) else []
+  for name in names:
+    fs.copy(fs.join(src, name), os.path.join(out_dir, name))
+  return names
+
+
 def export(model_dir: str, output_dir: str, *, step=None, dtype: str = "float32",
-           max_shard_size_mb: float = 5000, spm_path=None, overwrite: bool = False) -> dict:
+           max_shard_size_mb: float = 5000, spm_path=None, overwrite: bool = False,
+           hf_family=None) -> dict:
   """Exports MODEL_DIR's checkpoint to OUTPUT_DIR; returns a summary dict.
 
+  hf_family: 'openmoe' (OpenMoE's released layout, remote code), 'mixtral', 'olmoe' or
+    'qwen3_moe' (the family's own layout, which transformers loads without remote code);
+    default: the one the model is built like.
+
   Raises:
-    UsageError: bad input (no checkpoint, output in the way, unknown dtype, ...).
+    UsageError: bad input (no checkpoint, output in the way, unknown dtype, a layout that
+      cannot hold the model, ...).
   """
   if dtype not in _ST_DTYPES:
     raise UsageError(f"--dtype={dtype}: use float32 or bfloat16")
   check_output_dir(model_dir, output_dir, overwrite)
   _say_leftovers(output_dir)
   cfg = run_dir.load_model_config(model_dir)
-  missing = name_map.unexportable(cfg)
-  if missing:
-    raise UsageError(f"the OpenMoE Hugging Face layout has no {' and no '.join(missing)}: this "
-                     "model cannot be exported to it (--format=t5x writes every parameter)")
-  spm = _spm_path(model_dir, spm_path)
+  family = resolve_family(cfg, hf_family)
+  spm = _spm_path(model_dir, spm_path) if family == "openmoe" else None
   reader, step = _open_reader(model_dir, step)
   parent = os.path.dirname(os.path.abspath(output_dir))
   os.makedirs(parent, exist_ok=True)
@@ -236,15 +274,23 @@ def export(model_dir: str, output_dir: str, *, step=None, dtype: str = "float32"
     width = 2 if dtype == "bfloat16" else 4
     table = {}
     items = []
-    for e in name_map.entries(cfg.num_layers, cfg.is_moe_layer):
+    for e in families.tensors(family, cfg):
       try:
         shape, _ = reader.spec(e.flax_path)
       except KeyError as err:
         raise UsageError(error_line(err).strip('"')) from None
-      hf_shape = name_map.hf_shape(shape, e.transpose)
+      hf_shape = families.hf_shape(shape, e)
       table[e.hf_key] = e
       items.append((e.hf_key, hf_shape, int(np.prod(hf_shape)) * width))
-    produce = lambda key: _chunks(reader.read(table[key].flax_path), table[key].transpose, dtype)
+    last = {}  # the array read last: a family's E expert tensors are slices of one array
+
+    def produce(key):
+      e = table[key]
+      if last.get("path") != e.flax_path:
+        last.clear()
+        last.update(path=e.flax_path, array=reader.read(e.flax_path))
+      array = last["array"] if e.expert is None else last["array"][e.expert]
+      return _chunks(array, e.transpose, dtype)
     shards = plan_shards(items, int(max_shard_size_mb * 2**20))
     names = (["model.safetensors"] if len(shards) == 1 else
              [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
@@ -256,18 +302,24 @@ def export(model_dir: str, output_dir: str, *, step=None, dtype: str = "float32"
                "weight_map": {k: name for name, s in zip(names, shards) for k, _, _ in s}}
       with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
         json.dump(index, f, indent=1)
-    with open(os.path.join(tmp, "config.json"), "w") as f:
-      json.dump(name_map.hf_config(cfg, dtype), f, indent=1)
-    with open(os.path.join(tmp, "generation_config.json"), "w") as f:
-      json.dump(dict(name_map.token_ids(), decoder_start_token_id=special_tokens.BOS_ID,
-                     transformers_version="4.34.0"), f, indent=1)
-    _write_tokenizer(tmp, spm)
-    shutil.copyfile(os.path.join(_HERE, "hf", "modeling_openmoe.py"),
-                    os.path.join(tmp, "modeling_openmoe.py"))
-    _publish(tmp, output_dir, {"model_dir": os.path.abspath(model_dir), "step": step})
+    if family == "openmoe":
+      with open(os.path.join(tmp, "config.json"), "w") as f:
+        json.dump(name_map.hf_config(cfg, dtype), f, indent=1)
+      with open(os.path.join(tmp, "generation_config.json"), "w") as f:
+        json.dump(dict(name_map.token_ids(), decoder_start_token_id=special_tokens.BOS_ID,
+                       transformers_version="4.34.0"), f, indent=1)
+      _write_tokenizer(tmp, spm)
+      shutil.copyfile(os.path.join(_HERE, "hf", "modeling_openmoe.py"),
+                      os.path.join(tmp, "modeling_openmoe.py"))
+    else:
+      _copy_hf_tokenizer(model_dir, tmp)
+      with open(os.path.join(tmp, "config.json"), "w") as f:
+        json.dump(families.hf_config(cfg, family, dtype), f, indent=1)
+    _publish(tmp, output_dir, {"model_dir": os.path.abspath(model_dir), "step": step,
+                               "family": family})
   finally:
     reader.close()
     if os.path.exists(tmp):
       shutil.rmtree(tmp)
   return {"step": step, "tensors": len(items), "bytes": total, "shards": len(shards),
-          "output_dir": output_dir}
+          "family": family, "output_dir": output_dir}

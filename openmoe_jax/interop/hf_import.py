@@ -10,7 +10,7 @@ import numpy as np
 
 from openmoe_jax import fs, gin_utils
 from openmoe_jax.model.config import ModelConfig
-from openmoe_jax.interop.hf import name_map
+from openmoe_jax.interop.hf import families, name_map
 from openmoe_jax.training import run_dir
 from openmoe_jax.errors import UsageError
 from openmoe_jax.model.counts import abstract_params
@@ -166,8 +166,13 @@ def _check_finite(array: np.ndarray, where: str, fix: str) -> None:
     _fail(f"{where} holds {bad} non-finite values (NaN/Inf): {fix}")
 
 
-def load_params(hf_dir: str, cfg: ModelConfig) -> dict:
-  """Our params tree (numpy, cfg.param_dtype) from the folder's weight files.
+def load_params(hf_dir: str, cfg: ModelConfig, family: str = "openmoe") -> dict:
+  """Our params tree (numpy, cfg.param_dtype) from the folder's weight files in `family`'s
+  layout (`families.tensors`: 'openmoe', 'mixtral', 'olmoe', 'qwen3_moe').
+
+  Tensors are read one at a time, straight into the output tree (a family's per-expert
+  matrices into their slice of the [E, ...] array), so host memory holds the params being
+  written plus one tensor.
 
   Every tensor is checked as it is read (so memory does not grow beyond the params themselves):
   a readable float dtype, the shape the model config needs, and finite values, both as stored
@@ -178,10 +183,11 @@ def load_params(hf_dir: str, cfg: ModelConfig) -> dict:
   from flax import traverse_util
   want = traverse_util.flatten_dict(abstract_params(cfg))
   files = weight_files(hf_dir)
-  entries = list(name_map.entries(cfg.num_layers, cfg.is_moe_layer))
+  entries = list(families.tensors(family, cfg))
+  name = "OpenMoE" if family == "openmoe" else family
   missing = [e.hf_key for e in entries if e.hf_key not in files]
   if missing:
-    _fail(f"{hf_dir} lacks {len(missing)} OpenMoE tensors, e.g. {missing[0]}")
+    _fail(f"{hf_dir} lacks {len(missing)} {name} tensors, e.g. {missing[0]}")
   extra = sorted(set(files) - {e.hf_key for e in entries})
   if extra:
     _fail(f"{hf_dir} has tensors this model does not, e.g. {extra[0]} (mismatched model?)")
@@ -192,8 +198,10 @@ def load_params(hf_dir: str, cfg: ModelConfig) -> dict:
       stored = tensors.get(path, e.hf_key)
       array = stored.T if e.transpose else stored
       spec = want.get(e.flax_path)
-      if spec is None or tuple(array.shape) != tuple(spec.shape):
-        need = None if spec is None else tuple(name_map.hf_shape(spec.shape, e.transpose))
+      shape = None if spec is None else tuple(spec.shape[1:] if e.expert is not None
+                                              else spec.shape)
+      if shape is None or tuple(array.shape) != shape:
+        need = None if spec is None else families.hf_shape(spec.shape, e)
         _fail(f"{path}: tensor {e.hf_key} has shape {tuple(stored.shape)}, the model needs "
               f"{need} (mismatched model?)")
       where = f"{path}: tensor {e.hf_key}"
@@ -202,7 +210,12 @@ def load_params(hf_dir: str, cfg: ModelConfig) -> dict:
       if out.dtype != array.dtype:
         _check_finite(out, f"{where} as {out.dtype}",
                       "its values overflow that dtype; import with --param_dtype=float32")
-      flat[e.flax_path] = out
+      if e.expert is None:
+        flat[e.flax_path] = out
+      else:
+        if e.flax_path not in flat:
+          flat[e.flax_path] = np.empty(spec.shape, spec.dtype)
+        flat[e.flax_path][e.expert] = out
   finally:
     tensors.close()
   return traverse_util.unflatten_dict(flat)
@@ -210,9 +223,12 @@ def load_params(hf_dir: str, cfg: ModelConfig) -> dict:
 
 def model_config(hf: dict, gin_files, gin_bindings, param_dtype: str) -> ModelConfig:
   try:
-    fields = name_map.model_config_fields(hf)
+    family = families.family_of(hf)
+    fields = (name_map.model_config_fields(hf) if family == "openmoe"
+              else families.model_config_fields(hf))
+    ModelConfig(**fields)
   except ValueError as e:
-    _fail(str(e))
+    _fail(f"config.json: {e}")
   from_hf = ModelConfig(**fields, param_dtype=param_dtype)
   if not gin_files:
     return from_hf
@@ -241,9 +257,21 @@ def import_checkpoint(hf_dir: str, model_dir: str, *, gin_files=(), gin_bindings
   _check_empty(model_dir)
   if not os.path.isdir(hf_dir):
     _fail(f"hf_dir not found: {hf_dir}")
-  cfg = model_config(read_hf_config(hf_dir), gin_files, gin_bindings, param_dtype)
-  params = load_params(hf_dir, cfg)
-  return _commit(model_dir, cfg, params, step, {"hf_dir": os.path.abspath(hf_dir)})
+  hf = read_hf_config(hf_dir)
+  cfg = model_config(hf, gin_files, gin_bindings, param_dtype)
+  family = families.family_of(hf)
+  params = load_params(hf_dir, cfg, family)
+  out = _commit(model_dir, cfg, params, step, {"hf_dir": os.path.abspath(hf_dir),
+                                                "family": family},
+                extra_files=_tokenizer_files(hf_dir))
+  out["family"] = family
+  return out
+
+
+def _tokenizer_files(hf_dir: str) -> dict:
+  """The folder's tokenizer files, kept in MODEL_DIR/hf_tokenizer for `openmoe-export`."""
+  return {f"{families.HF_TOKENIZER_DIR}/{n}": os.path.join(hf_dir, n)
+          for n in families.TOKENIZER_FILES if os.path.isfile(os.path.join(hf_dir, n))}
 
 
 def import_t5x(checkpoint_path: str, model_dir: str, *, gin_files=(), gin_bindings=(),
@@ -280,8 +308,9 @@ def import_t5x(checkpoint_path: str, model_dir: str, *, gin_files=(), gin_bindin
 
 
 def _commit(model_dir: str, cfg: ModelConfig, params, step: int, source: dict,
-            opt_state=None) -> dict:
-  """MODEL_DIR with the checkpoint {step, params, opt_state (default: fresh)}, all or nothing."""
+            opt_state=None, extra_files=None) -> dict:
+  """MODEL_DIR with the checkpoint {step, params, opt_state (default: fresh)} and
+  `extra_files` ({relative name: source file}), all or nothing."""
   if opt_state is None:
     opt_state = _fresh_opt_state(params, cfg)
   state = {"step": np.int32(step), "params": params, "opt_state": opt_state}
@@ -293,7 +322,7 @@ def _commit(model_dir: str, cfg: ModelConfig, params, step: int, source: dict,
     # unfinished import as a model dir. A failure removes what this import wrote (MODEL_DIR
     # was checked empty or absent), so a bucket is left as it was.
     try:
-      _write_model_dir(model_dir, cfg, state, step, source)
+      _write_model_dir(model_dir, cfg, state, step, source, extra_files)
     except BaseException:
       if fs.exists(model_dir):
         fs.gfile().rmtree(model_dir)
@@ -303,7 +332,7 @@ def _commit(model_dir: str, cfg: ModelConfig, params, step: int, source: dict,
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=os.path.basename(os.path.abspath(model_dir)) + ".tmp-", dir=parent)
   try:
-    _write_model_dir(tmp, cfg, state, step, source)
+    _write_model_dir(tmp, cfg, state, step, source, extra_files)
     mask = os.umask(0)
     os.umask(mask)
     os.chmod(tmp, 0o777 & ~mask)  # mkdtemp makes 0700; the model dir gets the user's umask
@@ -316,10 +345,15 @@ def _commit(model_dir: str, cfg: ModelConfig, params, step: int, source: dict,
   return summary
 
 
-def _write_model_dir(dest: str, cfg: ModelConfig, state, step: int, source: dict) -> None:
-  """The checkpoint, imported_from.json, then model_config.json into `dest` (path or URL)."""
+def _write_model_dir(dest: str, cfg: ModelConfig, state, step: int, source: dict,
+                     extra_files=None) -> None:
+  """The checkpoint, the extra files, imported_from.json, then model_config.json into `dest`
+  (path or URL)."""
   with ckpt_lib.Checkpointer(dest, async_save=False) as ckpt:
     ckpt.save(step, state, {}, force=True)
+  for name, src in (extra_files or {}).items():
+    fs.makedirs(fs.join(dest, os.path.dirname(name)))
+    fs.copy(src, fs.join(dest, name))
   fs.write_text(fs.join(dest, run_dir.IMPORTED_FROM), json.dumps(source))
   run_dir.write_model_config(dest, cfg)  # last: from now on the tools read `dest`
 

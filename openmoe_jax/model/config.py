@@ -19,12 +19,15 @@ GROUPED_MATMULS = ("auto", "blocked", "ragged_dot", "pallas")
 ROUTERS = ("tokens_choose", "experts_choose")
 ROUTER_SCORES = ("softmax", "softmax_selected", "sigmoid")   # routers.py
 BALANCE_LOSSES = ("switch", "sequence", "global")
+QK_NORMS = ("none", "head", "projection")
+MLP_LAYOUTS = ("openmoe", "gated")
 # The fields that fix the parameters' shapes: two configs equal on these read each other's
 # checkpoints (a MODEL_DIR refuses another model; an import checks its target by them).
 SHAPE_FIELDS = ("vocab_size", "emb_dim", "num_heads", "head_dim", "mlp_dim", "expert_mlp_dim",
                 "num_layers", "num_experts", "num_sparse_layers", "num_shared_experts",
                 "shared_expert_mlp_dim", "shared_expert_gate", "first_k_dense_layers",
-                "moe_layer_freq", "expert_bias")
+                "moe_layer_freq", "expert_bias", "num_kv_heads", "qk_norm", "mlp_layout",
+                "moe_extra_mlp")
 
 
 def as_dtype(name_or_dtype):
@@ -124,6 +127,22 @@ class ModelConfig:
     expert_bias: the model holds that bias (parameter .../mlp/expert_bias float32[E]); set
       whenever expert_bias_update_rate > 0, and alone to keep a trained bias fixed (fine-tuning
       with rate 0) (`EXPERT_BIAS`).
+    num_kv_heads: key/value heads of grouped-query attention (Ainslie et al. 2023): query head
+      j reads key/value head j // (num_heads / num_kv_heads), as transformers' `repeat_kv`;
+      0 = num_heads (OpenMoE) (`NUM_KV_HEADS`).
+    qk_norm: RMSNorm on queries and keys before RoPE (parameters .../query_norm/scale,
+      .../key_norm/scale): 'head' over each head's H values (Qwen3, OLMo-2-style per head),
+      'projection' over the whole projection N*H (OLMoE `OlmoeAttention.q_norm`); 'none'
+      (OpenMoE) (`QK_NORM`).
+    attention_scale: the attention logits q.k are multiplied by it: 1.0 (OpenMoE folds
+      1/sqrt(H) into the query initialiser) or head_dim**-0.5, today's families'
+      (`ATTENTION_SCALE`).
+    mlp_layout: 'openmoe' (wi_0 [D, 2F] split a, b -> a * silu(b) * (x wi_1), OpenMoE's
+      three-projection FFN) or 'gated' (the gate / up / down layout of Llama and every family
+      since: silu(x wi_0) * (x wi_1), wi_0 and wi_1 both [D, F]), for dense FFNs, experts and
+      shared experts alike (`MLP_LAYOUT`).
+    moe_extra_mlp: an MoE layer also has OpenMoE's extra dense FFN after the experts (True,
+      OpenMoE); False for the families whose MoE layer is the experts alone (`MOE_EXTRA_MLP`).
   """
   vocab_size: int = 512
   emb_dim: int = 32
@@ -176,6 +195,11 @@ class ModelConfig:
   moe_layer_freq: int = 0
   expert_bias_update_rate: float = 0.0
   expert_bias: bool = False
+  num_kv_heads: int = 0
+  qk_norm: str = "none"
+  attention_scale: float = 1.0
+  mlp_layout: str = "openmoe"
+  moe_extra_mlp: bool = True
 
   def __post_init__(self):
     positive = ("vocab_size", "emb_dim", "num_heads", "head_dim", "mlp_dim", "num_layers",
@@ -251,6 +275,15 @@ class ModelConfig:
       raise ValueError("ModelConfig.expert_bias (EXPERT_BIAS_UPDATE_RATE > 0) balances the "
                        "experts tokens choose; under router='experts_choose' every expert "
                        "takes C tokens already")
+    if self.num_kv_heads < 0 or (self.num_kv_heads and self.num_heads % self.num_kv_heads):
+      raise ValueError(f"ModelConfig.num_kv_heads={self.num_kv_heads} must divide num_heads="
+                       f"{self.num_heads} (0: as many as num_heads)")
+    for name, allowed in (("qk_norm", QK_NORMS), ("mlp_layout", MLP_LAYOUTS)):
+      if getattr(self, name) not in allowed:
+        raise ValueError(f"ModelConfig.{name}={getattr(self, name)!r} not in {allowed}")
+    if not self.attention_scale > 0:
+      raise ValueError(f"ModelConfig.attention_scale must be positive, got "
+                       f"{self.attention_scale}")
     if self.ep_buffer_factor < 0:
       raise ValueError(f"ModelConfig.ep_buffer_factor must be >= 0, got {self.ep_buffer_factor}")
     as_dtype(self.activation_dtype)
@@ -293,6 +326,16 @@ class ModelConfig:
     if not self.num_sparse_layers or self.deepseek_layer_rule:
       return None
     return self.num_layers // self.num_sparse_layers
+
+  @property
+  def kv_heads(self) -> int:
+    """Key/value heads: num_kv_heads, or num_heads when it is 0."""
+    return self.num_kv_heads or self.num_heads
+
+  @property
+  def gate_width(self) -> int:
+    """wi_0's output width per hidden unit: 2 in OpenMoE's layout (a and b), 1 when gated."""
+    return 2 if self.mlp_layout == "openmoe" else 1
 
   @property
   def shared_width(self) -> int:

@@ -30,10 +30,11 @@ class RMSNorm(nn.Module):
   to the activation dtype, then multiplied by the scale in that dtype (`float32_norm`: in float32).
   """
   cfg: ModelConfig
+  axis: str = p.EMBED  # the scale's logical axis (p.KV / p.JOINED_KV for the QK norms)
 
   @nn.compact
   def __call__(self, x):
-    scale = self.param("scale", p.param_init(nn.initializers.ones, (p.EMBED,)),
+    scale = self.param("scale", p.param_init(nn.initializers.ones, (self.axis,)),
                        (x.shape[-1],), self.cfg.weight_dtype)
     x32 = x.astype(jnp.float32)
     y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.cfg.norm_eps)
@@ -107,12 +108,20 @@ def attention_mask(segment_ids, token_mask):
 def attend(q, k, v, mask, keep, *, cfg: ModelConfig):
   """Scaled-dot-product attention core: softmax(q k^T, masked) v, dropout where `keep` is False.
 
-  q: [B, T, N, H]; k, v: [B, S, N, H]; mask: bool [B, 1, T, S]; keep: None or bool [B, N, 1, S]
-  (kept attention probabilities are divided by 1 - dropout_rate, as nn.Dropout does).
+  q: [B, T, N, H]; k, v: [B, S, K, H] with K key/value heads dividing N (grouped-query
+  attention: query head j reads key/value head j // (N / K), transformers' `repeat_kv`);
+  mask: bool [B, 1, T, S]; keep: None or bool [B, N, 1, S] (kept attention probabilities are
+  divided by 1 - dropout_rate, as nn.Dropout does). The logits are multiplied by
+  cfg.attention_scale (1.0 for OpenMoE, whose query initialiser holds 1/sqrt(H)).
   """
+  if k.shape[2] != q.shape[2]:
+    k, v = (jnp.repeat(y, q.shape[2] // y.shape[2], axis=2) for y in (k, v))
+    k, v = (p.constrain(y, (p.BATCH, p.LENGTH, p.HEADS, p.KV)) for y in (k, v))
   # flaxformer dense_attention (float32_logits=False): logits and softmax in the activation dtype.
   logit_dtype = jnp.float32 if cfg.float32_attention_logits else cfg.dtype
   logits = jnp.einsum("bqnh,bknh->bnqk", q.astype(logit_dtype), k.astype(logit_dtype))
+  if cfg.attention_scale != 1.0:
+    logits = logits * jnp.asarray(cfg.attention_scale, logit_dtype)
   logits = jnp.where(mask, logits, jnp.asarray(MASK_BIAS, logit_dtype))
   weights = jax.nn.softmax(logits, axis=-1).astype(cfg.dtype)
   if keep is not None:  # bitwise nn.Dropout: select(keep, x / keep_prob, 0)
@@ -123,25 +132,33 @@ def attend(q, k, v, mask, keep, *, cfg: ModelConfig):
 
 
 class Attention(nn.Module):
-  """Multi-head causal self-attention, no biases, no runtime 1/sqrt(H) (folded into query init)."""
+  """Causal self-attention, no biases: multi-head (OpenMoE: no runtime 1/sqrt(H), folded into
+  the query initialiser) or grouped-query (`num_kv_heads`), with optional QK RMSNorm
+  (`qk_norm`) and logit scale (`attention_scale`) as today's families have them."""
   cfg: ModelConfig
 
   @nn.compact
   def __call__(self, x, positions, mask, *, deterministic: bool, cache=None, cache_index=None):
     """x: [B, T, D]; positions: int[B, T]; mask: bool[B, 1, T, T] (or [B, 1, T, S] with a cache).
 
-    cache: None (training, scoring) or (key, value) [B, S, N, H] preallocated for cached
-      decoding: this call's keys and values are written at columns cache_index..+T and the
-      queries attend over all S columns (mask decides which). Returns (out, new cache) then.
+    cache: None (training, scoring) or (key, value) [B, S, K, H] (K key/value heads)
+      preallocated for cached decoding: this call's keys and values are written at columns
+      cache_index..+T and the queries attend over all S columns (mask decides which). Returns
+      (out, new cache) then.
     """
     cfg = self.cfg
     joined = cfg.num_heads * cfg.head_dim
-    def proj(name, scale):
-      y = Dense(joined, (p.EMBED, p.JOINED_KV), scale, "normal", cfg, name=name)(x)
-      return y.reshape(*y.shape[:-1], cfg.num_heads, cfg.head_dim)
-    q = proj("query", cfg.scale / cfg.head_dim)  # variance scale / H == stddev / sqrt(H)
-    k = proj("key", cfg.scale)
-    v = proj("value", cfg.scale)
+    def proj(name, scale, heads):
+      y = Dense(heads * cfg.head_dim, (p.EMBED, p.JOINED_KV), scale, "normal", cfg, name=name)(x)
+      if cfg.qk_norm == "projection" and name != "value":  # OLMoE: over the whole projection
+        y = RMSNorm(cfg, p.JOINED_KV, name=f"{name}_norm")(y)
+      y = y.reshape(*y.shape[:-1], heads, cfg.head_dim)
+      if cfg.qk_norm == "head" and name != "value":  # Qwen3: over each head
+        y = RMSNorm(cfg, p.KV, name=f"{name}_norm")(y)
+      return y
+    q = proj("query", cfg.scale / cfg.head_dim, cfg.num_heads)  # var scale / H == std / sqrt(H)
+    k = proj("key", cfg.scale, cfg.kv_heads)
+    v = proj("value", cfg.scale, cfg.kv_heads)
     q = apply_rope(q, positions, cfg.rope_max_timescale)
     k = apply_rope(k, positions, cfg.rope_max_timescale)
     q = p.constrain(q, (p.BATCH, p.LENGTH, p.HEADS, p.KV))
@@ -167,20 +184,30 @@ class Attention(nn.Module):
 
 
 def gated_activation(h0, h1):
-  """OpenMoE's ('swiglu', 'linear'): wi_0 output split in halves a, b -> a * silu(b) * wi_1 out."""
+  """The FFN's hidden activation from wi_0's output h0 and wi_1's output h1 [..., F].
+
+  OpenMoE's ('swiglu', 'linear') when h0 is [..., 2F] (`mlp_layout='openmoe'`): h0 split in
+  halves a, b -> a * silu(b) * h1. The gate / up layout when h0 is [..., F] (`'gated'`,
+  Llama's and today's MoE families'): silu(h0) * h1. The widths tell the two apart, so every
+  expert implementation (einsum, gather, blocked, ragged_dot, Pallas) computes either layout.
+  """
+  if h0.shape[-1] == h1.shape[-1]:
+    return jax.nn.silu(h0) * h1
   a, b = jnp.split(h0, 2, axis=-1)
   return a * jax.nn.silu(b) * h1
 
 
 class MlpBlock(nn.Module):
-  """Three-projection FFN: wo((x wi_0)[:F] * silu((x wi_0)[F:]) * (x wi_1))."""
+  """FFN: wo((x wi_0)[:F] * silu((x wi_0)[F:]) * (x wi_1)) (OpenMoE), or
+  wo(silu(x wi_0) * (x wi_1)) with `mlp_layout='gated'` (`gated_activation`)."""
   cfg: ModelConfig
   hidden: int
 
   @nn.compact
   def __call__(self, x, *, deterministic: bool):
     cfg = self.cfg
-    h0 = Dense(2 * self.hidden, (p.EMBED, p.MLP), cfg.scale, "truncated_normal", cfg, name="wi_0")(x)
+    h0 = Dense(cfg.gate_width * self.hidden, (p.EMBED, p.MLP), cfg.scale, "truncated_normal", cfg,
+               name="wi_0")(x)
     h1 = Dense(self.hidden, (p.EMBED, p.MLP), cfg.scale, "truncated_normal", cfg, name="wi_1")(x)
     h = gated_activation(h0, h1)
     h = dropout(cfg, h, deterministic)  # intermediate dropout, broadcast over length

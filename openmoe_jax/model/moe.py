@@ -57,7 +57,7 @@ class Experts(nn.Module):
     cfg = self.cfg
     e, d, f = cfg.num_experts, cfg.emb_dim, cfg.expert_mlp_dim
     in_axes = (p.EXPERT, p.MLP_EMBED, p.EXPERT_MLP)
-    self.wi_0 = _Kernel((e, d, 2 * f), in_axes, cfg)
+    self.wi_0 = _Kernel((e, d, cfg.gate_width * f), in_axes, cfg)
     self.wi_1 = _Kernel((e, d, f), in_axes, cfg)
     self.wo = _Kernel((e, f, d), (p.EXPERT, p.EXPERT_MLP, p.MLP_EMBED), cfg)
     # flaxformer's expert MlpBlock, vmapped over experts: one intermediate-dropout mask per

@@ -101,7 +101,7 @@ def _ffn_fwd(x, group_sizes, wi_0, wi_1, wo, keep, interpret):
 
 
 def _ffn_bwd(interpret, res, dy):
-  """dh = dy wo^T; through a * silu(b) * h1; dx = dh0 wi_0^T + dh1 wi_1^T; weight gradients
+  """dh = dy wo^T; through a * silu(b) * h1 (or silu(h0) * h1, the gated layout); dx = dh0 wi_0^T + dh1 wi_1^T; weight gradients
   per expert with tgmm (megablox's own VJP does the same per matmul)."""
   x, group_sizes, wi_0, wi_1, wo, keep, h0, h1 = res
   axes = _vma(x)
@@ -109,7 +109,8 @@ def _ffn_bwd(interpret, res, dy):
   with _untyped():
     tm, valid, xp, kp = _prepare(x, group_sizes, keep)
     dyp = jnp.where(valid, jnp.pad(dy, ((0, xp.shape[0] - n), (0, 0))), 0).astype(x.dtype)
-    a, b = jnp.split(h0, 2, axis=-1)
+    gated = h0.shape[-1] == h1.shape[-1]  # silu(h0) * h1 (mlp_layout='gated'), else OpenMoE's
+    a, b = (jnp.ones((), h0.dtype), h0) if gated else jnp.split(h0, 2, axis=-1)
     sig = jax.nn.sigmoid(b.astype(jnp.float32))
     silu = (b * sig).astype(h1.dtype)
     h = a * silu * h1
@@ -120,7 +121,8 @@ def _ffn_bwd(interpret, res, dy):
     if kp is not None:
       dh = dh * kp.astype(dh.dtype)
     dsilu = (sig * (1 + b * (1 - sig))).astype(dh.dtype)
-    dh0 = jnp.concatenate([dh * silu * h1, dh * a * h1 * dsilu], axis=-1)
+    dh0 = (dh * h1 * dsilu if gated
+           else jnp.concatenate([dh * silu * h1, dh * a * h1 * dsilu], axis=-1))
     dh1 = dh * a * silu
     dx = (_mm(dh0, wi_0, group_sizes, tm, valid, interpret, transpose=True, dtype=jnp.float32)
           + _mm(dh1, wi_1, group_sizes, tm, valid, interpret, transpose=True,

@@ -2,7 +2,8 @@
 
     h = embed(tokens)
     for each layer: h += Attn(norm(h));  h += FFN(norm(h))            (dense layer)
-                or: h += Attn(norm(h));  h += MoE(norm(h));  h += ExtraFFN(norm(h))  (MoE layer)
+                or: h += Attn(norm(h));  h += MoE(norm(h));  h += ExtraFFN(norm(h))  (MoE layer;
+                                                  ExtraFFN only with moe_extra_mlp, OpenMoE's)
     with shared experts MoE(x) = routed(x) + [sigmoid(x w) *] shared(x) (DeepSeek-MoE, Qwen2-MoE)
     logits = logits_dense(norm(h))   (float32, untied)
 
@@ -33,7 +34,8 @@ def logit_mask(decoder_input_tokens):
 class DecodeCache:
   """Preallocated key/value cache of every layer for cached decoding (t5x `decode=True`).
 
-  keys, values: per layer [B, S, N, H] (logical axes batch, length, heads, kv);
+  keys, values: per layer [B, S, K, H], K key/value heads (logical axes batch, length, heads,
+    kv);
   index: int32[] the column the next call writes at; start: int32[B] each row's first real
   column (prompts are left-padded, so a row's positions are column - start).
   """
@@ -65,8 +67,9 @@ class DecoderLayer(nn.Module):
     if self.sparse:
       y, metrics = MoeLayer(cfg, name="mlp")(x, token_mask, deterministic=deterministic)
       h = h + drop(y)
-      x = RMSNorm(cfg, name="pre_extra_mlp_layer_norm")(h) * keep
-      h = h + drop(MlpBlock(cfg, cfg.mlp_dim, name="extra_mlp")(x, deterministic=deterministic))
+      if cfg.moe_extra_mlp:  # OpenMoE's extra dense FFN after the experts
+        x = RMSNorm(cfg, name="pre_extra_mlp_layer_norm")(h) * keep
+        h = h + drop(MlpBlock(cfg, cfg.mlp_dim, name="extra_mlp")(x, deterministic=deterministic))
     else:
       h = h + drop(MlpBlock(cfg, cfg.mlp_dim, name="mlp")(x, deterministic=deterministic))
     h = p.constrain(h, (p.BATCH, p.LENGTH, p.EMBED))
