@@ -17,7 +17,7 @@ from openmoe_jax.model.transformer import Transformer
 GIN_DIR = pathlib.Path(__file__).resolve().parent.parent / "gin"
 GIN_FILES = sorted(str(p.relative_to(GIN_DIR)) for p in GIN_DIR.rglob("*.gin"))
 TINY = ["EMBED_DIM = 16", "NUM_HEADS = 2", "HEAD_DIM = 8", "MLP_DIM = 16", "NUM_EMBEDDINGS = 64",
-        "NUM_EXPERTS = 4", "GROUP_SIZE = 16"]
+        "NUM_EXPERTS = 4", "GROUP_SIZE = 16", "NUM_KV_HEADS = 1", "NUM_SELECTED_EXPERTS = 2"]
 # Macros a run gin leaves %gin.REQUIRED, bound as a user would on the command line.
 RUN_REQUIRED = ["MODEL_DIR = '/tmp/unused'", "MIXTURE_OR_TASK_NAME = 'builtin_corpus_full_lm'",
                 "TASK_FEATURE_LENGTHS = {'targets': 16}", "TRAIN_STEPS = 1", "BATCH_SIZE = 2",

@@ -263,7 +263,7 @@ def import_checkpoint(hf_dir: str, model_dir: str, *, gin_files=(), gin_bindings
   params = load_params(hf_dir, cfg, family)
   out = _commit(model_dir, cfg, params, step, {"hf_dir": os.path.abspath(hf_dir),
                                                 "family": family},
-                extra_files=_tokenizer_files(hf_dir))
+                extra_files=_tokenizer_files(hf_dir) if family != "openmoe" else None)
   out["family"] = family
   return out
 

@@ -17,10 +17,12 @@ What each family is in our terms (docs/models.md):
     all experts, renormalised over the top-k when `norm_topk_prob`;
   * qwen3_moe: RMSNorm over each head of q and k (`qk_norm='head'`), the same router as
     OLMoE's, dense layers by `mlp_only_layers` / `decoder_sparse_step`.
-Only the standard library and our config are imported here (no torch, no JAX arrays).
+Like name_map.py, nothing here imports torch or builds arrays.
 """
 import math
 from typing import Iterator, NamedTuple, Optional
+
+from openmoe_jax.interop.hf import name_map
 
 FAMILIES = ("mixtral", "olmoe", "qwen3_moe")
 NOT_YET = {"deepseek_v2": "DeepSeek-V2", "deepseek_v3": "DeepSeek-V3"}
@@ -55,7 +57,6 @@ _GATED_NAMES = ("gate_proj", "up_proj", "down_proj")
 
 def openmoe_tensors(cfg) -> Iterator[Tensor]:
   """OpenMoE's own layout (`name_map.NAME_MAP`) as Tensors (its experts are 3-D tensors)."""
-  from openmoe_jax.interop.hf import name_map
   for e in name_map.entries(cfg.num_layers, cfg.is_moe_layer):
     yield Tensor(e.hf_key, e.flax_path, None, e.transpose)
 
@@ -120,7 +121,8 @@ def family_of(hf: dict) -> str:
   if kind in NOT_YET:
     raise ValueError(f"model_type {kind!r} ({NOT_YET[kind]}): multi-head latent attention is "
                      "not in openmoe-import yet; it reads openmoe, " + ", ".join(FAMILIES))
-  raise ValueError(f"model_type {kind!r} is not a family openmoe-import reads (openmoe, "
+  raise ValueError(f"model_type {kind!r} is not an OpenMoE config (architectures "
+                   "['OpenMoeForCausalLM']) nor a family openmoe-import reads ("
                    f"{', '.join(FAMILIES)})")
 
 
@@ -145,7 +147,11 @@ def _refuse(hf: dict, key: str, ok, what: str) -> None:
 
 
 _REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-             "num_attention_heads", "num_experts_per_tok", "rms_norm_eps")
+             "num_attention_heads", "num_experts_per_tok")
+# transformers' defaults for keys a released config.json may leave out (OLMoE-1B-7B-0924's has
+# no rms_norm_eps): `configuration_mixtral.py`, `configuration_olmoe.py`,
+# `configuration_qwen3_moe.py`.
+_DEFAULT_EPS = {"mixtral": 1e-5, "olmoe": 1e-5, "qwen3_moe": 1e-6}
 
 
 def model_config_fields(hf: dict) -> dict:
@@ -178,7 +184,7 @@ def model_config_fields(hf: dict) -> dict:
       "num_layers": layers, "mlp_dim": hf["intermediate_size"],
       "expert_mlp_dim": hf.get("moe_intermediate_size") or hf["intermediate_size"],
       "num_experts": hf[experts_key], "num_selected_experts": hf["num_experts_per_tok"],
-      "norm_eps": float(hf["rms_norm_eps"]), "rope_max_timescale": _rope_theta(hf),
+      "norm_eps": float(hf.get("rms_norm_eps") or _DEFAULT_EPS[family]), "rope_max_timescale": _rope_theta(hf),
       "attention_scale": head_dim**-0.5, "mlp_layout": "gated", "moe_extra_mlp": False,
       "qk_norm": {"mixtral": "none", "olmoe": "projection", "qwen3_moe": "head"}[family],
       "capacity_mode": "dropless", "z_loss": 0.0,
