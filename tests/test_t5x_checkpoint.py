@@ -117,6 +117,18 @@ def test_import_then_export_is_bitwise(t5x_dir, tmp_path):
         ckpt_lib.restore_params(str(again)))[path], array)
 
 
+def test_a_run_gin_is_accepted_for_its_model(t5x_dir, tmp_path):
+  """The run gin a user trained with (it binds `train`, its run macros unset) gives the model:
+  the import reads the same parameters as with the model gin alone."""
+  src, flat = t5x_dir
+  dest = tmp_path / "from_run_gin"
+  assert _import(src, dest, "--gin_file=runs/pretrain.gin") == 0
+  params = traverse_util.flatten_dict(ckpt_lib.restore_params(str(dest)))
+  assert set(params) == set(flat)
+  for path, array in flat.items():
+    assert np.array_equal(params[path], array), path
+
+
 def test_ours_to_t5x_to_hf_equals_ours_to_hf(t5x_dir, tmp_path):
   from safetensors.numpy import load_file
   src, _ = t5x_dir

@@ -51,6 +51,8 @@ def main(argv=None):
                       help="with --t5x_checkpoint: also read its Adafactor state (default: fresh)")
 
   def body() -> int:
+    # A run gin (quickstart.gin) binds `train`: register it; only the model is read.
+    from openmoe_jax.commands import configurables  # noqa: F401  late: `train` for run gins
     bindings, rest = gin_utils.split_gin_dot_flags(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(rest)
     kw = dict(gin_files=args.gin_file, gin_bindings=args.gin_bindings + bindings,

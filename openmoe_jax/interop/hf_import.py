@@ -232,7 +232,7 @@ def model_config(hf: dict, gin_files, gin_bindings, param_dtype: str) -> ModelCo
   from_hf = ModelConfig(**fields, param_dtype=param_dtype)
   if not gin_files:
     return from_hf
-  gin_utils.parse_gin(gin_files, gin_bindings)
+  gin_utils.parse_gin(gin_files, gin_bindings, finalize=False)  # a run gin: its model
   cfg = gin_utils.model_config().replace(param_dtype=param_dtype)
   diff = name_map.shape_mismatch(cfg, from_hf)
   if diff:
@@ -281,7 +281,7 @@ def import_t5x(checkpoint_path: str, model_dir: str, *, gin_files=(), gin_bindin
   _check_empty(model_dir)
   if not gin_files:
     _fail("--t5x_checkpoint needs the model's --gin_file (e.g. models/openmoe_8b.gin)")
-  gin_utils.parse_gin(gin_files, gin_bindings)
+  gin_utils.parse_gin(gin_files, gin_bindings, finalize=False)  # a run gin: its model
   cfg = gin_utils.model_config().replace(param_dtype=param_dtype)
   want = traverse_util.flatten_dict(abstract_params(cfg))
   flat, saved_step = t5x_checkpoint.load_params(checkpoint_path, want)
