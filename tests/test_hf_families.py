@@ -193,3 +193,26 @@ def test_an_imported_family_fine_tunes_on_an_expert_mesh_resumes_and_exports(tmp
   with torch.no_grad():
     ref = torch.log_softmax(back(torch.from_numpy(tokens).long()).logits, -1).numpy()
   np.testing.assert_allclose(np.asarray(ours), ref, atol=1e-5, rtol=0)
+
+
+def test_bfloat16_is_as_close_to_float32_as_transformers_bfloat16(imported):
+  """bfloat16 activations: the mean error of our log-probs against transformers' float32 ones
+  is within twice transformers' own bfloat16 mean error (the casts differ: we keep attention
+  logits and softmax in float32, FLOAT32_ATTENTION_LOGITS; transformers computes q.k in
+  bfloat16). The mean, not the max: a token whose top-k flips under rounding (in either
+  implementation, at different tokens) moves by far more than rounding does."""
+  import copy
+  import jax
+  from openmoe_jax.model.transformer import Transformer
+  family, model, root = imported
+  params, cfg = _ours(root)
+  tokens = _tokens()
+  ours = jax.nn.log_softmax(Transformer(cfg.replace(activation_dtype="bfloat16")).apply(
+      {"params": params}, tokens)[0], axis=-1)
+  half = copy.deepcopy(model).to(torch.bfloat16)
+  with torch.no_grad():
+    ref = torch.log_softmax(model(torch.from_numpy(tokens).long()).logits, -1).numpy()
+    theirs = torch.log_softmax(half(torch.from_numpy(tokens).long()).logits.float(), -1).numpy()
+  err_ours = float(np.mean(np.abs(np.asarray(ours, np.float32) - ref)))
+  err_theirs = float(np.mean(np.abs(theirs - ref)))
+  assert 0 < err_ours <= 2 * err_theirs, (err_ours, err_theirs)
