@@ -4,6 +4,13 @@
         [--gin_file=models/openmoe_8b.gin] [--step=0] [--param_dtype=float32]
     openmoe-import --t5x_checkpoint=gs_copy/openmoe_8b/checkpoint_1000000 \
         --gin_file=models/openmoe_8b.gin --model_dir=runs/from_t5x [--gin.X=V ...]
+    openmoe-import --hf_dir=hf/Mixtral-8x7B-v0.1 --model_dir=runs/mixtral   # also olmoe, qwen3_moe
+    openmoe-import --upcycle_from=hf/Qwen3-1.7B --gin_file=my_qwen3_moe.gin --model_dir=runs/up
+
+--hf_dir reads OpenMoE's layout or a Mixtral / OLMoE / Qwen3-MoE folder, recognised from
+config.json's model_type (docs/models.md). --upcycle_from makes the MoE of --gin_file from a
+dense Llama or Qwen3 folder (sparse upcycling, Komatsuzaki et al. 2022): embeddings, norms and
+attention copied, each expert a copy of its layer's FFN, routers fresh from --seed.
 
 --t5x_checkpoint reads OpenMoE's t5x checkpoints (`interop/t5x.py`: the msgpack `checkpoint`
 file and its tensorstore arrays, t5x `checkpoints.py`), one array at a time, every shape checked
@@ -32,6 +39,7 @@ from openmoe_jax import gin_utils
 from openmoe_jax.errors import UsageError
 from openmoe_jax.interop.hf_import import import_checkpoint  # noqa: F401
 from openmoe_jax.interop.hf_import import import_t5x  # noqa: F401
+from openmoe_jax.interop.upcycle import upcycle
 from openmoe_jax.commands import cli
 
 
@@ -42,11 +50,17 @@ def main(argv=None):
   source = parser.add_mutually_exclusive_group(required=True)
   source.add_argument("--hf_dir", help="Hugging Face OpenMoE folder")
   source.add_argument("--t5x_checkpoint", help="an OpenMoE t5x checkpoint folder (checkpoint_N)")
+  source.add_argument("--upcycle_from", metavar="DENSE_HF_DIR",
+                      help="sparse upcycling: a dense Hugging Face folder (Llama or Qwen3 "
+                           "layout) made into the MoE of --gin_file, every expert a copy of "
+                           "its layer's FFN, the router fresh (interop/upcycle.py)")
   parser.add_argument("--model_dir", required=True, help="new openmoe_jax MODEL_DIR")
   gin_utils.add_gin_flags(parser)
   parser.add_argument("--step", type=int,
                       help="step to record (default: 0 for --hf_dir, the checkpoint's for t5x)")
   parser.add_argument("--param_dtype", default="float32", help="stored parameter dtype")
+  parser.add_argument("--seed", type=int, default=0,
+                      help="with --upcycle_from: the seed of the fresh routers (default 0)")
   parser.add_argument("--t5x_optimizer_state", action="store_true",
                       help="with --t5x_checkpoint: also read its Adafactor state (default: fresh)")
 
@@ -59,7 +73,9 @@ def main(argv=None):
               param_dtype=args.param_dtype)
     if args.t5x_optimizer_state and not args.t5x_checkpoint:
       raise UsageError("--t5x_optimizer_state needs --t5x_checkpoint")
-    if args.t5x_checkpoint:
+    if args.upcycle_from:
+      out = upcycle(args.upcycle_from, args.model_dir, step=args.step or 0, seed=args.seed, **kw)
+    elif args.t5x_checkpoint:
       out = import_t5x(args.t5x_checkpoint, args.model_dir, step=args.step,
                        optimizer_state=args.t5x_optimizer_state, **kw)
     else:
