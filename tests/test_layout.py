@@ -85,7 +85,8 @@ def test_a_saved_config_gin_from_before_the_move_parses():
 NEW_MODEL_FIELDS = {"router", "router_score", "routed_scaling_factor", "num_expert_groups",
                     "topk_groups", "balance_loss", "num_shared_experts", "shared_expert_mlp_dim",
                     "shared_expert_gate", "first_k_dense_layers", "moe_layer_freq",
-                    "expert_bias_update_rate", "expert_bias"}
+                    "expert_bias_update_rate", "expert_bias", "num_kv_heads", "qk_norm",
+                    "attention_scale", "mlp_layout", "moe_extra_mlp"}
 
 
 def _old_format(model_dir: pathlib.Path) -> None:
