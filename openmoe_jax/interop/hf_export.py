@@ -222,10 +222,6 @@ def resolve_family(cfg, family=None) -> str:
   family = family or families.infer_family(cfg) or "openmoe"
   if family == "openmoe":
     missing = name_map.unexportable(cfg)
-    if cfg.mlp_layout != "openmoe" or not cfg.moe_extra_mlp or cfg.qk_norm != "none" \
-        or cfg.num_kv_heads not in (0, cfg.num_heads) or cfg.attention_scale != 1.0:
-      missing.append("today's families' attention and FFN (NUM_KV_HEADS, QK_NORM, "
-                     "ATTENTION_SCALE, MLP_LAYOUT, MOE_EXTRA_MLP)")
     name = "OpenMoE"
   else:
     missing = families.unexportable(cfg, family)

@@ -25,6 +25,7 @@ from typing import Iterator, NamedTuple, Optional
 from openmoe_jax.interop.hf import name_map
 
 FAMILIES = ("mixtral", "olmoe", "qwen3_moe")
+QK_NORM = {"mixtral": "none", "olmoe": "projection", "qwen3_moe": "head"}  # what tells them apart
 NOT_YET = {"deepseek_v2": "DeepSeek-V2", "deepseek_v3": "DeepSeek-V3"}
 # The tokenizer files a Hugging Face folder may hold: `openmoe-import` keeps them in
 # MODEL_DIR/hf_tokenizer, `openmoe-export` writes them back beside the weights.
@@ -186,7 +187,7 @@ def model_config_fields(hf: dict) -> dict:
       "num_experts": hf[experts_key], "num_selected_experts": hf["num_experts_per_tok"],
       "norm_eps": float(hf.get("rms_norm_eps") or _DEFAULT_EPS[family]), "rope_max_timescale": _rope_theta(hf),
       "attention_scale": head_dim**-0.5, "mlp_layout": "gated", "moe_extra_mlp": False,
-      "qk_norm": {"mixtral": "none", "olmoe": "projection", "qwen3_moe": "head"}[family],
+      "qk_norm": QK_NORM[family],
       "capacity_mode": "dropless", "z_loss": 0.0,
       "router_z_loss_factor": float(hf.get("router_z_loss_coef", 0.0)),
       "aux_loss_factor": float(hf.get("router_aux_loss_coef", 0.0)),
@@ -223,19 +224,13 @@ def infer_family(cfg) -> Optional[str]:
   """The family whose layout `cfg` is built like (None: OpenMoE's own, or no family's)."""
   if cfg.mlp_layout != "gated" or cfg.moe_extra_mlp:
     return None
-  return {"none": "mixtral", "projection": "olmoe", "head": "qwen3_moe"}[cfg.qk_norm]
+  return {norm: family for family, norm in QK_NORM.items()}[cfg.qk_norm]
 
 
 def unexportable(cfg, family: str) -> list:
   """What of `cfg` the family's layout (transformers' modelling code) cannot hold ([] when
   it holds everything)."""
-  out = []
-  if cfg.router == "experts_choose":
-    out.append("expert-choice routing (ROUTER='experts_choose')")
-  if cfg.num_shared_experts:
-    out.append(f"shared experts (NUM_SHARED_EXPERTS={cfg.num_shared_experts})")
-  if cfg.expert_bias:
-    out.append("the loss-free balancing bias (EXPERT_BIAS_UPDATE_RATE / EXPERT_BIAS)")
+  out = name_map.unexportable_designs(cfg)
   if cfg.num_expert_groups:
     out.append(f"group-limited routing (NUM_EXPERT_GROUPS={cfg.num_expert_groups})")
   if cfg.routed_scaling_factor != 1.0:
@@ -244,7 +239,7 @@ def unexportable(cfg, family: str) -> list:
     out.append(f"OpenMoE's FFN layout (MLP_LAYOUT={cfg.mlp_layout!r}; it needs 'gated')")
   if cfg.moe_extra_mlp and cfg.num_sparse_layers:
     out.append("OpenMoE's extra FFN in MoE layers (MOE_EXTRA_MLP=True)")
-  want_norm = {"mixtral": "none", "olmoe": "projection", "qwen3_moe": "head"}[family]
+  want_norm = QK_NORM[family]
   if cfg.qk_norm != want_norm:
     out.append(f"QK_NORM={cfg.qk_norm!r} (it has {want_norm!r})")
   if not math.isclose(cfg.attention_scale, cfg.head_dim**-0.5, rel_tol=1e-6):

@@ -116,10 +116,9 @@ ROUTING_KEYS = {"router_topk": "num_selected_experts",
                 "attention_float32_logits": "float32_attention_logits"}
 
 
-def unexportable(cfg) -> list:
-  """What of `cfg` the OpenMoE layout (its `modeling_openmoe.py` and weight names) cannot hold:
-  expert choice, shared experts, the loss-free balancing bias and DeepSeek's layer rule ([] when
-  it can hold everything)."""
+def unexportable_designs(cfg) -> list:
+  """The routing designs of `cfg` no Hugging Face layout we write holds (OpenMoE's nor the
+  families'): expert choice, shared experts, the loss-free balancing bias."""
   out = []
   if cfg.router == "experts_choose":
     out.append("expert-choice routing (ROUTER='experts_choose')")
@@ -127,6 +126,18 @@ def unexportable(cfg) -> list:
     out.append(f"shared experts (NUM_SHARED_EXPERTS={cfg.num_shared_experts})")
   if cfg.expert_bias:
     out.append("the loss-free balancing bias (EXPERT_BIAS_UPDATE_RATE / EXPERT_BIAS)")
+  return out
+
+
+def unexportable(cfg) -> list:
+  """What of `cfg` the OpenMoE layout (its `modeling_openmoe.py` and weight names) cannot hold:
+  expert choice, shared experts, the loss-free balancing bias, DeepSeek's layer rule and
+  today's families' attention and FFN ([] when it can hold everything)."""
+  out = unexportable_designs(cfg)
+  if cfg.mlp_layout != "openmoe" or not cfg.moe_extra_mlp or cfg.qk_norm != "none" \
+      or cfg.num_kv_heads not in (0, cfg.num_heads) or cfg.attention_scale != 1.0:
+    out.append("today's families' attention and FFN (NUM_KV_HEADS, QK_NORM, ATTENTION_SCALE, "
+               "MLP_LAYOUT, MOE_EXTRA_MLP)")
   if cfg.deepseek_layer_rule:
     out.append(f"DeepSeek's layer rule (FIRST_K_DENSE_LAYERS={cfg.first_k_dense_layers}, "
                f"MOE_LAYER_FREQ={cfg.moe_layer_freq})")
