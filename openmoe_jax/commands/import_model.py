@@ -41,6 +41,9 @@ from openmoe_jax.interop.hf_import import import_checkpoint  # noqa: F401
 from openmoe_jax.interop.hf_import import import_t5x  # noqa: F401
 from openmoe_jax.interop.upcycle import upcycle
 from openmoe_jax.commands import cli
+# A run gin (quickstart.gin) binds `train`: registered at import, before any gin is parsed
+# (gin refuses new configurables once a config is locked); only the model is read.
+from openmoe_jax.commands import configurables  # noqa: F401
 
 
 def main(argv=None):
@@ -65,8 +68,6 @@ def main(argv=None):
                       help="with --t5x_checkpoint: also read its Adafactor state (default: fresh)")
 
   def body() -> int:
-    # A run gin (quickstart.gin) binds `train`: register it; only the model is read.
-    from openmoe_jax.commands import configurables  # noqa: F401  late: `train` for run gins
     bindings, rest = gin_utils.split_gin_dot_flags(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(rest)
     kw = dict(gin_files=args.gin_file, gin_bindings=args.gin_bindings + bindings,
