@@ -18,6 +18,9 @@ GIN_DIR = pathlib.Path(__file__).resolve().parent.parent / "gin"
 GIN_FILES = sorted(str(p.relative_to(GIN_DIR)) for p in GIN_DIR.rglob("*.gin"))
 TINY = ["EMBED_DIM = 16", "NUM_HEADS = 2", "HEAD_DIM = 8", "MLP_DIM = 16", "NUM_EMBEDDINGS = 64",
         "NUM_EXPERTS = 4", "GROUP_SIZE = 16", "NUM_KV_HEADS = 1", "NUM_SELECTED_EXPERTS = 2"]
+TINY_MLA = ["NUM_KV_HEADS = 0", "KV_LORA_RANK = 8", "QK_ROPE_HEAD_DIM = 4", "V_HEAD_DIM = 6",
+            "EXPERT_MLP_DIM = 16", "FIRST_K_DENSE_LAYERS = 2", "NUM_EXPERT_GROUPS = 2",
+            "TOPK_GROUPS = 1"]
 # Macros a run gin leaves %gin.REQUIRED, bound as a user would on the command line.
 RUN_REQUIRED = ["MODEL_DIR = '/tmp/unused'", "MIXTURE_OR_TASK_NAME = 'builtin_corpus_full_lm'",
                 "TASK_FEATURE_LENGTHS = {'targets': 16}", "TRAIN_STEPS = 1", "BATCH_SIZE = 2",
@@ -34,6 +37,8 @@ def test_gin_files_found():
 def test_gin_file_parses_finalizes_and_initializes(gin_file):
   text = (GIN_DIR / gin_file).read_text()
   bindings = list(TINY) + ["NUM_DECODER_LAYERS = 4", "NUM_DECODER_SPARSE_LAYERS = 2"]
+  if "KV_LORA_RANK" in text:  # DeepSeek: latent attention (one key/value head per head), groups
+    bindings += TINY_MLA + ([] if "Q_LORA_RANK = 0 " in text else ["Q_LORA_RANK = 8"])
   if gin_file == "runs/eval.gin":  # no model: it reads MODEL_DIR/model_config.json
     gin_utils.parse_gin([gin_file], ["MODEL_DIR = '/tmp/unused'"])
     return

@@ -133,7 +133,7 @@ def test_bad_family_inputs_are_one_line_and_write_nothing(tmp_path):
   hf.save_pretrained(tmp_path / "hf")
   config = json.loads((tmp_path / "hf" / "config.json").read_text())
   for change, words in ((dict(model_type="gpt_oss"), "model_type 'gpt_oss'"),
-                        (dict(model_type="deepseek_v3"), "multi-head latent attention"),
+                        (dict(model_type="deepseek_v3"), "deepseek_v3 config.json lacks"),
                         (dict(tie_word_embeddings=True), "tied input and output embeddings"),
                         (dict(sliding_window=64), "sliding-window attention"),
                         (dict(intermediate_size=48), "the model needs"),

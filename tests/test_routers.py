@@ -24,7 +24,7 @@ def _top(values, k):
 
 
 def reference_choice(logits, k, kind, renormalize=False, scaling=1.0, bias=None, groups=0,
-                     top_groups=0):
+                     top_groups=0, group_score="top2_sum"):
   """float64 loops over tokens: (probs, gates, expert_index)."""
   logits = np.asarray(logits, np.float64)
   e = logits.shape[-1]
@@ -35,7 +35,8 @@ def reference_choice(logits, k, kind, renormalize=False, scaling=1.0, bias=None,
     choice = scores + (0 if bias is None else np.asarray(bias, np.float64))
     if groups:
       size = e // groups
-      group_scores = [np.sort(choice[g * size:(g + 1) * size])[::-1][:min(2, size)].sum()
+      best = 1 if group_score == "max" else min(2, size)
+      group_scores = [np.sort(choice[g * size:(g + 1) * size])[::-1][:best].sum()
                       for g in range(groups)]
       allowed = set(_top(np.asarray(group_scores), top_groups).tolist())
       choice = np.array([c if i // size in allowed else -np.inf for i, c in enumerate(choice)])
@@ -61,6 +62,7 @@ CASES = [
     dict(kind="sigmoid", renormalize=True, scaling=2.5),
     dict(kind="sigmoid", renormalize=True, groups=4, top_groups=2),
     dict(kind="softmax", groups=2, top_groups=1),
+    dict(kind="softmax", scaling=2.5, groups=4, top_groups=2, group_score="max"),  # DeepSeek-V2
     dict(kind="sigmoid", renormalize=True, groups=4, top_groups=2, bias=True),
 ]
 
@@ -76,7 +78,8 @@ def test_choice_matches_the_float64_reference(case, dtype):
   got = routers.choose(logits, k, kind=case["kind"], bias=None if bias is None else jnp.asarray(bias, jnp.float32),
                        renormalize=kwargs.get("renormalize", False),
                        scaling_factor=kwargs.get("scaling", 1.0), num_groups=kwargs.get("groups", 0),
-                       topk_groups=kwargs.get("top_groups", 0))
+                       topk_groups=kwargs.get("top_groups", 0),
+                       group_score=kwargs.get("group_score", "top2_sum"))
   want = reference_choice(np.asarray(logits.astype(jnp.float32)), k, case["kind"], bias=bias,
                           **kwargs)
   np.testing.assert_array_equal(np.asarray(got.expert_index), want[2])

@@ -3,8 +3,9 @@
 `generate(params, cfg, prompts, ...)` is a pure function of its arguments. Prompts (token ids,
 BOS = 0 added) are left-padded into a [B, P] batch, so every row's next token is read from the
 last column, while each row's positions still count from its own BOS (`DecodeCache.start`). The
-cache is preallocated as [B, P + N, key/value heads, head_dim] per layer, with P and N rounded up to powers
-of two: one compilation per (batch, P, N) bucket, none per prompt length. Under a mesh the cache
+cache is preallocated as [B, P + N, key/value heads, head_dim] per layer (multi-head latent
+attention: its latent and rotary key, `transformer.cache_layout`), with P and N rounded up to
+powers of two: one compilation per (batch, P, N) bucket, none per prompt length. Under a mesh the cache
 is sharded over `batch` and `heads` by the training rules (partitioning.py).
 
 Sampling (t5x `temperature_sample`): temperature 0 is greedy; otherwise logits / temperature,
@@ -40,7 +41,7 @@ import numpy as np
 from openmoe_jax.errors import UsageError
 from openmoe_jax.model import partitioning as part
 from openmoe_jax.model.config import ModelConfig
-from openmoe_jax.model.transformer import DecodeCache, Transformer
+from openmoe_jax.model.transformer import DecodeCache, Transformer, cache_layout
 
 MIN_BUCKET = 8
 from openmoe_jax.data.special_tokens import BOS_ID, EOS_ID, PAD_ID  # noqa: F401  re-exported
@@ -120,11 +121,10 @@ def _stop_hit(window, stops, stop_valid):
 
 def init_cache(cfg: ModelConfig, batch: int, length: int, start) -> DecodeCache:
   """Zero cache of `length` columns; start: int32[B] first real column of each row."""
-  shape = (batch, length, cfg.kv_heads, cfg.head_dim)
-  zeros = lambda: part.constrain(jnp.zeros(shape, cfg.dtype),
-                                 (part.BATCH, part.LENGTH, part.HEADS, part.KV))
-  return DecodeCache(keys=tuple(zeros() for _ in range(cfg.num_layers)),
-                     values=tuple(zeros() for _ in range(cfg.num_layers)),
+  key, value, axes = cache_layout(cfg)
+  zeros = lambda dims: part.constrain(jnp.zeros((batch, length, *dims), cfg.dtype), axes)
+  return DecodeCache(keys=tuple(zeros(key) for _ in range(cfg.num_layers)),
+                     values=tuple(zeros(value) for _ in range(cfg.num_layers)),
                      index=jnp.zeros((), jnp.int32), start=jnp.asarray(start, jnp.int32))
 
 
@@ -304,7 +304,7 @@ def _beam_decode(params, tokens, start, max_new, alpha, stops, stop_valid, *, cf
   b, k = tokens.shape[0], num_beams
   model = Transformer(cfg)
   last, cache = prefill(params, cfg, tokens, start, num_new)
-  kv = lambda x: part.constrain(x, (part.BATCH, part.LENGTH, part.HEADS, part.KV))
+  kv = lambda x: part.constrain(x, cache_layout(cfg)[2])
   rep = lambda x: jnp.repeat(x, k, axis=0)  # row r -> rows r * K .. r * K + K - 1
   cache = cache.replace(keys=tuple(kv(rep(x)) for x in cache.keys),
                         values=tuple(kv(rep(x)) for x in cache.values), start=rep(cache.start))

@@ -246,8 +246,8 @@ def export(model_dir: str, output_dir: str, *, step=None, dtype: str = "float32"
            hf_family=None) -> dict:
   """Exports MODEL_DIR's checkpoint to OUTPUT_DIR; returns a summary dict.
 
-  hf_family: 'openmoe' (OpenMoE's released layout, remote code), 'mixtral', 'olmoe' or
-    'qwen3_moe' (the family's own layout, which transformers loads without remote code);
+  hf_family: 'openmoe' (OpenMoE's released layout, remote code), 'mixtral', 'olmoe',
+    'qwen3_moe', 'deepseek_v2' or 'deepseek_v3' (the family's own layout, which transformers loads without remote code);
     default: the one the model is built like.
 
   Raises:
@@ -286,6 +286,9 @@ def export(model_dir: str, output_dir: str, *, step=None, dtype: str = "float32"
         last.clear()
         last.update(path=e.flax_path, array=reader.read(e.flax_path))
       array = last["array"] if e.expert is None else last["array"][e.expert]
+      if e.rows is not None:  # back to the stored row order (families.Tensor.rows)
+        back = np.argsort(np.asarray(e.rows))
+        array = array[:, back] if e.transpose else array[back]
       return _chunks(array, e.transpose, dtype)
     shards = plan_shards(items, int(max_shard_size_mb * 2**20))
     names = (["model.safetensors"] if len(shards) == 1 else

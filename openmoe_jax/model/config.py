@@ -21,13 +21,15 @@ ROUTER_SCORES = ("softmax", "softmax_selected", "sigmoid")   # routers.py
 BALANCE_LOSSES = ("switch", "sequence", "global")
 QK_NORMS = ("none", "head", "projection")
 MLP_LAYOUTS = ("openmoe", "gated")
+EXPERT_GROUP_SCORES = ("top2_sum", "max")   # routers.group_mask
+ROPE_SCALINGS = ("none", "yarn")            # rope.py
 # The fields that fix the parameters' shapes: two configs equal on these read each other's
 # checkpoints (a MODEL_DIR refuses another model; an import checks its target by them).
 SHAPE_FIELDS = ("vocab_size", "emb_dim", "num_heads", "head_dim", "mlp_dim", "expert_mlp_dim",
                 "num_layers", "num_experts", "num_sparse_layers", "num_shared_experts",
                 "shared_expert_mlp_dim", "shared_expert_gate", "first_k_dense_layers",
                 "moe_layer_freq", "expert_bias", "num_kv_heads", "qk_norm", "mlp_layout",
-                "moe_extra_mlp")
+                "moe_extra_mlp", "q_lora_rank", "kv_lora_rank", "qk_rope_head_dim", "v_head_dim")
 
 
 def as_dtype(name_or_dtype):
@@ -200,6 +202,17 @@ class ModelConfig:
   attention_scale: float = 1.0
   mlp_layout: str = "openmoe"
   moe_extra_mlp: bool = True
+  expert_group_score: str = "top2_sum"
+  kv_lora_rank: int = 0
+  q_lora_rank: int = 0
+  qk_rope_head_dim: int = 0
+  v_head_dim: int = 0
+  rope_scaling: str = "none"
+  rope_scaling_factor: float = 1.0
+  rope_original_max_len: int = 0
+  rope_beta_fast: float = 32.0
+  rope_beta_slow: float = 1.0
+  rope_attention_factor: float = 1.0
 
   def __post_init__(self):
     positive = ("vocab_size", "emb_dim", "num_heads", "head_dim", "mlp_dim", "num_layers",
@@ -278,12 +291,16 @@ class ModelConfig:
     if self.num_kv_heads < 0 or (self.num_kv_heads and self.num_heads % self.num_kv_heads):
       raise ValueError(f"ModelConfig.num_kv_heads={self.num_kv_heads} must divide num_heads="
                        f"{self.num_heads} (0: as many as num_heads)")
-    for name, allowed in (("qk_norm", QK_NORMS), ("mlp_layout", MLP_LAYOUTS)):
+    for name, allowed in (("qk_norm", QK_NORMS), ("mlp_layout", MLP_LAYOUTS),
+                          ("expert_group_score", EXPERT_GROUP_SCORES),
+                          ("rope_scaling", ROPE_SCALINGS)):
       if getattr(self, name) not in allowed:
         raise ValueError(f"ModelConfig.{name}={getattr(self, name)!r} not in {allowed}")
     if not self.attention_scale > 0:
       raise ValueError(f"ModelConfig.attention_scale must be positive, got "
                        f"{self.attention_scale}")
+    self._check_latent_attention()
+    self._check_rope()
     if self.ep_buffer_factor < 0:
       raise ValueError(f"ModelConfig.ep_buffer_factor must be >= 0, got {self.ep_buffer_factor}")
     as_dtype(self.activation_dtype)
@@ -311,6 +328,55 @@ class ModelConfig:
       raise ValueError(f"ModelConfig.num_selected_experts={self.num_selected_experts} is more "
                        f"than the {allowed} experts of the topk_groups={top} groups of "
                        f"{self.num_experts // groups} it may choose from")
+
+  def _check_latent_attention(self):
+    for name in ("kv_lora_rank", "q_lora_rank", "qk_rope_head_dim", "v_head_dim"):
+      if int(getattr(self, name)) < 0:
+        raise ValueError(f"ModelConfig.{name} must be >= 0, got {getattr(self, name)}")
+    if not self.kv_lora_rank:
+      for name in ("q_lora_rank", "qk_rope_head_dim", "v_head_dim"):
+        if getattr(self, name):
+          raise ValueError(f"ModelConfig.{name}={getattr(self, name)} is multi-head latent "
+                           "attention's: it needs kv_lora_rank > 0")
+      return
+    rope = self.qk_rope_head_dim
+    if not (0 < rope < self.head_dim and rope % 2 == 0):
+      raise ValueError(f"ModelConfig.qk_rope_head_dim={rope} must be even and in (0, head_dim="
+                       f"{self.head_dim}) under multi-head latent attention")
+    if self.num_kv_heads not in (0, self.num_heads) or self.qk_norm != "none":
+      raise ValueError("ModelConfig: multi-head latent attention (kv_lora_rank > 0) has one "
+                       "key/value head per query head and no QK norm: num_kv_heads must be 0 "
+                       "and qk_norm 'none'")
+
+  def _check_rope(self):
+    if self.rope_scaling == "none":
+      if (self.rope_scaling_factor, self.rope_attention_factor) != (1.0, 1.0):
+        raise ValueError("ModelConfig.rope_scaling_factor and rope_attention_factor need "
+                         "rope_scaling='yarn'")
+      return
+    if not self.rope_scaling_factor >= 1.0 or self.rope_original_max_len <= 0:
+      raise ValueError("ModelConfig.rope_scaling='yarn' needs rope_scaling_factor >= 1 and "
+                       f"rope_original_max_len > 0, got {self.rope_scaling_factor} and "
+                       f"{self.rope_original_max_len}")
+    if not self.rope_attention_factor > 0 or not self.rope_beta_fast > self.rope_beta_slow > 0:
+      raise ValueError("ModelConfig: YaRN needs rope_attention_factor > 0 and rope_beta_fast > "
+                       f"rope_beta_slow > 0, got {self.rope_attention_factor}, "
+                       f"{self.rope_beta_fast}, {self.rope_beta_slow}")
+
+  @property
+  def mla(self) -> bool:
+    """Multi-head latent attention (kv_lora_rank > 0)."""
+    return self.kv_lora_rank > 0
+
+  @property
+  def value_head_dim(self) -> int:
+    """Width of each value head (v_head_dim, or head_dim when it is 0)."""
+    return self.v_head_dim or self.head_dim
+
+  @property
+  def rope_dim(self) -> int:
+    """How many of a query/key head's values RoPE rotates."""
+    return self.qk_rope_head_dim if self.mla else self.head_dim
 
   @property
   def deepseek_layer_rule(self) -> bool:

@@ -24,7 +24,9 @@ def abstract_params(cfg: ModelConfig):
 
 def summarize(cfg: ModelConfig, seq_len: int = 2048) -> dict:
   """Parameter and FLOP counts. FLOPs per trained token = 6 x activated matmul weights (the
-  output head included, the embedding lookup not) + attention 12 * layers * N*H * seq_len."""
+  output head included, the embedding lookup not) + attention 6 * layers * N * (H + V) * seq_len
+  (q k^T over H-wide query/key heads and p v over V-wide value heads, forward and backward;
+  12 * layers * N*H * seq_len when V = H)."""
   flat = traverse_util.flatten_dict(abstract_params(cfg), sep="/")
   # The loss-free balancing bias is routing state, not a weight (as transformers keeps
   # DeepSeek-V3's `e_score_correction_bias` a buffer): not counted.
@@ -41,7 +43,7 @@ def summarize(cfg: ModelConfig, seq_len: int = 2048) -> dict:
   activated = total - inactive_expert
   norms = sum(v for key, v in sizes.items() if key.endswith("/scale"))
   matmul_activated = activated - token_emb - norms
-  attn = 12 * cfg.num_layers * cfg.num_heads * cfg.head_dim * seq_len
+  attn = 6 * cfg.num_layers * cfg.num_heads * (cfg.head_dim + cfg.value_head_dim) * seq_len
   return {
       "total_params": total,
       "activated_params": activated,

@@ -13,6 +13,8 @@ import jax.numpy as jnp
 
 from openmoe_jax.model import partitioning as p
 from openmoe_jax.model.config import ModelConfig
+from openmoe_jax.model import rope
+from openmoe_jax.model.rope import apply_rope, rotate_half  # noqa: F401  (their old home)
 
 MASK_BIAS = -1e10
 
@@ -31,13 +33,15 @@ class RMSNorm(nn.Module):
   """
   cfg: ModelConfig
   axis: str = p.EMBED  # the scale's logical axis (p.KV / p.JOINED_KV for the QK norms)
+  eps: float = 0.0     # 0: cfg.norm_eps
 
   @nn.compact
   def __call__(self, x):
     scale = self.param("scale", p.param_init(nn.initializers.ones, (self.axis,)),
                        (x.shape[-1],), self.cfg.weight_dtype)
     x32 = x.astype(jnp.float32)
-    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.cfg.norm_eps)
+    eps = self.eps or self.cfg.norm_eps
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
     dtype = jnp.float32 if self.cfg.float32_norm else self.cfg.dtype
     scale = scale.astype(dtype).reshape((1,) * (y.ndim - 1) + (-1,))
     return (y.astype(dtype) * scale).astype(self.cfg.dtype)
@@ -77,22 +81,6 @@ class Embed(nn.Module):
     table = self.param("embedding", p.param_init(nn.initializers.normal(1.0), (p.VOCAB, p.EMBED)),
                        (self.cfg.vocab_size, self.cfg.emb_dim), self.cfg.weight_dtype)
     return jnp.take(table, tokens, axis=0).astype(self.cfg.dtype)
-
-
-def rotate_half(x):
-  x1, x2 = jnp.split(x, 2, axis=-1)
-  return jnp.concatenate([-x2, x1], axis=-1)
-
-
-def apply_rope(x, positions, max_timescale: float):
-  """Half-rotation RoPE over the full head dim. x: [B, L, N, H], positions: int[B, L]."""
-  head_dim = x.shape[-1]
-  fraction = 2 * jnp.arange(head_dim // 2, dtype=jnp.float32) / head_dim
-  timescale = max_timescale**fraction
-  angle = positions.astype(jnp.float32)[..., None] / timescale[None, None, :]
-  angle = jnp.concatenate([angle, angle], axis=-1)[:, :, None, :]
-  sin, cos = jnp.sin(angle).astype(x.dtype), jnp.cos(angle).astype(x.dtype)
-  return x * cos + rotate_half(x) * sin
 
 
 def attention_mask(segment_ids, token_mask):
@@ -159,8 +147,8 @@ class Attention(nn.Module):
     q = proj("query", cfg.scale / cfg.head_dim, cfg.num_heads)  # var scale / H == std / sqrt(H)
     k = proj("key", cfg.scale, cfg.kv_heads)
     v = proj("value", cfg.scale, cfg.kv_heads)
-    q = apply_rope(q, positions, cfg.rope_max_timescale)
-    k = apply_rope(k, positions, cfg.rope_max_timescale)
+    q = apply_rope(q, positions, cfg.rope_max_timescale, **rope.for_config(cfg))
+    k = apply_rope(k, positions, cfg.rope_max_timescale, **rope.for_config(cfg))
     q = p.constrain(q, (p.BATCH, p.LENGTH, p.HEADS, p.KV))
     k = p.constrain(k, (p.BATCH, p.LENGTH, p.HEADS, p.KV))
     if cache is not None:

@@ -24,6 +24,11 @@ EXPERT_MLP = "expert_mlp"
 MLP_EMBED = "mlp_embed"
 EXPERT_REPLICAS = "expert_replicas"
 UNMODELED = "unmodeled"
+# The compressed widths of multi-head latent attention (mla.py): as the down projections'
+# output (and the latent norms) and as the up projections' input (two names, as embed and
+# mlp_embed, so that Adafactor factors both kernels).
+LORA = "lora"
+LORA_IN = "lora_in"
 
 LOGICAL_AXIS_RULES = (
     (BATCH, ("data", "expert")),
@@ -39,6 +44,8 @@ LOGICAL_AXIS_RULES = (
     (MLP_EMBED, None),
     (EXPERT_REPLICAS, "data"),
     (UNMODELED, None),
+    (LORA, None),
+    (LORA_IN, None),
 )
 
 

@@ -20,8 +20,8 @@ After the gates: times `routed_scaling_factor` (DeepSeek-V2/V3's `routed_scaling
 Selection: the K largest of score + expert_bias (the bias enters the choice only, never the
 gates: auxiliary-loss-free balancing, DeepSeek-V3 section 2.1.2), optionally group-limited:
 with `num_expert_groups` groups of E / groups experts, a group scores the sum of its two best
-experts, and only the `topk_groups` best groups may be chosen from (DeepSeek-V3's node-limited
-routing, transformers `DeepseekV3TopkRouter`; they mask the other groups' scores to 0, we to
+experts (`expert_group_score='max'`: its best one, DeepSeek-V2), and only the `topk_groups`
+best groups may be chosen from (DeepSeek-V3's node-limited routing, transformers `DeepseekV3TopkRouter`; they mask the other groups' scores to 0, we to
 -inf, so a masked expert is never chosen even when biased scores are negative). Ties go to the
 lowest index, as `lax.top_k`.
 
@@ -85,26 +85,29 @@ def score(logits: jax.Array, kind: str) -> jax.Array:
   raise ValueError(f"unknown router score {kind!r}; choose from {ROUTER_SCORES}")
 
 
-def group_mask(choice_scores: jax.Array, num_groups: int, topk_groups: int) -> jax.Array:
+def group_mask(choice_scores: jax.Array, num_groups: int, topk_groups: int,
+               group_score: str = "top2_sum") -> jax.Array:
   """bool[..., E]: experts in the `topk_groups` best of `num_groups` equal groups, a group
-  scored by the sum of its two best experts (one when a group has one expert)."""
+  scored by the sum of its two best experts (one when a group has one expert; 'top2_sum',
+  DeepSeek-V3) or by its best expert ('max', DeepSeek-V2's `group_limited_greedy`)."""
   *lead, e = choice_scores.shape
   grouped = choice_scores.reshape(*lead, num_groups, e // num_groups)
-  best, _ = top_k(grouped, min(2, e // num_groups))
+  best, _ = top_k(grouped, 1 if group_score == "max" else min(2, e // num_groups))
   _, chosen = top_k(jnp.sum(best, axis=-1), topk_groups)           # [..., topk_groups]
   keep = jnp.max(jax.nn.one_hot(chosen, num_groups, dtype=jnp.int32), axis=-2) > 0
   return jnp.repeat(keep, e // num_groups, axis=-1)
 
 
 def select(scores: jax.Array, k: int, *, bias: Optional[jax.Array] = None, num_groups: int = 0,
-           topk_groups: int = 0):
+           topk_groups: int = 0, group_score: str = "top2_sum"):
   """(the chosen experts' scores, int32[..., K] the experts) with the k largest scores (+ bias,
   for the choice only), within the allowed groups when num_groups > 0."""
   choice = scores
   if bias is not None:  # [E], broadcast over the leading axes
     choice = choice + bias.astype(jnp.float32).reshape((1,) * (scores.ndim - 1) + (-1,))
   if num_groups:
-    choice = jnp.where(group_mask(choice, num_groups, topk_groups), choice, -jnp.inf)
+    choice = jnp.where(group_mask(choice, num_groups, topk_groups, group_score), choice,
+                       -jnp.inf)
   if choice is scores:  # OpenMoE's path: top_k's own picks are the scores
     return top_k(scores, k)
   index = top_k(choice, k)[1]
@@ -113,12 +116,12 @@ def select(scores: jax.Array, k: int, *, bias: Optional[jax.Array] = None, num_g
 
 def choose(logits: jax.Array, k: int, *, kind: str = "softmax", renormalize: bool = False,
            scaling_factor: float = 1.0, bias: Optional[jax.Array] = None, num_groups: int = 0,
-           topk_groups: int = 0) -> Choice:
+           topk_groups: int = 0, group_score: str = "top2_sum") -> Choice:
   """float32[G, T, E] logits -> `Choice` for router score `kind` (module docstring)."""
   logits = logits.astype(jnp.float32)
   scores = score(logits, kind)
   picked, expert_index = select(scores, k, bias=bias, num_groups=num_groups,
-                                topk_groups=topk_groups)
+                                topk_groups=topk_groups, group_score=group_score)
   if kind == "softmax_selected":
     gates = jax.nn.softmax(pick(logits, expert_index), axis=-1)
   elif renormalize:

@@ -237,14 +237,16 @@ def route(cfg, router_logits: jax.Array, capacity: int,
                        dropless=cfg.capacity_mode == "dropless",
                        score=cfg.router_score, scaling_factor=cfg.routed_scaling_factor,
                        num_groups=cfg.num_expert_groups, topk_groups=cfg.topk_groups,
-                       balance=cfg.balance_loss, seq_len=seq_len, expert_bias=expert_bias)
+                       group_score=cfg.expert_group_score, balance=cfg.balance_loss,
+                       seq_len=seq_len, expert_bias=expert_bias)
 
 
 def top_k_routing(router_logits: jax.Array, num_selected_experts: int, capacity: int, *,
                   renormalize_gates: bool = False, order: str = "openmoe",
                   rng: Optional[jax.Array] = None, adaptive: bool = False,
                   score: str = "softmax", scaling_factor: float = 1.0, num_groups: int = 0,
-                  topk_groups: int = 0, balance: str = "switch", seq_len: Optional[int] = None,
+                  topk_groups: int = 0, group_score: str = "top2_sum", balance: str = "switch",
+                  seq_len: Optional[int] = None,
                   expert_bias: Optional[jax.Array] = None, dropless: bool = False) -> Routing:
   """Router scores, top-k, then capacity by first-choice-first priority.
 
@@ -259,7 +261,8 @@ def top_k_routing(router_logits: jax.Array, num_selected_experts: int, capacity:
     rng: key for order='random'.
     adaptive: share the group's E*C slots between experts by load (`adaptive_capacities`)
       instead of C each.
-    score, scaling_factor, num_groups, topk_groups, expert_bias: the router (`routers.choose`).
+    score, scaling_factor, num_groups, topk_groups, group_score, expert_bias: the router
+      (`routers.choose`).
     balance, seq_len: the balancing loss (`routers.balance_loss`).
     dropless: the 'dropless' capacity mode: every assignment kept and no queue positions
       computed (position 0: its grouped FFN has no slots; the [G, T*K, E] queue cumsum is what
@@ -269,7 +272,8 @@ def top_k_routing(router_logits: jax.Array, num_selected_experts: int, capacity:
   num_experts = router_logits.shape[-1]
   choice = routers.choose(router_logits, num_selected_experts, kind=score,
                           renormalize=renormalize_gates, scaling_factor=scaling_factor,
-                          bias=expert_bias, num_groups=num_groups, topk_groups=topk_groups)
+                          bias=expert_bias, num_groups=num_groups, topk_groups=topk_groups,
+                          group_score=group_score)
   gates, expert_index = choice.gates, choice.expert_index
   if dropless:
     position = jnp.zeros(expert_index.shape, jnp.int32)

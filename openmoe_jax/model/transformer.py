@@ -20,6 +20,8 @@ import jax.numpy as jnp
 from openmoe_jax.model import partitioning as p
 from openmoe_jax.model.config import ModelConfig
 from openmoe_jax.model.layers import Attention, Dense, Embed, MlpBlock, RMSNorm, attention_mask, dropout
+from openmoe_jax.model.mla import LatentAttention
+from openmoe_jax.model import mla
 from openmoe_jax.model.moe import MoeLayer, MoeMetrics
 
 
@@ -35,7 +37,8 @@ class DecodeCache:
   """Preallocated key/value cache of every layer for cached decoding (t5x `decode=True`).
 
   keys, values: per layer [B, S, K, H], K key/value heads (logical axes batch, length, heads,
-    kv);
+    kv); under multi-head latent attention the latent [B, S, 1, kv_lora_rank] and the rotary
+    key [B, S, 1, qk_rope_head_dim] (`cache_layout`);
   index: int32[] the column the next call writes at; start: int32[B] each row's first real
   column (prompts are left-padded, so a row's positions are column - start).
   """
@@ -43,6 +46,14 @@ class DecodeCache:
   values: tuple
   index: jax.Array
   start: jax.Array
+
+
+def cache_layout(cfg: ModelConfig) -> tuple:
+  """((heads, width) of keys, (heads, width) of values, their logical axes) per layer."""
+  if cfg.mla:
+    return (*mla.cache_widths(cfg), mla.CACHE_AXES)
+  return ((cfg.kv_heads, cfg.head_dim), (cfg.kv_heads, cfg.head_dim),
+          (p.BATCH, p.LENGTH, p.HEADS, p.KV))
 
 
 class DecoderLayer(nn.Module):
@@ -56,7 +67,8 @@ class DecoderLayer(nn.Module):
     keep = token_mask[..., None].astype(cfg.dtype)
     drop = lambda y: dropout(cfg, y, deterministic)  # post-sublayer dropouts, length-broadcast
     x = RMSNorm(cfg, name="pre_self_attention_layer_norm")(h) * keep
-    attn = Attention(cfg, name="self_attention")(x, positions, mask, deterministic=deterministic,
+    attention = LatentAttention if cfg.mla else Attention
+    attn = attention(cfg, name="self_attention")(x, positions, mask, deterministic=deterministic,
                                                  cache=cache, cache_index=cache_index)
     attn, cache = attn if cache is not None else (attn, None)
     # From the first MoE layer on, h is float32 (moe_float32_output): bf16 sublayer outputs promote.

@@ -24,7 +24,8 @@ ROW, COLUMN, BATCH, NONE = 'row', 'column', 'batch', 'none'
 FACTOR_RULES: Mapping[str, str] = {
     'vocab': COLUMN, 'embed': ROW, 'mlp': COLUMN, 'mlp_activations': COLUMN, 'heads': COLUMN,
     'kv': COLUMN, 'joined_kv': COLUMN, 'relpos_buckets': NONE, 'layers': BATCH, 'stack': BATCH,
-    'expert': BATCH, 'expert_mlp': COLUMN, 'mlp_embed': ROW, 'unmodeled': NONE}
+    'expert': BATCH, 'expert_mlp': COLUMN, 'mlp_embed': ROW, 'unmodeled': NONE,
+    'lora': COLUMN, 'lora_in': ROW}
 
 LogicalAxesFn = Callable[[str, int], Optional[Sequence[Optional[str]]]]
 ScalarOrSchedule = Union[float, optax.Schedule]

@@ -129,6 +129,17 @@ def unexportable_designs(cfg) -> list:
   return out
 
 
+def unexportable_attention(cfg) -> list:
+  """DeepSeek's attention, which only the DeepSeek layouts hold: multi-head latent attention
+  and YaRN."""
+  out = []
+  if cfg.mla:
+    out.append(f"multi-head latent attention (KV_LORA_RANK={cfg.kv_lora_rank})")
+  if cfg.rope_scaling != "none":
+    out.append(f"RoPE scaling (ROPE_SCALING={cfg.rope_scaling!r})")
+  return out
+
+
 def unexportable(cfg) -> list:
   """What of `cfg` the OpenMoE layout (its `modeling_openmoe.py` and weight names) cannot hold:
   expert choice, shared experts, the loss-free balancing bias, DeepSeek's layer rule and
@@ -138,6 +149,9 @@ def unexportable(cfg) -> list:
       or cfg.num_kv_heads not in (0, cfg.num_heads) or cfg.attention_scale != 1.0:
     out.append("today's families' attention and FFN (NUM_KV_HEADS, QK_NORM, ATTENTION_SCALE, "
                "MLP_LAYOUT, MOE_EXTRA_MLP)")
+  out += unexportable_attention(cfg)
+  if cfg.expert_group_score != "top2_sum":
+    out.append(f"EXPERT_GROUP_SCORE={cfg.expert_group_score!r} (DeepSeek-V2's group score)")
   if cfg.deepseek_layer_rule:
     out.append(f"DeepSeek's layer rule (FIRST_K_DENSE_LAYERS={cfg.first_k_dense_layers}, "
                f"MOE_LAYER_FREQ={cfg.moe_layer_freq})")
