@@ -270,7 +270,8 @@ def test_import_to_a_url_model_dir_writes_in_place(run_dir, hf_dir, tmp_path, mo
   assert import_cmd.main([f"--hf_dir={hf_dir}", f"--model_dir={dest}", *TINY_GIN]) == 0
   monkeypatch.undo()
   assert os.listdir(tmp_path / "bucket") == ["imported"]
-  assert sorted(os.listdir(dest)) == ["checkpoints", "imported_from.json", "model_config.json"]
+  assert sorted(os.listdir(dest)) == ["checkpoints", "imported_from.json", "model_config.json",
+                                      "vocabulary.json"]
   assert name_map.shape_mismatch(
       ModelConfig(**json.loads((dest / "model_config.json").read_text())), CFG) == []
   for x, y in zip(jax.tree.leaves(_params(run_dir)), jax.tree.leaves(_params(dest))):

@@ -4,13 +4,18 @@
         [--gin_file=models/openmoe_8b.gin] [--step=0] [--param_dtype=float32]
     openmoe-import --t5x_checkpoint=gs_copy/openmoe_8b/checkpoint_1000000 \
         --gin_file=models/openmoe_8b.gin --model_dir=runs/from_t5x [--gin.X=V ...]
-    openmoe-import --hf_dir=hf/Mixtral-8x7B-v0.1 --model_dir=runs/mixtral   # also olmoe, qwen3_moe
+    openmoe-import --hf_dir=hf/Mixtral-8x7B-v0.1 --model_dir=runs/mixtral
+        # also olmoe, qwen3_moe, deepseek_v2, deepseek_v3
     openmoe-import --upcycle_from=hf/Qwen3-1.7B --gin_file=my_qwen3_moe.gin --model_dir=runs/up
 
---hf_dir reads OpenMoE's layout or a Mixtral / OLMoE / Qwen3-MoE folder, recognised from
-config.json's model_type (docs/models.md). --upcycle_from makes the MoE of --gin_file from a
+--hf_dir reads OpenMoE's layout or a Mixtral / OLMoE / Qwen3-MoE / DeepSeek-V2 / DeepSeek-V3
+folder, recognised from config.json's model_type (docs/models.md; DeepSeek-V3's
+multi-token-prediction layers are left out, as transformers leaves them). --upcycle_from makes the MoE of --gin_file from a
 dense Llama or Qwen3 folder (sparse upcycling, Komatsuzaki et al. 2022): embeddings, norms and
-attention copied, each expert a copy of its layer's FFN, routers fresh from --seed.
+attention copied, each expert a copy of its layer's FFN, routers fresh from --seed; with an
+EXPERT_MLP_DIM narrower than the dense FFN (a divisor of it), each expert one of its G slices
+(granular upcycling, He et al. 2024: the router ties a copy's slices; exact when the top-k holds
+whole copies and its gates sum to a constant; docs/models.md).
 
 --t5x_checkpoint reads OpenMoE's t5x checkpoints (`interop/t5x.py`: the msgpack `checkpoint`
 file and its tensorstore arrays, t5x `checkpoints.py`), one array at a time, every shape checked
@@ -29,6 +34,15 @@ shapes must agree with config.json. A local MODEL_DIR is written to MODEL_DIR.tm
 renamed, so a failure leaves nothing behind; a URL MODEL_DIR (gs://...) is written in place,
 model_config.json last, and removed again when the import fails (a killed import leaves a
 folder without model_config.json, which no tool reads as a model dir and a rerun names).
+
+Every import records the model's vocabulary in MODEL_DIR/vocabulary.json, which openmoe-score
+and openmoe-infer use when not given --mixture_or_task_name: a Hugging Face folder's tokenizer
+files (kept in MODEL_DIR/hf_tokenizer) as {"kind": "hf_tokenizer", "path": "hf_tokenizer"};
+OpenMoE's checkpoints (--hf_dir in OpenMoE's layout, --t5x_checkpoint) umT5's SentencePiece
+with 300 extra ids, {"kind": "sentencepiece", "model": "umt5", "extra_ids": 300}, found when a
+tool needs it through $OPENMOE_SPM_PATH (or the gin binding openmoe_jax.vocab.umt5_spm_path.path).
+A folder without tokenizer files (or whose tokenizer does not load) records none: the summary
+printed last says so in its "note".
 """
 import argparse
 import json
@@ -56,7 +70,9 @@ def main(argv=None):
   source.add_argument("--upcycle_from", metavar="DENSE_HF_DIR",
                       help="sparse upcycling: a dense Hugging Face folder (Llama or Qwen3 "
                            "layout) made into the MoE of --gin_file, every expert a copy of "
-                           "its layer's FFN, the router fresh (interop/upcycle.py)")
+                           "its layer's FFN or, when the gin's EXPERT_MLP_DIM divides the "
+                           "dense width into G slices, one slice of a copy (granular), the "
+                           "router fresh (interop/upcycle.py)")
   parser.add_argument("--model_dir", required=True, help="new openmoe_jax MODEL_DIR")
   gin_utils.add_gin_flags(parser)
   parser.add_argument("--step", type=int,

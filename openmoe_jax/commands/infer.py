@@ -17,7 +17,9 @@ then equals re-running the whole prefix). --chat_template wraps prompts in OpenM
 template and stops at "</s>" written as text. Model settings take t5x's form, --gin.NAME=VALUE
 with a model macro or ModelConfig.FIELD (e.g. --gin.EVAL_EXPERT_CAPACITY_FACTOR=4.0), or
 --model_override FIELD=VALUE.
-Partial output goes to O.tmp and is renamed when complete.
+Text is tokenized with the task's vocabulary (--mixture_or_task_name), else the one
+MODEL_DIR/vocabulary.json names (an imported model's), else that of the task the run trained on;
+a row ends at that vocabulary's EOS. Partial output goes to O.tmp and is renamed when complete.
 """
 import argparse
 import json
@@ -26,7 +28,7 @@ import math
 import os
 import sys
 
-from openmoe_jax.errors import UsageError, error_line
+from openmoe_jax.errors import UsageError
 from openmoe_jax.commands import cli
 from openmoe_jax.training import run_dir
 from openmoe_jax.data import chat
@@ -113,15 +115,8 @@ def read_prompts(path: str) -> list:
 
 def _vocabulary(model_dir: str, task):
   import tasks  # noqa: F401  registers tasks
-  from openmoe_jax.data import pipeline as data  # late: JAX after the flags
-  name = task or run_dir.run_info(model_dir).get("mixture_or_task_name")
-  if not name:
-    raise UsageError("cannot tell the vocabulary: the run records no task "
-                     "(pass --mixture_or_task_name)")
-  try:
-    return data.get_provider(name).output_features["targets"].vocabulary
-  except ValueError as e:
-    raise UsageError(error_line(e)) from None
+  from openmoe_jax.data import vocab  # late: seqio after the flags
+  return vocab.resolve_vocabulary(model_dir, task)
 
 
 def length_budget(model_dir: str, explicit) -> int:
@@ -173,6 +168,8 @@ def run(args, overrides=None) -> tuple:
   params, step = run_dir.load_params(args.model_dir, args.step)
   prompts = encode_prompts(rows, vocabulary, args, budget)
   stops = chat.stop_sequences(vocabulary) if args.chat_template else ()
+  # The vocabulary's EOS ends a row (1 for OpenMoE's; a Hugging Face tokenizer's own; none: -1).
+  eos_id = -1 if vocabulary.eos_id is None else int(vocabulary.eos_id)
   mesh = partitioning.make_mesh()
   params = decoding.place_params(params, cfg, mesh)  # once, not per batch
   key = jax.random.key(args.seed)
@@ -184,11 +181,13 @@ def run(args, overrides=None) -> tuple:
     if args.num_beams > 1:
       gens = decoding.beam_search(params, cfg, chunk, max_new_tokens=args.max_new_tokens,
                                   num_beams=args.num_beams, alpha=args.length_penalty_alpha,
-                                  stop_sequences=stops, batch_size=args.batch_size, mesh=mesh)
+                                  eos_id=eos_id, stop_sequences=stops,
+                                  batch_size=args.batch_size, mesh=mesh)
     else:
       gens = decoding.generate(params, cfg, chunk, max_new_tokens=args.max_new_tokens,
                                sampling=sampling, rng=jax.random.fold_in(key, first),
-                               stop_sequences=stops, batch_size=args.batch_size, mesh=mesh)
+                               eos_id=eos_id, stop_sequences=stops,
+                               batch_size=args.batch_size, mesh=mesh)
     for row, gen in zip(rows[first:first + args.batch_size], gens):
       text, ids, logp = vocabulary.decode(gen.ids), gen.ids, gen.log_probs
       finish = gen.finish

@@ -5,15 +5,16 @@
 Each output line: {"text", "token_ids", "log_probs"} where log_probs[i] = ln p(token_ids[i] |
 BOS, token_ids[:i]) (BOS = id 0 at the first input position), under the eval routing settings
 (eval capacity factor). Lines are scored one at a time, padded to a multiple of the expert count,
-so a line's scores do not depend on its neighbours. Partial output goes to O.tmp and is renamed
-when complete.
+so a line's scores do not depend on its neighbours. Text is tokenized with --mixture_or_task_name's
+vocabulary, else the one MODEL_DIR/vocabulary.json names (an imported model's), else that of
+the task the run trained on. Partial output goes to O.tmp and is renamed when complete.
 """
 import argparse
 import json
 import os
 import sys
 
-from openmoe_jax.errors import UsageError, error_line
+from openmoe_jax.errors import UsageError
 from openmoe_jax.commands import cli
 from openmoe_jax.training import run_dir
 from openmoe_jax.evaluation.scoring import check_lengths, read_text_lines  # noqa: F401
@@ -22,14 +23,8 @@ from openmoe_jax.evaluation.scoring import score_lines  # noqa: F401
 
 def _vocabulary(model_dir: str, task: str):
   import tasks  # noqa: F401  registers tasks
-  from openmoe_jax.data import pipeline as data  # late: JAX after the flags
-  name = task or run_dir.run_info(model_dir).get("mixture_or_task_name")
-  if not name:
-    raise UsageError("cannot tell the vocabulary: pass --mixture_or_task_name")
-  try:
-    return data.get_provider(name).output_features["targets"].vocabulary
-  except ValueError as e:
-    raise UsageError(error_line(e)) from None
+  from openmoe_jax.data import vocab  # late: seqio after the flags
+  return vocab.resolve_vocabulary(model_dir, task)
 
 
 def main(argv=None):
@@ -40,7 +35,9 @@ def main(argv=None):
   parser.add_argument("--input_file", required=True, help="UTF-8 text, one input per line")
   parser.add_argument("--output_file", required=True, help="JSON lines to write")
   parser.add_argument("--mixture_or_task_name",
-                      help="task whose vocabulary to use (default: the one the run trained on)")
+                      help="task whose vocabulary to use (default: the one MODEL_DIR's "
+                           "vocabulary.json names, as openmoe-import records it, else the "
+                           "task the run trained on)")
   parser.add_argument("--max_length", type=int,
                       help="longest line to score, in tokens (default: the run's training "
                            "sequence length); a longer line is refused before anything is scored")

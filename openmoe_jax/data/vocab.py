@@ -9,6 +9,9 @@
   The path is resolved when the vocabulary is first used, so importing `tasks` before gin
   parses its bindings is fine.
 * The built-in corpus uses `openmoe_jax.data.corpus.SPM_PATH` (7892 pieces + 300 = 8192 ids).
+* The tools find a run's vocabulary with `resolve_vocabulary`: the task they are given, else
+  MODEL_DIR/vocabulary.json (what `openmoe-import` records: umT5 for OpenMoE, the folder's
+  Hugging Face tokenizer for the families, `hf_vocab.py`), else the task the run trained on.
 """
 import os
 from typing import Optional
@@ -16,7 +19,8 @@ from typing import Optional
 import gin
 import seqio
 
-from openmoe_jax.errors import UsageFileNotFoundError, UsageValueError
+from openmoe_jax import fs
+from openmoe_jax.errors import UsageError, UsageFileNotFoundError, UsageValueError, error_line
 
 from openmoe_jax.data.special_tokens import BOS_ID, EOS_ID, PAD_ID, UNK_ID  # noqa: F401
 from openmoe_jax.data import corpus
@@ -98,3 +102,75 @@ def sentinel_id(vocabulary: seqio.Vocabulary, index: int) -> int:
   if not 0 <= index < vocabulary.extra_ids:
     raise ValueError(f"sentinel {index} out of range: vocabulary has {vocabulary.extra_ids}")
   return vocabulary.vocab_size - 1 - index
+
+
+# What `openmoe-import` records for OpenMoE's own checkpoints (MODEL_DIR/vocabulary.json).
+UMT5_RECORD = {"kind": "sentencepiece", "model": "umt5", "extra_ids": OPENMOE_EXTRA_IDS}
+
+
+def from_record(model_dir: str, record: dict) -> seqio.Vocabulary:
+  """The vocabulary a vocabulary.json record names (`run_dir.write_vocabulary`), built now, so
+  a file that is missing or does not load is a UsageError here, in one line."""
+  from openmoe_jax.data import hf_vocab  # late: transformers only for a tokenizer folder
+
+  def where(path):
+    return path if fs.is_url(path) or os.path.isabs(path) else fs.join(model_dir, path)
+
+  if record["kind"] == "hf_tokenizer":
+    return hf_vocab.HfTokenizerVocabulary(where(record["path"]))
+  extra_ids = record.get("extra_ids", 0)
+  if record.get("model") == "umt5":
+    path = umt5_spm_path()  # UsageError when not configured / not there
+  else:
+    path = where(record["path"])
+    if not fs.isfile(path):
+      raise UsageFileNotFoundError(f"SentencePiece model not found: {path} (named by "
+                                   f"{fs.join(model_dir, 'vocabulary.json')})")
+  vocabulary = seqio.SentencePieceVocabulary(path, extra_ids=extra_ids)
+  try:
+    vocabulary.vocab_size  # pylint: disable=pointless-statement  (loads the model now)
+  except Exception as e:  # pylint: disable=broad-except  (a damaged model: one line)
+    raise UsageValueError(f"{path}: not a readable SentencePiece model "
+                          f"({type(e).__name__}: {error_line(e)[:200]})") from None
+  return vocabulary
+
+
+def resolve_vocabulary(model_dir: str, task: Optional[str] = None) -> seqio.Vocabulary:
+  """The vocabulary the tools (openmoe-score, openmoe-infer) encode and decode MODEL_DIR's text
+  with, the first of:
+    1. `task` (--mixture_or_task_name): its targets' vocabulary;
+    2. MODEL_DIR/vocabulary.json (what `openmoe-import` records; `from_record`), checked
+       against the model's embedding size;
+    3. the task the run trained on (run.json's mixture_or_task_name).
+  None of them: UsageError. The caller registers the tasks first (`import tasks`: a library
+  module does not import them).
+
+  Raises:
+    UsageError (one line): an unknown task, a damaged vocabulary.json or a vocabulary it names
+      that does not load or has more ids than the model's embedding, or nothing to go by.
+  """
+  from openmoe_jax.training import run_dir  # late: JAX, only for the tools
+
+  def of_task(name):
+    from openmoe_jax.data import pipeline  # late: JAX, only for the tools
+    try:
+      return pipeline.get_provider(name).output_features["targets"].vocabulary
+    except ValueError as e:
+      raise UsageError(error_line(e)) from None
+
+  if task:
+    return of_task(task)
+  record = run_dir.read_vocabulary(model_dir)
+  if record is not None:
+    vocabulary = from_record(model_dir, record)
+    rows = run_dir.load_model_config(model_dir).vocab_size
+    if vocabulary.vocab_size > rows:
+      raise UsageError(f"{fs.join(model_dir, run_dir.VOCABULARY)} names a vocabulary of "
+                       f"{vocabulary.vocab_size} ids, more than the model's {rows} embedding "
+                       "rows: not this model's; fix or delete it, or pass --mixture_or_task_name")
+    return vocabulary
+  name = run_dir.run_info(model_dir).get("mixture_or_task_name")
+  if name:
+    return of_task(name)
+  raise UsageError(f"cannot tell the vocabulary: {model_dir} records no vocabulary.json and no "
+                   "task (pass --mixture_or_task_name)")

@@ -183,7 +183,11 @@ def load_params(hf_dir: str, cfg: ModelConfig, family: str = "openmoe") -> dict:
   from flax import traverse_util
   want = traverse_util.flatten_dict(abstract_params(cfg))
   files = weight_files(hf_dir)
-  entries = list(families.tensors(family, cfg))
+  hf = read_hf_config(hf_dir) if family in families.DEEPSEEK else {}
+  entries = list(families.deepseek_tensors(family, cfg, families.rope_interleaved(hf))
+                 if hf else families.tensors(family, cfg))
+  skipped = families.skipped_layers(hf)
+  files = {k: v for k, v in files.items() if not (skipped and k.startswith(skipped))}
   name = "OpenMoE" if family == "openmoe" else family
   missing = [e.hf_key for e in entries if e.hf_key not in files]
   if missing:
@@ -196,6 +200,8 @@ def load_params(hf_dir: str, cfg: ModelConfig, family: str = "openmoe") -> dict:
     for e in entries:
       path = files[e.hf_key]
       stored = tensors.get(path, e.hf_key)
+      if e.rows is not None and stored.shape[0] == len(e.rows):  # else the check below says
+        stored = stored[np.asarray(e.rows)]
       array = stored.T if e.transpose else stored
       spec = want.get(e.flax_path)
       shape = None if spec is None else tuple(spec.shape[1:] if e.expert is not None
@@ -263,8 +269,12 @@ def import_checkpoint(hf_dir: str, model_dir: str, *, gin_files=(), gin_bindings
   params = load_params(hf_dir, cfg, family)
   out = _commit(model_dir, cfg, params, step, {"hf_dir": os.path.abspath(hf_dir),
                                                 "family": family},
-                extra_files=_tokenizer_files(hf_dir) if family != "openmoe" else None)
+                extra_files=_tokenizer_files(hf_dir) if family != "openmoe" else None,
+                vocabulary=_umt5_record() if family == "openmoe" else None)
   out["family"] = family
+  skipped = families.skipped_layers(hf)
+  if skipped:
+    out["skipped_tensors"] = sum(k.startswith(skipped) for k in weight_files(hf_dir))
   return out
 
 
@@ -304,25 +314,40 @@ def import_t5x(checkpoint_path: str, model_dir: str, *, gin_files=(), gin_bindin
     opt_state = opt_state._replace(count=jax.numpy.asarray(slots.pop("count")), **{
         k: traverse_util.unflatten_dict(v) for k, v in slots.items()})
   return _commit(model_dir, cfg, params, step,
-                 {"t5x_checkpoint": os.path.abspath(checkpoint_path)}, opt_state)
+                 {"t5x_checkpoint": os.path.abspath(checkpoint_path)}, opt_state,
+                 vocabulary=_umt5_record())
+
+
+def _umt5_record() -> dict:
+  """vocabulary.json of an OpenMoE checkpoint: umT5's SentencePiece, found when used."""
+  from openmoe_jax.data import vocab  # late: seqio, only once the weights have been read
+  return dict(vocab.UMT5_RECORD)
 
 
 def _commit(model_dir: str, cfg: ModelConfig, params, step: int, source: dict,
-            opt_state=None, extra_files=None) -> dict:
-  """MODEL_DIR with the checkpoint {step, params, opt_state (default: fresh)} and
-  `extra_files` ({relative name: source file}), all or nothing."""
+            opt_state=None, extra_files=None, vocabulary=None) -> dict:
+  """MODEL_DIR with the checkpoint {step, params, opt_state (default: fresh)},
+  `extra_files` ({relative name: source file}) and vocabulary.json (`vocabulary`; None: the
+  tokenizer among `extra_files`, when it loads; `run_dir.write_vocabulary`), all or nothing."""
   if opt_state is None:
     opt_state = _fresh_opt_state(params, cfg)
   state = {"step": np.int32(step), "params": params, "opt_state": opt_state}
   summary = {"model_dir": model_dir, "step": step, "num_layers": cfg.num_layers,
              "num_experts": cfg.num_experts}
+  if vocabulary is None:
+    from openmoe_jax.data import hf_vocab  # late: seqio and transformers, for the tokenizer
+    vocabulary, why = hf_vocab.import_record(extra_files or {}, cfg.vocab_size)
+    if why:
+      summary["note"] = (f"no vocabulary recorded: {why}; openmoe-score and openmoe-infer "
+                         "need --mixture_or_task_name")
+  summary["vocabulary"] = vocabulary
   if fs.is_url(model_dir):
     # Object stores cannot rename a folder, so the files go straight to MODEL_DIR: the
     # checkpoint is committed first, model_config.json last, so the tools never read an
     # unfinished import as a model dir. A failure removes what this import wrote (MODEL_DIR
     # was checked empty or absent), so a bucket is left as it was.
     try:
-      _write_model_dir(model_dir, cfg, state, step, source, extra_files)
+      _write_model_dir(model_dir, cfg, state, step, source, extra_files, vocabulary)
     except BaseException:
       if fs.exists(model_dir):
         fs.gfile().rmtree(model_dir)
@@ -332,7 +357,7 @@ def _commit(model_dir: str, cfg: ModelConfig, params, step: int, source: dict,
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=os.path.basename(os.path.abspath(model_dir)) + ".tmp-", dir=parent)
   try:
-    _write_model_dir(tmp, cfg, state, step, source, extra_files)
+    _write_model_dir(tmp, cfg, state, step, source, extra_files, vocabulary)
     mask = os.umask(0)
     os.umask(mask)
     os.chmod(tmp, 0o777 & ~mask)  # mkdtemp makes 0700; the model dir gets the user's umask
@@ -346,15 +371,17 @@ def _commit(model_dir: str, cfg: ModelConfig, params, step: int, source: dict,
 
 
 def _write_model_dir(dest: str, cfg: ModelConfig, state, step: int, source: dict,
-                     extra_files=None) -> None:
-  """The checkpoint, the extra files, imported_from.json, then model_config.json into `dest`
-  (path or URL)."""
+                     extra_files=None, vocabulary=None) -> None:
+  """The checkpoint, the extra files, imported_from.json, vocabulary.json (a record, or None),
+  then model_config.json into `dest` (path or URL)."""
   with ckpt_lib.Checkpointer(dest, async_save=False) as ckpt:
     ckpt.save(step, state, {}, force=True)
   for name, src in (extra_files or {}).items():
     fs.makedirs(fs.join(dest, os.path.dirname(name)))
     fs.copy(src, fs.join(dest, name))
   fs.write_text(fs.join(dest, run_dir.IMPORTED_FROM), json.dumps(source))
+  if vocabulary is not None:
+    run_dir.write_vocabulary(dest, vocabulary)
   run_dir.write_model_config(dest, cfg)  # last: from now on the tools read `dest`
 
 

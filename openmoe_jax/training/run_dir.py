@@ -1,8 +1,8 @@
 """The run directory (MODEL_DIR): the one module that writes and reads its files.
 
 Checkpoints live under MODEL_DIR/checkpoints (`checkpoint.py`); this module owns the rest:
-run.json and model_config.json (written at each start, read by the tools), config.gin, and the
-compatibility check of a restart. MODEL_DIR may be a local path or a URL such as gs://bucket/run
+run.json and model_config.json (written at each start, read by the tools), config.gin,
+vocabulary.json (an imported model's vocabulary), and the compatibility check of a restart. MODEL_DIR may be a local path or a URL such as gs://bucket/run
 (`openmoe_jax.fs`); every file is written through a temporary name.
 """
 import dataclasses
@@ -21,6 +21,7 @@ from openmoe_jax.training import resume
 MODEL_CONFIG, RUN_INFO, CONFIG_GIN = "model_config.json", "run.json", "config.gin"
 EVAL_RESULTS = "eval_results.jsonl"   # one JSON line per openmoe-eval run
 IMPORTED_FROM = "imported_from.json"  # what openmoe-import read (a model dir it made)
+VOCABULARY = "vocabulary.json"  # the vocabulary of an imported model (`write_vocabulary`)
 SHAPE_FIELDS = config_lib.SHAPE_FIELDS  # re-exported
 
 
@@ -196,6 +197,61 @@ def load_params(model_dir: str, step: Optional[int] = None, say=None):
   """(params as numpy arrays, step) of checkpoint `step`, or of the newest that reads."""
   return read_checkpoint(model_dir, step, lambda s: ckpt_lib.restore_params(model_dir, s), say)
 
+
+
+def _vocabulary_problem(record) -> Optional[str]:
+  """What is wrong with a vocabulary.json record, or None (`write_vocabulary`'s schema)."""
+  if not isinstance(record, dict):
+    return "not a JSON object"
+  kind = record.get("kind")
+  if kind == "hf_tokenizer":
+    if not isinstance(record.get("path"), str) or not record["path"]:
+      return "kind 'hf_tokenizer' needs a \"path\" (the tokenizer folder)"
+  elif kind == "sentencepiece":
+    if ("model" in record) == ("path" in record):
+      return "kind 'sentencepiece' needs one of \"model\": \"umt5\" and \"path\""
+    if "model" in record and record["model"] != "umt5":
+      return f"unknown sentencepiece model {record['model']!r} (only 'umt5')"
+    if "path" in record and (not isinstance(record["path"], str) or not record["path"]):
+      return "\"path\" must name the SentencePiece model file"
+    extra = record.get("extra_ids", 0)
+    if not isinstance(extra, int) or isinstance(extra, bool) or extra < 0:
+      return f"\"extra_ids\" must be a count >= 0, got {extra!r}"
+  else:
+    return f"unknown kind {kind!r} (hf_tokenizer or sentencepiece)"
+  return None
+
+
+def write_vocabulary(model_dir: str, record: dict) -> None:
+  """MODEL_DIR/vocabulary.json (temporary name, then renamed): the vocabulary the tools encode
+  and decode with when no task is given (`data.vocab.resolve_vocabulary`). One of
+    {"kind": "hf_tokenizer", "path": "hf_tokenizer"}: a Hugging Face tokenizer folder;
+    {"kind": "sentencepiece", "model": "umt5", "extra_ids": 300}: OpenMoE's umT5 model, found
+      where the tasks find it (gin `openmoe_jax.vocab.umt5_spm_path.path`, else
+      $OPENMOE_SPM_PATH) when a tool needs it;
+    {"kind": "sentencepiece", "path": "spm.model", "extra_ids": N}: that SentencePiece file.
+  A relative path is relative to MODEL_DIR; an absolute one or a URL is taken as it is."""
+  problem = _vocabulary_problem(record)
+  if problem:
+    raise ValueError(f"bad vocabulary record {record!r}: {problem}")
+  fs.write_text(fs.join(model_dir, VOCABULARY), json.dumps(record, indent=1))
+
+
+def read_vocabulary(model_dir: str) -> Optional[dict]:
+  """The record MODEL_DIR/vocabulary.json holds, or None without one; UsageError in one line
+  when the file is damaged."""
+  path = fs.join(model_dir, VOCABULARY)
+  if not fs.exists(path):
+    return None
+  try:
+    record = json.loads(fs.read_text(path))
+  except (ValueError, UnicodeDecodeError) as e:
+    problem = f"not valid JSON ({error_line(e)})"
+  else:
+    problem = _vocabulary_problem(record)
+  if problem:
+    raise UsageError(f"{path}: {problem}; fix or delete it, or pass --mixture_or_task_name")
+  return record
 
 
 def run_info(model_dir: str) -> dict:
