@@ -86,7 +86,10 @@ NEW_MODEL_FIELDS = {"router", "router_score", "routed_scaling_factor", "num_expe
                     "topk_groups", "balance_loss", "num_shared_experts", "shared_expert_mlp_dim",
                     "shared_expert_gate", "first_k_dense_layers", "moe_layer_freq",
                     "expert_bias_update_rate", "expert_bias", "num_kv_heads", "qk_norm",
-                    "attention_scale", "mlp_layout", "moe_extra_mlp"}
+                    "attention_scale", "mlp_layout", "moe_extra_mlp", "expert_group_score",
+                    "kv_lora_rank", "q_lora_rank", "qk_rope_head_dim", "v_head_dim",
+                    "rope_scaling", "rope_scaling_factor", "rope_original_max_len",
+                    "rope_beta_fast", "rope_beta_slow", "rope_attention_factor"}
 
 
 def _old_format(model_dir: pathlib.Path) -> None:
