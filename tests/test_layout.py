@@ -89,7 +89,8 @@ NEW_MODEL_FIELDS = {"router", "router_score", "routed_scaling_factor", "num_expe
                     "attention_scale", "mlp_layout", "moe_extra_mlp", "expert_group_score",
                     "kv_lora_rank", "q_lora_rank", "qk_rope_head_dim", "v_head_dim",
                     "rope_scaling", "rope_scaling_factor", "rope_original_max_len",
-                    "rope_beta_fast", "rope_beta_slow", "rope_attention_factor"}
+                    "rope_beta_fast", "rope_beta_slow", "rope_attention_factor",
+                    "attention_impl", "attention_block", "expert_exchange"}
 
 
 def _old_format(model_dir: pathlib.Path) -> None:

@@ -23,6 +23,8 @@ QK_NORMS = ("none", "head", "projection")
 MLP_LAYOUTS = ("openmoe", "gated")
 EXPERT_GROUP_SCORES = ("top2_sum", "max")   # routers.group_mask
 ROPE_SCALINGS = ("none", "yarn")            # rope.py
+ATTENTION_IMPLS = ("dense", "chunked", "splash", "cudnn", "auto")   # model/attention.py
+EXPERT_EXCHANGES = ("auto", "dense", "ragged")                     # model/ragged_dispatch.py
 # The fields that fix the parameters' shapes: two configs equal on these read each other's
 # checkpoints (a MODEL_DIR refuses another model; an import checks its target by them).
 SHAPE_FIELDS = ("vocab_size", "emb_dim", "num_heads", "head_dim", "mlp_dim", "expert_mlp_dim",
@@ -145,6 +147,15 @@ class ModelConfig:
       shared experts alike (`MLP_LAYOUT`).
     moe_extra_mlp: an MoE layer also has OpenMoE's extra dense FFN after the experts (True,
       OpenMoE); False for the families whose MoE layer is the experts alone (`MOE_EXTRA_MLP`).
+    attention_impl: how softmax(q k^T) v is computed (`model/attention.py`, `ATTENTION_IMPL`):
+      'dense' (OpenMoE's numerics: the [B, N, T, S] logits in the activation dtype), 'chunked'
+      (blockwise online softmax in float32, any backend: memory linear in the length),
+      'splash' (Pallas TPU splash attention), 'cudnn' (GPU flash attention through
+      jax.nn.dot_product_attention) or 'auto' (docs/configuration.md: by backend and shape).
+    attention_block: query and key block of 'chunked' and 'splash' (`ATTENTION_BLOCK`).
+    expert_exchange: dropless/adaptive rows between expert shards (`EXPERT_EXCHANGE`): 'dense'
+      (fixed chunks, one all_to_all), 'ragged' (jax.lax.ragged_all_to_all: only the rows that
+      exist travel) or 'auto' (ragged on TPU and GPU, dense on CPU).
   """
   vocab_size: int = 512
   emb_dim: int = 32
@@ -213,6 +224,9 @@ class ModelConfig:
   rope_beta_fast: float = 32.0
   rope_beta_slow: float = 1.0
   rope_attention_factor: float = 1.0
+  attention_impl: str = "dense"
+  attention_block: int = 512
+  expert_exchange: str = "auto"
 
   def __post_init__(self):
     positive = ("vocab_size", "emb_dim", "num_heads", "head_dim", "mlp_dim", "num_layers",
@@ -293,7 +307,9 @@ class ModelConfig:
                        f"{self.num_heads} (0: as many as num_heads)")
     for name, allowed in (("qk_norm", QK_NORMS), ("mlp_layout", MLP_LAYOUTS),
                           ("expert_group_score", EXPERT_GROUP_SCORES),
-                          ("rope_scaling", ROPE_SCALINGS)):
+                          ("rope_scaling", ROPE_SCALINGS),
+                          ("attention_impl", ATTENTION_IMPLS),
+                          ("expert_exchange", EXPERT_EXCHANGES)):
       if getattr(self, name) not in allowed:
         raise ValueError(f"ModelConfig.{name}={getattr(self, name)!r} not in {allowed}")
     if not self.attention_scale > 0:
@@ -301,6 +317,13 @@ class ModelConfig:
                        f"{self.attention_scale}")
     self._check_latent_attention()
     self._check_rope()
+    if self.attention_impl in ("splash", "cudnn") and self.dropout_rate > 0:
+      raise ValueError(f"ModelConfig.attention_impl={self.attention_impl!r} has no attention "
+                       f"dropout: set DROPOUT_RATE=0 (got {self.dropout_rate}) or use "
+                       "ATTENTION_IMPL='chunked' (or 'auto')")
+    if self.attention_block <= 0 or self.attention_block % 8:
+      raise ValueError(f"ModelConfig.attention_block must be a positive multiple of 8, got "
+                       f"{self.attention_block}")
     if self.ep_buffer_factor < 0:
       raise ValueError(f"ModelConfig.ep_buffer_factor must be >= 0, got {self.ep_buffer_factor}")
     as_dtype(self.activation_dtype)

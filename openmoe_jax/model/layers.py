@@ -4,19 +4,19 @@ Legend: B batch, L length, D embed, N heads, H head dim, F mlp hidden, V vocab.
 Kernels are stored 2-D ([D, N*H] for attention) as flaxformer's DenseGeneral stores them, so
 original checkpoints load without reshaping.
 """
-import functools
 from typing import Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from openmoe_jax.model import attention
 from openmoe_jax.model import partitioning as p
 from openmoe_jax.model.config import ModelConfig
 from openmoe_jax.model import rope
 from openmoe_jax.model.rope import apply_rope, rotate_half  # noqa: F401  (their old home)
 
-MASK_BIAS = -1e10
+MASK_BIAS = attention.MASK_BIAS
 
 
 def kernel_init(scale: float, distribution: str = "truncated_normal", in_axis=-2, out_axis=-1,
@@ -93,30 +93,18 @@ def attention_mask(segment_ids, token_mask):
   return mask[:, None]
 
 
-def attend(q, k, v, mask, keep, *, cfg: ModelConfig):
-  """Scaled-dot-product attention core: softmax(q k^T, masked) v, dropout where `keep` is False.
+def attend(q, k, v, mask, keep, *, cfg: ModelConfig, remat: bool = False,
+           decoding: bool = False):
+  """Scaled-dot-product attention core by cfg.attention_impl (`model/attention.py`).
 
   q: [B, T, N, H]; k, v: [B, S, K, H] with K key/value heads dividing N (grouped-query
   attention: query head j reads key/value head j // (N / K), transformers' `repeat_kv`);
-  mask: bool [B, 1, T, S]; keep: None or bool [B, N, 1, S] (kept attention probabilities are
-  divided by 1 - dropout_rate, as nn.Dropout does). The logits are multiplied by
-  cfg.attention_scale (1.0 for OpenMoE, whose query initialiser holds 1/sqrt(H)).
+  mask: an attention.AttentionMask or bool [B, 1, T, S]; keep: None or bool [B, N, 1, S]
+  (kept attention probabilities are divided by 1 - dropout_rate, as nn.Dropout does). The
+  logits are multiplied by cfg.attention_scale (1.0 for OpenMoE, whose query initialiser holds
+  1/sqrt(H)).
   """
-  if k.shape[2] != q.shape[2]:
-    k, v = (jnp.repeat(y, q.shape[2] // y.shape[2], axis=2) for y in (k, v))
-    k, v = (p.constrain(y, (p.BATCH, p.LENGTH, p.HEADS, p.KV)) for y in (k, v))
-  # flaxformer dense_attention (float32_logits=False): logits and softmax in the activation dtype.
-  logit_dtype = jnp.float32 if cfg.float32_attention_logits else cfg.dtype
-  logits = jnp.einsum("bqnh,bknh->bnqk", q.astype(logit_dtype), k.astype(logit_dtype))
-  if cfg.attention_scale != 1.0:
-    logits = logits * jnp.asarray(cfg.attention_scale, logit_dtype)
-  logits = jnp.where(mask, logits, jnp.asarray(MASK_BIAS, logit_dtype))
-  weights = jax.nn.softmax(logits, axis=-1).astype(cfg.dtype)
-  if keep is not None:  # bitwise nn.Dropout: select(keep, x / keep_prob, 0)
-    keep_prob = 1.0 - cfg.dropout_rate
-    weights = jax.lax.select(jnp.broadcast_to(keep, weights.shape), weights / keep_prob,
-                             jnp.zeros_like(weights))
-  return jnp.einsum("bnqk,bknh->bqnh", weights, v)
+  return attention.attend(q, k, v, mask, keep, cfg=cfg, remat=remat, decoding=decoding)
 
 
 class Attention(nn.Module):
@@ -127,7 +115,8 @@ class Attention(nn.Module):
 
   @nn.compact
   def __call__(self, x, positions, mask, *, deterministic: bool, cache=None, cache_index=None):
-    """x: [B, T, D]; positions: int[B, T]; mask: bool[B, 1, T, T] (or [B, 1, T, S] with a cache).
+    """x: [B, T, D]; positions: int[B, T]; mask: an attention.AttentionMask (or a bool
+    [B, 1, T, S] array: the dense path).
 
     cache: None (training, scoring) or (key, value) [B, S, K, H] (K key/value heads)
       preallocated for cached decoding: this call's keys and values are written at columns
@@ -162,10 +151,9 @@ class Attention(nn.Module):
     if cfg.dropout_rate > 0 and not deterministic:
       ones = jnp.ones((q.shape[0], cfg.num_heads, 1, k.shape[1]), cfg.dtype)
       keep = dropout(cfg, ones, deterministic) > 0
-    core = functools.partial(attend, cfg=cfg)
-    if cfg.remat_policy == "attention" and cache is None:
-      core = jax.checkpoint(core)
-    out = core(q, k, v, mask, keep)
+    out = attend(q, k, v, mask, keep, cfg=cfg,
+                 remat=cfg.remat_policy == "attention" and cache is None,
+                 decoding=cache is not None)
     out = out.reshape(*out.shape[:2], joined)
     out = Dense(cfg.emb_dim, (p.JOINED_KV, p.EMBED), cfg.scale, "normal", cfg, name="out")(out)
     return out if cache is None else (out, cache)

@@ -49,7 +49,7 @@ class LatentAttention(nn.Module):
 
   @nn.compact
   def __call__(self, x, positions, mask, *, deterministic: bool, cache=None, cache_index=None):
-    """x: [B, T, D]; positions: int[B, T]; mask: bool[B, 1, T, S].
+    """x: [B, T, D]; positions: int[B, T]; mask: an attention.AttentionMask or bool[B, 1, T, S].
 
     cache: None or (latent [B, S, 1, Ckv], rotary key [B, S, 1, R]): this call's are written at
       columns cache_index..+T; returns (out, new cache) then.
@@ -93,10 +93,9 @@ class LatentAttention(nn.Module):
     if cfg.dropout_rate > 0 and not deterministic:
       ones = jnp.ones((q.shape[0], n, 1, k.shape[1]), cfg.dtype)
       keep = dropout(cfg, ones, deterministic) > 0
-    core = functools.partial(attend, cfg=cfg)
-    if cfg.remat_policy == "attention" and cache is None:
-      core = jax.checkpoint(core)
-    out = core(q, k, v, mask, keep)
+    out = attend(q, k, v, mask, keep, cfg=cfg,
+                 remat=cfg.remat_policy == "attention" and cache is None,
+                 decoding=cache is not None)
     out = out.reshape(*out.shape[:2], n * v_dim)
     out = Dense(cfg.emb_dim, (p.JOINED_KV, p.EMBED), cfg.scale, "normal", cfg, name="out")(out)
     return out if cache is None else (out, cache)

@@ -19,7 +19,8 @@ import jax.numpy as jnp
 
 from openmoe_jax.model import partitioning as p
 from openmoe_jax.model.config import ModelConfig
-from openmoe_jax.model.layers import Attention, Dense, Embed, MlpBlock, RMSNorm, attention_mask, dropout
+from openmoe_jax.model.attention import AttentionMask
+from openmoe_jax.model.layers import Attention, Dense, Embed, MlpBlock, RMSNorm, dropout
 from openmoe_jax.model.mla import LatentAttention
 from openmoe_jax.model import mla
 from openmoe_jax.model.moe import MoeLayer, MoeMetrics
@@ -153,7 +154,7 @@ class Transformer(nn.Module):
       decoder_segment_ids = jnp.ones((b, length), jnp.int32)
     real = (decoder_target_tokens > 0 if decoder_target_tokens is not None
             else jnp.ones((b, length), bool))
-    mask = attention_mask(decoder_segment_ids, real)
+    mask = AttentionMask.for_training(decoder_segment_ids, real)
     token_mask = logit_mask(decoder_input_tokens)
     h = Embed(self.cfg, name="token_embedder")(decoder_input_tokens)
     h = p.constrain(h, (p.BATCH, p.LENGTH, p.EMBED))
@@ -165,11 +166,10 @@ class Transformer(nn.Module):
     cols = cache.index + jnp.arange(t)
     positions = cols[None, :] - cache.start[:, None]
     token_mask = positions >= 0
-    key_cols = jnp.arange(s)[None, None, :]
-    mask = (key_cols <= cols[None, :, None]) & (key_cols >= cache.start[:, None, None])
+    mask = AttentionMask.for_decoding(cache.index, t, cache.start, s)
     h = Embed(self.cfg, name="token_embedder")(tokens)
     h = p.constrain(h, (p.BATCH, p.LENGTH, p.EMBED))
-    return Decoder(self.cfg, name="decoder")(h, jnp.maximum(positions, 0), mask[:, None],
+    return Decoder(self.cfg, name="decoder")(h, jnp.maximum(positions, 0), mask,
                                              token_mask, deterministic=True, cache=cache)
 
 

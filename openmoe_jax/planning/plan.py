@@ -23,6 +23,7 @@ import json
 import math
 import sys
 import time
+from openmoe_jax.model import attention
 from openmoe_jax.model import grouped
 from openmoe_jax.model import moe
 from openmoe_jax.planning import target
@@ -88,6 +89,11 @@ def _plan(run, s, *, seed, with_hlo, memory_budget_gib):
   devices = list(mesh.devices.flat)
   # Token counts that do not split into routing groups are padded by the MoE layer (flaxformer).
   cfg = _resolve_auto(run.cfg)
+  # ATTENTION_IMPL='auto' depends on the shapes too: resolved here as the TPU trace resolves it.
+  shards = math.prod(mesh.shape.values())  # batch over (data, expert), heads over model
+  cfg = cfg.replace(attention_impl=attention.resolve(
+      cfg, batch=batch_size // num_microbatches, q_len=seq_len, kv_len=seq_len, platform="tpu",
+      shards=shards))
   t = time.perf_counter()
   budget = int(memory_budget_gib * 2**30) if memory_budget_gib else s.hbm_bytes_per_device
   with target.compiling_for("tpu"):
@@ -126,7 +132,8 @@ def _plan(run, s, *, seed, with_hlo, memory_budget_gib):
       "mesh": dict(mesh.shape), "batch_size": batch_size, "seq_len": seq_len,
       "num_microbatches": num_microbatches, "optimizer": optimizer,
       "remat_policy": cfg.remat_policy, "dispatch": cfg.dispatch, "capacity_mode": cfg.capacity_mode,
-      "grouped_matmul": cfg.grouped_matmul, "compile_seconds": round(seconds, 1),
+      "grouped_matmul": cfg.grouped_matmul, "attention_impl": cfg.attention_impl,
+      "compile_seconds": round(seconds, 1),
       **mem,
       "memory_budget_bytes": budget, "fits": mem["peak_bytes_per_device"] <= budget,
       "headroom_bytes": budget - mem["peak_bytes_per_device"],
@@ -167,6 +174,7 @@ def _over_hbm(err, s, devices, mesh, cfg, batch_size, seq_len, num_microbatches,
       "batch_size": batch_size, "seq_len": seq_len, "num_microbatches": num_microbatches,
       "optimizer": optimizer, "remat_policy": cfg.remat_policy, "dispatch": cfg.dispatch,
       "capacity_mode": cfg.capacity_mode, "grouped_matmul": cfg.grouped_matmul,
+      "attention_impl": cfg.attention_impl,
       "compile_seconds": round(seconds, 1), "temp_bytes_per_device": temp,
       "peak_bytes_per_device": max(temp, s.hbm_bytes_per_device + 1),
       "memory_budget_bytes": budget, "fits": False,

@@ -13,6 +13,7 @@ from typing import Any, Callable, Optional, Sequence
 import jax
 
 from openmoe_jax.errors import UsageError, error_line
+from openmoe_jax.model import attention
 from openmoe_jax.model import partitioning as part
 from openmoe_jax.model.config import ModelConfig
 from openmoe_jax.training import state_layout as layout
@@ -79,6 +80,7 @@ def build(cfg: ModelConfig, *, batch_size: int, seq_len: int, num_expert_partiti
     mesh = part.make_mesh(num_expert_partitions, num_model_partitions, devices=devices)
     part.check_experts_divisible(cfg.num_experts, mesh)
     part.check_batch_divisible(batch_size, mesh, num_microbatches, name=batch_name, rules=rules)
+    attention.check_run(cfg, seq_len)
   except ValueError as e:
     raise UsageError(error_line(e) + where) from None
   cfg = cfg.replace(num_expert_replicas=num_expert_replicas or mesh.shape["data"])
