@@ -292,3 +292,16 @@ def test_splash_and_auto_compile_for_tpu_and_drop_the_t_by_t_temporaries():
   probs = batch // 4 * (cfg.num_heads // 2) * seq * seq * 2 * cfg.num_layers
   saved = plans["dense"]["temp_bytes_per_device"] - plans["splash"]["temp_bytes_per_device"]
   assert saved >= 0.5 * probs, (saved, probs)
+  # XLA counts nothing inside the kernels: the plan adds their FLOPs (causal blocks, the flash
+  # backward's recomputation) at the peak. They stand in for about the attention FLOPs XLA
+  # counted in the dense step (full T x T, forward and backward: 6 matmul passes vs 9 x 5/8).
+  sp = plans["splash"]
+  assert sp["splash_flops_per_device"] == pytest.approx(
+      A.splash_train_flops(cfg, batch, seq) / 8)
+  seen = plans["dense"]["xla_flops_per_device"] - sp["xla_flops_per_device"]
+  assert 0.7 * seen < sp["splash_flops_per_device"] < 1.2 * seen, (sp["splash_flops_per_device"],
+                                                                   seen)
+  assert sp["estimated_step_seconds"] >= sp["splash_flops_per_device"] / sp[
+      "peak_bf16_flops_per_device"]
+  assert "splash attention kernels' FLOPs at the bf16 peak" in sp["estimate_method"]
+  assert plans["dense"]["splash_flops_per_device"] == 0

@@ -352,6 +352,20 @@ def splash(q, k, v, mask: AttentionMask, *, scale: float, block: int, dtype):
   return out[..., :hv].astype(dtype)
 
 
+def splash_train_flops(cfg, batch: int, seq_len: int) -> float:
+  """FLOPs the splash kernels of one forward and backward pass do over `batch` rows (every
+  layer): per layer 2 x B x N x (H' + Hv') x T^2 for the forward (H', Hv': the head dims
+  padded to 128) on the causal blocks only ((n + 1) / 2n of them, n = T / block), and 3.5x that
+  for the backward (its dq kernel recomputes the logits and does 2 more matmuls, its dk/dv
+  kernel 3 more). XLA's cost model cannot see inside the kernels; plans add this."""
+  pad = lambda d: -(-d // SPLASH_LANES) * SPLASH_LANES
+  n = seq_len // _splash_block(seq_len, cfg.attention_block)
+  causal = (n + 1) / (2 * n)
+  forward = 2 * batch * cfg.num_heads * (pad(cfg.head_dim) + pad(cfg.value_head_dim)) \
+      * seq_len ** 2 * causal
+  return 4.5 * forward * cfg.num_layers
+
+
 def _axis_size(mesh, axes) -> int:
   if axes is None:
     return 1

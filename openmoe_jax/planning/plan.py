@@ -120,6 +120,18 @@ def _plan(run, s, *, seed, with_hlo, memory_budget_gib):
                  whole("bytes accessed") / s.hbm_bandwidth_per_device)
   has_time = min(step_cost.get("optimal_seconds", -1), update_cost.get("optimal_seconds", -1)) > 0
   est = whole("optimal_seconds") if has_time else roofline
+  method = ("xla optimal_seconds" if has_time else
+            "roofline of XLA's flops and bytes accessed (this libtpu's cost model gives no time "
+            f"for this step on {s.generation})")
+  # Pallas splash kernels are custom calls without a cost estimate: XLA counts neither their
+  # FLOPs nor their time. Their FLOPs are added at the chip's bf16 peak (a lower bound).
+  splash_flops = 0.0
+  if cfg.attention_impl == "splash":
+    splash_flops = attention.splash_train_flops(cfg, batch_size, seq_len) / len(devices)
+    est += splash_flops / s.peak_flops_per_device
+    roofline += splash_flops / s.peak_flops_per_device
+    method += (" + the splash attention kernels' FLOPs at the bf16 peak (XLA cannot see inside "
+               "them: a lower bound)")
   tokens = batch_size * seq_len
   model_flops = counts.summarize(cfg, seq_len)["train_flops_per_token"] * tokens
   mem = layout.memory(step)
@@ -143,10 +155,9 @@ def _plan(run, s, *, seed, with_hlo, memory_budget_gib):
       "estimated_tokens_per_second": tokens / est if est else 0.0,
       "estimated_mfu": model_flops / (est * len(devices) * s.peak_flops_per_device) if est else 0.0,
       "estimated_update_seconds": update_cost.get("optimal_seconds", 0.0) if has_time else None,
-      "estimate_method": ("xla optimal_seconds" if has_time else
-                          "roofline of XLA's flops and bytes accessed (this libtpu's cost model "
-                          f"gives no time for this step on {s.generation})"),
+      "estimate_method": method,
       "roofline_step_seconds": roofline,
+      "splash_flops_per_device": splash_flops,
       "xla_bytes_accessed_per_device": whole("bytes accessed"),
       "xla_flops_per_device": whole("flops"),
       "model_flops_per_step": model_flops,
