@@ -305,3 +305,22 @@ def test_splash_and_auto_compile_for_tpu_and_drop_the_t_by_t_temporaries():
       "peak_bf16_flops_per_device"]
   assert "splash attention kernels' FLOPs at the bf16 peak" in sp["estimate_method"]
   assert plans["dense"]["splash_flops_per_device"] == 0
+
+
+@needs_libtpu
+def test_splash_is_refused_on_v3_and_auto_leaves_it_out_there():
+  """Mosaic has no bfloat16 matmul on v2/v3 (splash fails to compile on v3-256 for the 8B
+  step): an explicit 'splash' plan is one line, and 'auto' takes 'dense' there."""
+  from openmoe_jax.planning import plan as tpu_plan
+  cfg = CFG.replace(capacity_mode="fixed", attention_impl="splash")
+  with pytest.raises(UsageError) as e:
+    tpu_plan.plan(cfg, "v3:2x2", num_expert_partitions=4, num_model_partitions=1, batch_size=8,
+                  seq_len=128)
+  assert "needs TPU v4 or later: Mosaic has no bfloat16 matmul on v3" in str(e.value)
+  assert "\n" not in str(e.value)
+  with target.compiling_for("tpu", "v3"):
+    assert A.resolve(cfg.replace(attention_impl="auto"), batch=8, q_len=256,
+                     kv_len=256) == "dense"
+  with target.compiling_for("tpu", "v5p"):
+    assert A.resolve(cfg.replace(attention_impl="auto"), batch=8, q_len=256,
+                     kv_len=256) == "splash"

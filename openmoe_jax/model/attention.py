@@ -17,8 +17,9 @@ head dim, Hv value head dim.
     'cudnn'    cuDNN flash attention through `jax.nn.dot_product_attention(...,
                implementation='cudnn')` (MaxText's GPU path). GPU only.
     'auto'     `resolve`: CPU -> 'dense', or 'chunked' once the dense logits would pass
-               DENSE_LOGITS_BUDGET bytes per device; TPU -> 'splash' where it applies, GPU -> 'cudnn'
-               where it applies; else as on CPU.
+               DENSE_LOGITS_BUDGET bytes per device; TPU v4 and later -> 'splash' where it
+               applies (v2/v3: Mosaic has no bfloat16 matmul), GPU -> 'cudnn' where it
+               applies; else as on CPU.
 
 The mask is a spec, never a [T, S] array (`AttentionMask`): query i sees key j iff
 kv_cols[j] <= q_cols[i] and q_segment[i] == kv_segment[j]. Training gives every token its
@@ -57,6 +58,9 @@ MASK_BIAS = -1e10
 _NEG = -1e30                      # running max before any visible key ('chunked')
 DENSE_LOGITS_BUDGET = 1 << 30     # 'auto': dense while B x N x T x S x 4 bytes stay under 1 GiB
 SPLASH_LANES = 128                # splash: sequence blocks and head dims in multiples of this
+# Mosaic has no bfloat16 matmul on these (XLA:TPU: "Unsupported matmul RHS type on target:
+# vector<128x128xbf16>", benchmarks/RESULTS.md): splash does not compile there.
+SPLASH_UNSUPPORTED_TPUS = ("v2", "v3")
 
 
 class AttentionMask(NamedTuple):
@@ -401,6 +405,9 @@ def check_run(cfg, seq_len: int) -> None:
     why = check_splash(seq_len, seq_len)
     if why:
       raise ValueError(why)
+    if target.tpu_generation() in SPLASH_UNSUPPORTED_TPUS:
+      raise ValueError(f"ATTENTION_IMPL='splash' needs TPU v4 or later: Mosaic has no bfloat16 "
+                       f"matmul on {target.tpu_generation()}; use 'chunked' or 'dense'")
   if cfg.attention_impl == "cudnn" and target.platform() != "gpu":
     raise ValueError(f"ATTENTION_IMPL='cudnn' runs on GPUs only; this is {target.platform()}: "
                      "use 'auto', 'dense' or 'chunked'")
@@ -415,7 +422,7 @@ def resolve(cfg, *, batch: int, q_len: int, kv_len: int, decoding: bool = False,
   platform = platform or target.platform()
   if impl == "auto":
     if platform == "tpu" and cfg.dropout_rate == 0 and check_splash(q_len, kv_len) is None \
-        and not decoding:
+        and not decoding and target.tpu_generation() not in SPLASH_UNSUPPORTED_TPUS:
       return "splash"
     if platform == "gpu" and cfg.dropout_rate == 0 and not decoding:
       return "cudnn"

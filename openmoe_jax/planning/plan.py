@@ -23,6 +23,7 @@ import json
 import math
 import sys
 import time
+from openmoe_jax.errors import UsageError, error_line
 from openmoe_jax.model import attention
 from openmoe_jax.model import grouped
 from openmoe_jax.model import moe
@@ -39,9 +40,9 @@ ESTIMATE_NOTE = ("compiler estimate: XLA:TPU cost analysis (optimal_seconds, els
                  "nothing ran on a TPU")
 
 
-def _resolve_auto(cfg):
+def _resolve_auto(cfg, generation=None):
   """'auto' choices as a TPU run makes them (the trace happens on a CPU host)."""
-  with target.compiling_for("tpu"):
+  with target.compiling_for("tpu", generation):
     return cfg.replace(dispatch=moe.resolve_dispatch(cfg.dispatch),
                        grouped_matmul=grouped.resolve(cfg.grouped_matmul))
 
@@ -88,15 +89,20 @@ def _plan(run, s, *, seed, with_hlo, memory_budget_gib):
   optimizer = run.optimizer
   devices = list(mesh.devices.flat)
   # Token counts that do not split into routing groups are padded by the MoE layer (flaxformer).
-  cfg = _resolve_auto(run.cfg)
+  cfg = _resolve_auto(run.cfg, s.generation)
   # ATTENTION_IMPL='auto' depends on the shapes too: resolved here as the TPU trace resolves it.
   shards = math.prod(mesh.shape.values())  # batch over (data, expert), heads over model
-  cfg = cfg.replace(attention_impl=attention.resolve(
-      cfg, batch=batch_size // num_microbatches, q_len=seq_len, kv_len=seq_len, platform="tpu",
-      shards=shards))
+  with target.compiling_for("tpu", s.generation):
+    try:  # a kernel this generation cannot compile: one line
+      attention.check_run(cfg, seq_len)
+    except ValueError as e:
+      raise UsageError(f"{error_line(e)} (--tpu={tpu.accelerator_type(s)})") from None
+    cfg = cfg.replace(attention_impl=attention.resolve(
+        cfg, batch=batch_size // num_microbatches, q_len=seq_len, kv_len=seq_len,
+        platform="tpu", shards=shards))
   t = time.perf_counter()
   budget = int(memory_budget_gib * 2**30) if memory_budget_gib else s.hbm_bytes_per_device
-  with target.compiling_for("tpu"):
+  with target.compiling_for("tpu", s.generation):
     lowered, abstract = layout.lower_train_step(
         cfg, tx, schedule, mesh, batch_size=batch_size, length=seq_len,
         num_microbatches=num_microbatches, seed=seed, rules=run.rules)

@@ -21,12 +21,29 @@ def platform() -> str:
   return "gpu" if backend in ("cuda", "rocm", "gpu") else backend
 
 
+def tpu_generation():
+  """'v3', 'v4', 'v5p', ... of the TPU a program is traced for (the compile-only target's, or
+  the attached chips'), None when unknown or not a TPU."""
+  if platform() != "tpu":
+    return None
+  forced = getattr(_state, "generation", None)
+  if forced:
+    return forced
+  import re
+  import jax
+  m = re.search(r"v(\d+)\s*(lite|p|e)?", jax.devices()[0].device_kind.lower())
+  if not m:
+    return None
+  suffix = {"lite": "e", "p": "p", "e": "e"}.get(m.group(2) or "", "")
+  return f"v{m.group(1)}{suffix}"
+
+
 @contextlib.contextmanager
-def compiling_for(name: str):
-  """Within the block, `platform()` is `name`."""
-  before = getattr(_state, "platform", None)
-  _state.platform = name
+def compiling_for(name: str, generation=None):
+  """Within the block, `platform()` is `name` (and `tpu_generation()` is `generation`)."""
+  before = getattr(_state, "platform", None), getattr(_state, "generation", None)
+  _state.platform, _state.generation = name, generation
   try:
     yield
   finally:
-    _state.platform = before
+    _state.platform, _state.generation = before
