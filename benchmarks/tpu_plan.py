@@ -38,6 +38,7 @@ KEYS = ("accelerator_type", "num_devices", "mesh", "batch_size", "num_microbatch
         "estimated_tokens_per_second", "estimated_mfu", "estimate_method", "roofline_step_seconds",
         "xla_flops_per_device", "xla_bytes_accessed_per_device", "collectives", "compile_seconds",
         "model_flops_per_step", "peak_bf16_flops_per_device", "num_params", "attention_impl",
+        "expert_exchange",
         "splash_flops_per_device")
 
 # Dropless with experts sharded: each device reserves twice the balanced share of its

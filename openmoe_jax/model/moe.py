@@ -87,7 +87,7 @@ class Experts(nn.Module):
     rng = self.make_rng("dropout") if rate > 0 else None
     return ragged_dispatch.ragged_ffn(tokens.astype(cfg.dtype), r.expert_index, r.kept, self._kernels(),
                                impl=cfg.grouped_matmul, buffer_factor=cfg.ep_buffer_factor,
-                               dropout=(rng, rate))
+                               dropout=(rng, rate), exchange=cfg.expert_exchange)
 
 
 def _gather_dispatch(x, r: routing.Routing, num_experts: int):

@@ -10,7 +10,20 @@ with one all-to-all, sorts what it received by local expert, runs the grouped FF
 results back the same way. The chunk is static: by default the worst case (all of a device's
 assignments to one shard, so nothing can overflow); with `ep_buffer_factor` f > 0 it is
 f x the balanced share, and any assignment that does not fit is dropped *and reported* (it
-counts in `dropped_fraction`). XLA:CPU has no ragged all-to-all, hence the fixed chunks.
+counts in `dropped_fraction`). This is the 'dense' exchange (`EXPERT_EXCHANGE`).
+
+The 'ragged' exchange (`jax.lax.ragged_all_to_all`, as MaxText's `moe.py` uses on TPU) sends
+each device's sorted assignments as they are: only the rows that exist travel, into one receive
+buffer pooled over all sources. Sizes and offsets are agreed first by two small all-to-alls of
+counts (no all-gather). The send buffer is the A sorted rows, whatever the expert-parallel size;
+the receive buffer is the worst case a shard can get (ep x N x min(K, local experts) rows) with
+`ep_buffer_factor` 0, so nothing can drop, or ceil(f x A) rows (f x the balanced share) with
+f > 0, where rows past it are dropped and reported as above (a receiver overflows only when its
+total load does, not when one sender's share does). XLA:CPU has no ragged all-to-all: 'auto'
+takes 'dense' there, runs refuse a forced 'ragged' (`check_exchange`), and the layer itself
+runs the same algorithm on CPU over `emulated_ragged_all_to_all` (an all_to_all of padded
+slices with the collective's documented semantics) so the tests check it against the
+single-device layer.
 
 Legend: N tokens on this device, K experts per token, A = N*K assignments, D embed, E experts,
 ep expert shards, S chunk rows per (source, destination) pair.
@@ -24,6 +37,9 @@ from jax.sharding import PartitionSpec as P
 
 from openmoe_jax.model import grouped
 from openmoe_jax.model import partitioning as part
+from openmoe_jax.planning import target
+
+RAGGED_PLATFORMS = ("tpu", "gpu")  # backends whose XLA lowers ragged-all-to-all
 
 
 @jax.custom_vjp
@@ -142,17 +158,133 @@ def _exchange_ffn(tokens, expert_index, kept, kernels, rng, *, ep_axis, model_ax
   return picked.reshape(n, k, -1), (fits.reshape(n, k) & kept)
 
 
+def resolve_exchange(exchange: str, platform=None) -> str:
+  """The exchange the layer runs: 'auto' is 'ragged' where the backend has a ragged
+  all-to-all (TPU, GPU) and 'dense' elsewhere (XLA:CPU)."""
+  if exchange != "auto":
+    return exchange
+  return "ragged" if (platform or target.platform()) in RAGGED_PLATFORMS else "dense"
+
+
+def check_exchange(cfg) -> None:
+  """A run's EXPERT_EXCHANGE against its backend (before anything is written): ValueError (one
+  line) for a forced 'ragged' where XLA has no ragged all-to-all."""
+  if cfg.expert_exchange == "ragged" and target.platform() not in RAGGED_PLATFORMS:
+    raise ValueError(f"EXPERT_EXCHANGE='ragged' needs jax.lax.ragged_all_to_all, which XLA:"
+                     f"{target.platform().upper()} does not have (TPU and GPU do): use 'auto' "
+                     "or 'dense'")
+
+
+def emulated_ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets,
+                               recv_sizes, *, axis_name):
+  """jax.lax.ragged_all_to_all's semantics (one slice per peer) from a dense all_to_all of
+  padded slices: for backends without the collective (XLA:CPU), where it checks the ragged
+  algorithm; it moves ep x len(operand) rows, so it saves nothing."""
+  ep = jax.lax.axis_size(axis_name)
+  m, r = operand.shape[0], output.shape[0]
+  tail = (1,) * (operand.ndim - 1)
+  i = jnp.arange(m)
+  src = jnp.clip(input_offsets[:, None] + i[None], 0, m - 1)            # [ep, m]
+  valid = (i[None] < send_sizes[:, None]).reshape(ep, m, *tail)
+  chunks = jnp.where(valid, operand[src], jnp.zeros((), operand.dtype))  # [ep, m, ...]
+  got = jax.lax.all_to_all(chunks, axis_name, 0, 0, tiled=True)          # [ep(source), m, ...]
+  start = jax.lax.all_to_all(output_offsets, axis_name, 0, 0, tiled=True)  # where source i writes
+  p = jnp.arange(r)
+  cover = (p[None] >= start[:, None]) & (p[None] < (start + recv_sizes)[:, None])  # [ep, r]
+  source = jnp.argmax(cover, axis=0)
+  row = jnp.clip(p - start[source], 0, m - 1)
+  picked = got.reshape(ep * m, *operand.shape[1:])[source * m + row]
+  return jnp.where(jnp.any(cover, axis=0).reshape(r, *tail), picked, output)
+
+
+def _ragged_collective():
+  if target.platform() in RAGGED_PLATFORMS:
+    return jax.lax.ragged_all_to_all
+  return emulated_ragged_all_to_all
+
+
+def receive_rows(n: int, k: int, local_experts: int, num_shards: int,
+                 buffer_factor: float) -> int:
+  """Rows of the ragged exchange's receive buffer (static): the most one shard can be sent
+  (every source's N tokens with min(K, local experts) assignments each there) at factor 0,
+  else ceil(f x N x K), f x the balanced share, capped by that worst case."""
+  worst = num_shards * n * min(k, local_experts)
+  if buffer_factor <= 0:
+    return worst
+  return min(worst, max(8, math.ceil(buffer_factor * n * k)))
+
+
+def _ragged_exchange_ffn(tokens, expert_index, kept, kernels, rng, *, ep_axis, model_axis,
+                         num_experts, buffer_factor, impl, rate):
+  """Per-device body under shard_map, exchanging with ragged all-to-alls: returns ([N, K, D]
+  outputs, kept after any receive-buffer overflow)."""
+  n, k = expert_index.shape
+  ep = jax.lax.axis_size(ep_axis)
+  wi_0, wi_1, wo = kernels
+  local = num_experts // ep
+  a = n * k
+  r = receive_rows(n, k, local, ep, buffer_factor)
+  exchange = _ragged_collective()
+  to_all = lambda x: jax.lax.all_to_all(x, ep_axis, 0, 0, tiled=True)
+  # Sorted by expert = grouped by destination shard, by local expert within it.
+  key = jnp.where(kept, expert_index, num_experts).reshape(a)
+  order, rank, counts = sort_by_key(key, num_experts)
+  counts = counts.reshape(ep, local)                     # [destination, local expert]
+  dest_counts = jnp.sum(counts, axis=1)
+  in_off = (jnp.cumsum(dest_counts) - dest_counts).astype(jnp.int32)
+  # Receivers learn every source's per-expert counts (and where its rows start there), place
+  # the sources one after another, accept what fits in r rows, and say so back.
+  got = to_all(jnp.concatenate([counts, in_off[:, None]], axis=1))    # [source, local + 1]
+  recv_counts, src_in_off = got[:, :local], got[:, local]
+  from_src = jnp.sum(recv_counts, axis=1)
+  col_start = (jnp.cumsum(from_src) - from_src).astype(jnp.int32)
+  accepted = jnp.clip(r - col_start, 0, from_src).astype(jnp.int32)
+  back = to_all(jnp.stack([col_start, accepted], axis=1))              # [destination, 2]
+  out_off, send_sizes = back[:, 0], back[:, 1]
+  # The sorted rows that go: within their destination's accepted prefix.
+  dest = key // local                                                   # ep = not sent
+  d = jnp.minimum(dest, ep - 1)
+  fits = (dest < ep) & (rank - in_off[d] < send_sizes[d])
+  fits_sorted = fits[order]
+  token_of_row = jnp.where(fits_sorted, order // k, n)
+  row_of_assignment = jnp.where(fits, rank, a)
+  send = take_rows(tokens, token_of_row, row_of_assignment.reshape(n, k))  # [A, D]
+  recv = exchange(send, jnp.zeros((r, send.shape[1]), send.dtype), in_off, send_sizes,
+                  out_off, accepted, axis_name=ep_axis)
+  # Local expert of each received row, from the counts: blocks (source, expert) in order.
+  block_len = recv_counts.reshape(ep * local)
+  block_start = (col_start[:, None] + jnp.cumsum(recv_counts, axis=1) - recv_counts).reshape(-1)
+  p = jnp.arange(r, dtype=jnp.int32)
+  block = jnp.clip(jnp.searchsorted(block_start, p, side="right") - 1, 0, ep * local - 1)
+  source = block // local
+  valid = (p < block_start[block] + block_len[block]) & (p < col_start[source] + accepted[source])
+  recv_expert = jnp.where(valid, block % local, local)
+  order2, rank2, sizes2 = sort_by_key(recv_expert, local)
+  rows = take_rows(recv, order2, rank2[:, None])
+  keep = _dropout_keep(rng, (r, wi_1.shape[-1]), rate, rows.dtype)
+  out = grouped.expert_ffn(rows, sizes2, wi_0, wi_1, wo, keep=keep, impl=impl)
+  if model_axis is not None:
+    out = jax.lax.psum(out, model_axis)               # wo contracted a model-sharded hidden dim
+  out = take_rows(out, rank2, order2[:, None])        # back in receive-buffer order
+  home = exchange(out, jnp.zeros((a, out.shape[1]), out.dtype), col_start, accepted,
+                  src_in_off, send_sizes, axis_name=ep_axis)             # [A, D] sorted order
+  assignment_of_row = jnp.where(fits_sorted, order, a)
+  picked = take_rows(home, row_of_assignment, assignment_of_row[:, None])
+  return picked.reshape(n, k, -1), (fits.reshape(n, k) & kept)
+
+
 def _mesh_axis(logical: str):
   """Mesh axis (or tuple of axes, or None) a logical axis maps to under the rules in force."""
   return nn.logical_to_mesh_axes((logical,))[0]
 
 
 def ragged_ffn(tokens, expert_index, kept, kernels, *, impl: str, buffer_factor: float,
-               dropout=(None, 0.0)):
+               dropout=(None, 0.0), exchange: str = "auto"):
   """Dropless expert FFN of token groups [G, T, D] with routing [G, T, K].
 
   Without a mesh (or with experts unsharded) everything is local; otherwise the work runs under
-  shard_map over the mesh, exchanging rows between expert shards.
+  shard_map over the mesh, exchanging rows between expert shards by `exchange` ('dense',
+  'ragged', or 'auto': `resolve_exchange`).
 
   Returns (outputs [G, T, K, D] zero where not kept, kept [G, T, K] after any buffer overflow).
   """
@@ -191,9 +323,9 @@ def ragged_ffn(tokens, expert_index, kept, kernels, *, impl: str, buffer_factor:
       if model_axis is not None:
         out = jax.lax.psum(out, model_axis)
     else:
-      out, kept_now = _exchange_ffn(*args, key, ep_axis=ep_axis, model_axis=model_axis,
-                                    num_experts=e, buffer_factor=buffer_factor,
-                                    impl=impl, rate=rate)
+      body_fn = _ragged_exchange_ffn if resolve_exchange(exchange) == "ragged" else _exchange_ffn
+      out, kept_now = body_fn(*args, key, ep_axis=ep_axis, model_axis=model_axis,
+                              num_experts=e, buffer_factor=buffer_factor, impl=impl, rate=rate)
     return out.reshape(gl, tl, k, d), kept_now.reshape(gl, tl, k)
 
   tok_spec = P(batch_axes, None, None)

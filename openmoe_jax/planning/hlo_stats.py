@@ -5,12 +5,14 @@ while loop's body once, so an instruction in the body of a loop of 8 iterations 
 scan; the trip count from `known_trip_count` or the loop condition's `i < 8`) counts 8 times,
 and so do its bytes. Bytes are the instruction's result (what one device receives), summed over
 the tuple elements of combined collectives. Async pairs are counted once, at their `-done`
-(or at the synchronous op inside an `async-start`'s computation).
+(or at the synchronous op inside an `async-start`'s computation). A ragged all-to-all's bytes
+are its whole output buffer, what it can receive: the rows that travel depend on the routing.
 """
 import re
 from typing import Dict, List
 
-KINDS = ("all-to-all", "all-gather", "reduce-scatter", "all-reduce", "collective-permute")
+KINDS = ("all-to-all", "all-gather", "reduce-scatter", "all-reduce", "collective-permute",
+         "ragged-all-to-all")
 _BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4,
           "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16}
 _ARRAY = re.compile(r"\b([a-z]+[0-9]*(?:e[0-9]m[0-9][a-z]*)?)\[([0-9,]*)\]")

@@ -27,6 +27,7 @@ from openmoe_jax.errors import UsageError, error_line
 from openmoe_jax.model import attention
 from openmoe_jax.model import grouped
 from openmoe_jax.model import moe
+from openmoe_jax.model import ragged_dispatch
 from openmoe_jax.planning import target
 from openmoe_jax.planning import tpu
 from openmoe_jax.model import counts
@@ -44,7 +45,8 @@ def _resolve_auto(cfg, generation=None):
   """'auto' choices as a TPU run makes them (the trace happens on a CPU host)."""
   with target.compiling_for("tpu", generation):
     return cfg.replace(dispatch=moe.resolve_dispatch(cfg.dispatch),
-                       grouped_matmul=grouped.resolve(cfg.grouped_matmul))
+                       grouped_matmul=grouped.resolve(cfg.grouped_matmul),
+                       expert_exchange=ragged_dispatch.resolve_exchange(cfg.expert_exchange))
 
 
 def shapes_digest(abstract_state) -> str:
@@ -70,13 +72,14 @@ def plan(cfg, slice_name: str, *, num_expert_partitions: int, num_model_partitio
   s = tpu.parse_slice(slice_name)
   added = tpu.compile_host(s)
   try:
-    run = run_setup.build(
-        cfg, batch_size=batch_size, seq_len=seq_len,
-        num_expert_partitions=num_expert_partitions, num_model_partitions=num_model_partitions,
-        num_microbatches=num_microbatches, optimizer=optimizer,
-        optimizer_kwargs=optimizer_kwargs, num_expert_replicas=num_expert_replicas, rules=rules,
-        devices=tpu.slice_devices(s), batch_name="batch size",
-        where=f" on {slice_name} ({s.num_devices} devices)")
+    with target.compiling_for("tpu", s.generation):  # its checks as a TPU run makes them
+      run = run_setup.build(
+          cfg, batch_size=batch_size, seq_len=seq_len,
+          num_expert_partitions=num_expert_partitions, num_model_partitions=num_model_partitions,
+          num_microbatches=num_microbatches, optimizer=optimizer,
+          optimizer_kwargs=optimizer_kwargs, num_expert_replicas=num_expert_replicas, rules=rules,
+          devices=tpu.slice_devices(s), batch_name="batch size",
+          where=f" on {slice_name} ({s.num_devices} devices)")
     return _plan(run, s, seed=seed, with_hlo=with_hlo, memory_budget_gib=memory_budget_gib)
   finally:
     tpu.restore_environment(added)  # the process is not a TPU worker afterwards
@@ -151,6 +154,7 @@ def _plan(run, s, *, seed, with_hlo, memory_budget_gib):
       "num_microbatches": num_microbatches, "optimizer": optimizer,
       "remat_policy": cfg.remat_policy, "dispatch": cfg.dispatch, "capacity_mode": cfg.capacity_mode,
       "grouped_matmul": cfg.grouped_matmul, "attention_impl": cfg.attention_impl,
+      "expert_exchange": cfg.expert_exchange,
       "compile_seconds": round(seconds, 1),
       **mem,
       "memory_budget_bytes": budget, "fits": mem["peak_bytes_per_device"] <= budget,

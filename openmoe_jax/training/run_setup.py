@@ -15,6 +15,7 @@ import jax
 from openmoe_jax.errors import UsageError, error_line
 from openmoe_jax.model import attention
 from openmoe_jax.model import partitioning as part
+from openmoe_jax.model import ragged_dispatch
 from openmoe_jax.model.config import ModelConfig
 from openmoe_jax.training import state_layout as layout
 from openmoe_jax.training import steps
@@ -81,6 +82,7 @@ def build(cfg: ModelConfig, *, batch_size: int, seq_len: int, num_expert_partiti
     part.check_experts_divisible(cfg.num_experts, mesh)
     part.check_batch_divisible(batch_size, mesh, num_microbatches, name=batch_name, rules=rules)
     attention.check_run(cfg, seq_len)
+    ragged_dispatch.check_exchange(cfg)
   except ValueError as e:
     raise UsageError(error_line(e) + where) from None
   cfg = cfg.replace(num_expert_replicas=num_expert_replicas or mesh.shape["data"])
