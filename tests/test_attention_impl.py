@@ -305,6 +305,12 @@ def test_splash_and_auto_compile_for_tpu_and_drop_the_t_by_t_temporaries():
       "peak_bf16_flops_per_device"]
   assert "splash attention kernels' FLOPs at the bf16 peak" in sp["estimate_method"]
   assert plans["dense"]["splash_flops_per_device"] == 0
+  # MFU counts attention over all keys (PaLM's count); the causal MFU halves that part.
+  from openmoe_jax.model import counts
+  c = counts.summarize(cfg, seq)
+  share = c["attention_flops_per_token"] / c["train_flops_per_token"]
+  assert 0 < share < 1
+  assert sp["estimated_mfu_causal"] == pytest.approx(sp["estimated_mfu"] * (1 - share / 2))
 
 
 @needs_libtpu

@@ -58,4 +58,8 @@ def summarize(cfg: ModelConfig, seq_len: int = 2048) -> dict:
       "num_selected_experts": cfg.num_selected_experts,
       "seq_len_for_flops": seq_len,
       "train_flops_per_token": 6 * matmul_activated + attn,
+      # Of which attention's q k^T and p v over all T keys, forward and backward (PaLM's
+      # 12 x layers x heads x head_dim x T, Chowdhery et al. 2022, app. B): a causal kernel
+      # computes about half of it.
+      "attention_flops_per_token": attn,
   }

@@ -142,7 +142,9 @@ def _plan(run, s, *, seed, with_hlo, memory_budget_gib):
     method += (" + the splash attention kernels' FLOPs at the bf16 peak (XLA cannot see inside "
                "them: a lower bound)")
   tokens = batch_size * seq_len
-  model_flops = counts.summarize(cfg, seq_len)["train_flops_per_token"] * tokens
+  flop_counts = counts.summarize(cfg, seq_len)
+  model_flops = flop_counts["train_flops_per_token"] * tokens
+  causal_flops = model_flops - flop_counts["attention_flops_per_token"] * tokens / 2
   mem = layout.memory(step)
   device = devices[0]
   out = {
@@ -164,6 +166,8 @@ def _plan(run, s, *, seed, with_hlo, memory_budget_gib):
       "estimated_step_seconds": est,
       "estimated_tokens_per_second": tokens / est if est else 0.0,
       "estimated_mfu": model_flops / (est * len(devices) * s.peak_flops_per_device) if est else 0.0,
+      "estimated_mfu_causal":
+          causal_flops / (est * len(devices) * s.peak_flops_per_device) if est else 0.0,
       "estimated_update_seconds": update_cost.get("optimal_seconds", 0.0) if has_time else None,
       "estimate_method": method,
       "roofline_step_seconds": roofline,
@@ -195,14 +199,15 @@ def _over_hbm(err, s, devices, mesh, cfg, batch_size, seq_len, num_microbatches,
       "batch_size": batch_size, "seq_len": seq_len, "num_microbatches": num_microbatches,
       "optimizer": optimizer, "remat_policy": cfg.remat_policy, "dispatch": cfg.dispatch,
       "capacity_mode": cfg.capacity_mode, "grouped_matmul": cfg.grouped_matmul,
-      "attention_impl": cfg.attention_impl,
+      "attention_impl": cfg.attention_impl, "expert_exchange": cfg.expert_exchange,
       "compile_seconds": round(seconds, 1), "temp_bytes_per_device": temp,
       "peak_bytes_per_device": max(temp, s.hbm_bytes_per_device + 1),
       "memory_budget_bytes": budget, "fits": False,
       "headroom_bytes": budget - max(temp, s.hbm_bytes_per_device + 1),
       "compile_error": str(err).splitlines()[0][:300],
       "estimate_note": ESTIMATE_NOTE, "estimated_step_seconds": None,
-      "estimated_tokens_per_second": None, "estimated_mfu": None, "collectives": None,
+      "estimated_tokens_per_second": None, "estimated_mfu": None,
+      "estimated_mfu_causal": None, "collectives": None,
   }
 
 
