@@ -332,8 +332,14 @@ def test_leftovers_of_a_failed_read_are_dropped_and_nothing_else(monkeypatch, ca
       self.err_msg, self.object = None, None
   from_orbax = raised_in("/site-packages/orbax/checkpoint/serialization.py", ValueError("read"))
   elsewhere = raised_in("/work/user_code.py", ValueError("mine"))
+  # A TensorStore read future asyncio wrapped in a task: only asyncio's frame in its traceback.
+  from_tensorstore = raised_in("/usr/lib/python3.11/asyncio/tasks.py", ValueError(
+      'OUT_OF_RANGE: Error reading "params.decoder.layers_0.mlp.wo.kernel/0.0" in OCDBT '
+      'database at local file "/tmp/run/checkpoints/2/state/": Requested byte range '
+      '[257901, 259847) is not valid for value of size 100'))
   sys.unraisablehook(Unraisable(RuntimeError("Event loop is closed")))
   sys.unraisablehook(Unraisable(from_orbax))
+  sys.unraisablehook(Unraisable(from_tensorstore))
   sys.unraisablehook(Unraisable(elsewhere))
   assert seen == [elsewhere]
   records = []
@@ -341,7 +347,7 @@ def test_leftovers_of_a_failed_read_are_dropped_and_nothing_else(monkeypatch, ca
   handler.emit = records.append
   asyncio_log.addHandler(handler)
   try:
-    for e in (from_orbax, elsewhere):
+    for e in (from_orbax, from_tensorstore, elsewhere):
       asyncio_log.error("Task exception was never retrieved\nfuture: <Task finished>",
                         exc_info=(type(e), e, e.__traceback__))
     asyncio_log.error("Executing <Handle> took 0.2 seconds")

@@ -2,6 +2,7 @@
 that reads, or another run's parameters (fine-tuning).
 """
 import logging
+import re
 import sys
 from typing import Any, Callable, Optional, Tuple
 
@@ -138,14 +139,22 @@ def quiet_failed_reads() -> None:
 
 
 def _read_leftover(value, tb) -> bool:
-  """A closed-loop callback or an orbax read coroutine closed with its error never awaited."""
+  """A closed-loop callback, an orbax read coroutine closed with its error never awaited, or a
+  TensorStore read future's error (asyncio wraps those in a task of its own, `_wrap_awaitable`,
+  so no orbax frame is in their traceback; the message says what failed)."""
   if isinstance(value, RuntimeError) and str(value) == "Event loop is closed":
+    return True
+  if value is not None and _TENSORSTORE_READ.match(str(value)):
     return True
   while tb is not None:
     if "orbax" in tb.tb_frame.f_code.co_filename.replace("\\", "/").split("/"):
       return True
     tb = tb.tb_next
   return False
+
+
+# TensorStore's absl-status errors of a read: 'OUT_OF_RANGE: Error reading "k" in OCDBT ...'.
+_TENSORSTORE_READ = re.compile(r"^[A-Z_]+: Error reading .* in (OCDBT database|local file)")
 
 
 def short_error(e: BaseException) -> str:
