@@ -146,7 +146,8 @@ def test_adaptive_with_the_ragged_exchange_equals_adaptive_on_one_device():
 def test_ragged_exchange_compiles_for_tpu_with_fewer_bytes_and_no_weight_all_gather():
   """The tiny dropless model on v4:2x2x1 (expert 4 x model 2): 'auto' takes the ragged
   exchange on TPU. Its HLO has ragged all-to-alls into the receive buffer (out) and into the A
-  sorted rows (back), the same all-gathers as the dense exchange (none of expert weights), and
+  sorted rows (back), the same all-gathers and all-reduces as the dense exchange (none of expert
+  weights), and
   of the dense exchange's fixed all-to-alls only the int32 counts and offsets remain."""
   import collections
   import re
@@ -163,6 +164,9 @@ def test_ragged_exchange_compiles_for_tpu_with_fewer_bytes_and_no_weight_all_gat
   c0, c1 = dense["collectives"], ragged["collectives"]
   assert c1["ragged-all-to-all"]["count"] == 4 and c0["ragged-all-to-all"]["count"] == 0
   assert c1["all-gather"] == c0["all-gather"]
+  # The receive buffers are typed as varying over the mesh (`move_rows`): a replicated-looking
+  # buffer would add an all-reduce of each exchange's rows to the backward pass.
+  assert c1["all-reduce"] == c0["all-reduce"]
 
   def ops(hlo, kind):
     return collections.Counter(re.findall(r"= (\w+)\[([0-9,]*)\][^ ]* " + kind + r"\(", hlo))

@@ -203,6 +203,27 @@ def _ragged_collective():
   return emulated_ragged_all_to_all
 
 
+def move_rows(collective, axis_name, rows: int, x, plan):
+  """x's slices moved as plan = (input_offsets, send_sizes, output_offsets, recv_sizes) says,
+  into a zero buffer of `rows` rows.
+
+  The buffer is typed as varying over the mesh axes x varies over: a plain jnp.zeros is
+  invariant, and ragged_all_to_all types its result as its output buffer, so the exchanged rows
+  would read as replicated and every gradient through them would be all-reduced over the
+  expert axis (XLA:TPU keeps those all-reduces: 21.4 against 12.9 GiB on the 8B step).
+  """
+  return collective(x, _varying_like(jnp.zeros((rows,) + x.shape[1:], x.dtype), x), *plan,
+                    axis_name=axis_name)
+
+
+def _varying_like(value, like):
+  """`value` typed as varying over the mesh axes `like` varies over (under shard_map)."""
+  aval = jax.typeof(like)
+  mat = getattr(aval, "mat", None)                  # jax >= 0.9: mat.varying; before: vma
+  axes = tuple(sorted(mat.varying if mat is not None else getattr(aval, "vma", ())))
+  return jax.lax.pcast(value, axes, to="varying") if axes else value
+
+
 def receive_rows(n: int, k: int, local_experts: int, num_shards: int,
                  buffer_factor: float) -> int:
   """Rows of the ragged exchange's receive buffer (static): the most one shard can be sent
@@ -249,8 +270,8 @@ def _ragged_exchange_ffn(tokens, expert_index, kept, kernels, rng, *, ep_axis, m
   token_of_row = jnp.where(fits_sorted, order // k, n)
   row_of_assignment = jnp.where(fits, rank, a)
   send = take_rows(tokens, token_of_row, row_of_assignment.reshape(n, k))  # [A, D]
-  recv = exchange(send, jnp.zeros((r, send.shape[1]), send.dtype), in_off, send_sizes,
-                  out_off, accepted, axis_name=ep_axis)
+  there = (in_off, send_sizes, out_off, accepted)      # by source: what goes where
+  recv = move_rows(exchange, ep_axis, r, send, there)
   # Local expert of each received row, from the counts: blocks (source, expert) in order.
   block_len = recv_counts.reshape(ep * local)
   block_start = (col_start[:, None] + jnp.cumsum(recv_counts, axis=1) - recv_counts).reshape(-1)
@@ -266,8 +287,8 @@ def _ragged_exchange_ffn(tokens, expert_index, kept, kernels, rng, *, ep_axis, m
   if model_axis is not None:
     out = jax.lax.psum(out, model_axis)               # wo contracted a model-sharded hidden dim
   out = take_rows(out, rank2, order2[:, None])        # back in receive-buffer order
-  home = exchange(out, jnp.zeros((a, out.shape[1]), out.dtype), col_start, accepted,
-                  src_in_off, send_sizes, axis_name=ep_axis)             # [A, D] sorted order
+  again = (col_start, accepted, src_in_off, send_sizes)  # the same slices, reversed
+  home = move_rows(exchange, ep_axis, a, out, again)    # [A, D] sorted order
   assignment_of_row = jnp.where(fits_sorted, order, a)
   picked = take_rows(home, row_of_assignment, assignment_of_row[:, None])
   return picked.reshape(n, k, -1), (fits.reshape(n, k) & kept)
