@@ -57,8 +57,9 @@ def _tile_ffn(x, w0, w1, wo, keep):
   return h @ wo
 
 
-def _varying_like(init, *refs):
-  """Under shard_map, marks a loop carry as varying over every mesh axis its updates vary over."""
+def varying_like(init, *refs):
+  """Under shard_map, marks `init` (a loop carry, a zero buffer a collective writes into) as
+  varying over every mesh axis the arrays `refs` vary over."""
   axes = lambda a: jax.typeof(a).manual_axis_type.varying
   missing = tuple(sorted(frozenset().union(*(axes(r) for r in refs if r is not None))
                          - axes(init)))
@@ -126,7 +127,7 @@ def _blocked_fwd(x, group_sizes, w0, w1, wo, keep, b):
 
     return _segment_loop(starts[e], sizes[e], b, tile, out)
 
-  init = _varying_like(jnp.zeros((n + b, d), x.dtype), x, w0, w1, wo, keep, group_sizes)
+  init = varying_like(jnp.zeros((n + b, d), x.dtype), x, w0, w1, wo, keep, group_sizes)
   out = jax.lax.fori_loop(0, w0.shape[0], expert_body, init)
   return out[:n], (x, group_sizes, w0, w1, wo, keep)
 
@@ -145,12 +146,12 @@ def _blocked_bwd(b, res, dy):
     end = starts[e] + sizes[e]
     # All tile operands varying over the same mesh axes, so the VJP sums nothing across
     # devices; `sum_to` below does that once for the whole gradient.
-    we = tuple(_varying_like(w[e], *refs) for w in (w0, w1, wo))
+    we = tuple(varying_like(w[e], *refs) for w in (w0, w1, wo))
 
     def tile(size):
       def body(s, carry):
         dx, acc = carry
-        xt = _varying_like(jax.lax.dynamic_slice_in_dim(xp, s, size), *refs)
+        xt = varying_like(jax.lax.dynamic_slice_in_dim(xp, s, size), *refs)
         kt = None if kp is None else jax.lax.dynamic_slice_in_dim(kp, s, size)
         mine = (s + jnp.arange(size) < end)[:, None]
         dyt = jnp.where(mine, jax.lax.dynamic_slice_in_dim(dyp, s, size), 0)
@@ -161,13 +162,13 @@ def _blocked_bwd(b, res, dy):
         return dx, tuple(a + gi.astype(a.dtype) for a, gi in zip(acc, g))
       return body
 
-    acc0 = tuple(_varying_like(jnp.zeros(w.shape, acc_dtype(w)), *refs) for w in we)
+    acc0 = tuple(varying_like(jnp.zeros(w.shape, acc_dtype(w)), *refs) for w in we)
     dx, acc = _segment_loop(starts[e], sizes[e], b, tile, (dx, acc0))
     dws = tuple(dw.at[e].set(a) for dw, a in zip(dws, acc))  # once per expert
     return dx, dws
 
-  dx0 = _varying_like(jnp.zeros(xp.shape, x.dtype), *refs)
-  dws0 = tuple(_varying_like(jnp.zeros(w.shape, acc_dtype(w)), *refs) for w in (w0, w1, wo))
+  dx0 = varying_like(jnp.zeros(xp.shape, x.dtype), *refs)
+  dws0 = tuple(varying_like(jnp.zeros(w.shape, acc_dtype(w)), *refs) for w in (w0, w1, wo))
   dx, (dw0, dw1, dwo) = jax.lax.fori_loop(0, w0.shape[0], expert_body, (dx0, dws0))
   dkeep = None if keep is None else jnp.zeros_like(keep)
   grads = (dx[:n], dw0.astype(w0.dtype), dw1.astype(w1.dtype), dwo.astype(wo.dtype))
